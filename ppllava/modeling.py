@@ -1,0 +1,255 @@
+"""PPLLaVAForConditionalGeneration: CLIP ViT -> projector -> prompt-guided pooling -> LLM.
+
+One forward takes an *interleaved* batch: samples of different modalities and frame counts are
+mixed, their frames packed into one flat ``pixel_values`` [F, 3, S, S] with ``frame_counts`` [B]
+saying how many belong to each sample, in order. The vision tower runs once over all F frames;
+each sample is then pooled with its own kernel, guided by its own CLIP text (eq.1-3), and its
+pooled tokens replace that sample's image-token placeholders in the LLM input (the processor
+expands each placeholder to exactly the pooled token count, so shapes are known before the
+forward and labels line up).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ppllava.clip_text import ExtendedCLIPTextModel
+from ppllava.config import IMAGE, MULTI_IMAGE, MODALITY_NAMES, TEXT, VIDEO, PPLLaVAConfig
+from ppllava.pooling import pool_tokens, relevance
+
+IGNORE_INDEX = -100
+
+
+class PPLLaVAMultiModalProjector(nn.Module):
+    """LLaVA-NeXT's MLP (same parameter names, so its weights load as they are)."""
+
+    def __init__(self, config: PPLLaVAConfig) -> None:
+        super().__init__()
+        vision, llm = config.vision_config.hidden_size, config.text_config.hidden_size
+        self.linear_1 = nn.Linear(vision, llm, bias=config.multimodal_projector_bias)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(llm, llm, bias=config.multimodal_projector_bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+class PPLLaVAPreTrainedModel(PreTrainedModel):
+    config_class = PPLLaVAConfig
+    config: PPLLaVAConfig
+    base_model_prefix = "ppllava"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["CLIPEncoderLayer", "LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, PPLLaVAForConditionalGeneration):
+            with torch.no_grad():
+                module.image_newline.normal_(0.0, 1 / math.sqrt(self.config.text_config.hidden_size))
+                module.logit_scale.fill_(self.config.logit_scale_init_value)
+
+
+class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
+    def __init__(self, config: PPLLaVAConfig) -> None:
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = PPLLaVAMultiModalProjector(config)
+        self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
+        self.clip_text = ExtendedCLIPTextModel(config.clip_text_config, keep_positions=config.clip_keep_positions)
+        # CLIP's projections into the joint space: only used to score relevance (eq.1).
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(config.clip_text_config.hidden_size, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # -- plumbing transformers expects ------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    # -- vision side ----------------------------------------------------------------------------
+    def encode_frames(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All frames at once -> (projected features [F, P, D_llm], CLIP visual embeds [F, P, D_clip]).
+
+        Patch tokens of ``vision_feature_layer`` (penultimate by default), CLS dropped. The
+        projector runs *before* pooling (paper Fig.2, official code); the relevance branch goes
+        through CLIP's post-layernorm and visual projection as CLIP itself would.
+        """
+        pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
+        outputs = self.vision_tower(pixel_values, output_hidden_states=True)
+        patches = outputs.hidden_states[self.config.vision_feature_layer][:, 1:]
+        projected = self.multi_modal_projector(patches)
+        clip_visual = self.visual_projection(self.vision_tower.post_layernorm(patches))
+        return projected, clip_visual
+
+    def encode_prompts(self, clip_input_ids: torch.Tensor, clip_attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """CLIP text feature of each sample's prompt: EOS token -> text projection, [B, D_clip]."""
+        pooled = self.clip_text(input_ids=clip_input_ids, attention_mask=clip_attention_mask).pooler_output
+        return self.text_projection(pooled)
+
+    def pooling_geometry(self, modality: int, kernel_override: torch.Tensor | None):
+        kernel, stride = self.config.pooling_geometry(modality)
+        if kernel_override is not None and int(kernel_override.sum()) > 0:
+            kernel = tuple(int(k) for k in kernel_override.tolist())
+            stride = kernel
+        return kernel, stride
+
+    def visual_tokens(
+        self,
+        pixel_values: torch.Tensor,
+        frame_counts: torch.Tensor,
+        modalities: torch.Tensor,
+        clip_input_ids: torch.Tensor,
+        clip_attention_mask: torch.Tensor | None = None,
+        pool_kernels: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Pooled visual tokens of every sample, [N_i, D_llm] each (N_i = 0 for text-only samples).
+
+        ``pool_kernels`` [B, 3] overrides the configured kernel (stride = kernel) per sample, e.g.
+        64 test frames with (4, 3, 3) (paper Table 8); a row of zeros keeps the configured one.
+        """
+        counts = [int(c) for c in frame_counts.tolist()]
+        if sum(counts) != pixel_values.shape[0]:
+            raise ValueError(f"frame_counts sum to {sum(counts)} but pixel_values holds {pixel_values.shape[0]} frames")
+        projected, clip_visual = self.encode_frames(pixel_values)
+        prompts = self.encode_prompts(clip_input_ids, clip_attention_mask)
+        side = self.config.patches_per_side
+        tokens, start = [], 0
+        for index, count in enumerate(counts):
+            modality = int(modalities[index])
+            if count == 0 or modality == TEXT:
+                if count:
+                    raise ValueError(f"sample {index} is text-only but has {count} frames")
+                tokens.append(projected.new_zeros(0, projected.shape[-1]))
+                continue
+            frames = slice(start, start + count)
+            start += count
+            scores = relevance(clip_visual[frames].reshape(1, -1, clip_visual.shape[-1]), prompts[index : index + 1], self.logit_scale)
+            features = projected[frames].reshape(1, count, side, side, -1)
+            kernel, stride = self.pooling_geometry(modality, None if pool_kernels is None else pool_kernels[index])
+            # The Table 7 ablations are about video; images always use the weighted pool.
+            mode = self.config.pooling_mode if modality == VIDEO else "weighted"
+            pooled = pool_tokens(
+                features,
+                scores.reshape(1, count, side, side).to(features.dtype),
+                kernel,
+                stride,
+                self.config.window_temperature,
+                mode,
+                self.config.second_video_kernel,
+            )[0]
+            if modality == IMAGE and self.config.use_image_newline:
+                pooled = torch.cat([pooled, self.image_newline[None].to(pooled.dtype)], dim=0)
+            tokens.append(pooled)
+        return tokens
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        frame_counts: torch.LongTensor | None = None,
+        modalities: torch.LongTensor | None = None,
+        clip_input_ids: torch.LongTensor | None = None,
+        clip_attention_mask: torch.Tensor | None = None,
+        pool_kernels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """LM forward; with ``pixel_values`` the pooled visual tokens fill the image-token slots.
+
+        Visual inputs are only needed on the prefill step of ``generate`` (transformers drops
+        ``pixel_values`` afterwards, and without them the call is a plain LM step).
+        """
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("forward needs input_ids or inputs_embeds")
+            placeholders = input_ids == self.config.image_token_index
+            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
+            if pixel_values is not None:
+                inputs_embeds = self._splice_visual_tokens(
+                    input_ids, inputs_embeds, placeholders,
+                    self.visual_tokens(pixel_values, frame_counts, modalities, clip_input_ids, clip_attention_mask, pool_kernels),
+                )
+            elif bool(placeholders.any()) and kwargs.get("cache") is None:
+                raise ValueError("input_ids contain image tokens but no pixel_values were given")
+            if labels is not None:
+                labels = labels.masked_fill(placeholders, IGNORE_INDEX)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            **kwargs,
+        )
+
+    def _splice_visual_tokens(
+        self, input_ids: torch.Tensor, embeds: torch.Tensor, placeholders: torch.Tensor, tokens: list[torch.Tensor]
+    ) -> torch.Tensor:
+        expected = placeholders.sum(dim=1).tolist()
+        if len(tokens) != len(expected):
+            raise ValueError(f"{len(tokens)} samples of visual inputs for a batch of {len(expected)} sequences")
+        for index, (slots, visual) in enumerate(zip(expected, tokens)):
+            if slots != visual.shape[0]:
+                raise ValueError(
+                    f"sample {index}: {slots} image-token slots in input_ids but its visual input pools to "
+                    f"{visual.shape[0]} tokens; expand placeholders with the processor of this config"
+                )
+        visual = torch.cat(tokens, dim=0).to(embeds.dtype)
+        return embeds.masked_scatter(placeholders[..., None].expand_as(embeds), visual)
+
+    # -- trainable parts --------------------------------------------------------------------------
+    def set_trainable_parts(
+        self, vision: bool = False, projector: bool = True, clip_text: bool = True, llm: bool = True
+    ) -> None:
+        """Paper settings: SFT trains projector + CLIP text + LLM; DPO trains the LLM only.
+
+        The CLIP text tower's first ``clip_keep_positions`` positional rows never train (they are
+        a frozen parameter); its stretched rows and layers follow ``clip_text``. CLIP's
+        projections and temperature stay with the CLIP text switch (they score relevance).
+        """
+        parts = {
+            "vision_tower": vision,
+            "multi_modal_projector": projector,
+            "image_newline": projector,
+            "clip_text": clip_text,
+            "visual_projection": clip_text,
+            "text_projection": clip_text,
+            "logit_scale": clip_text,
+            "language_model": llm,
+        }
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(parts[name.split(".")[0]] and not name.endswith("frozen_head"))
+
+    def trainable_parts(self) -> dict[str, bool]:
+        """Which top-level parts have any parameter that requires grad."""
+        parts: dict[str, bool] = {}
+        for name, parameter in self.named_parameters():
+            part = name.split(".")[0]
+            parts[part] = parts.get(part, False) or parameter.requires_grad
+        return parts
+
+
+__all__ = ["PPLLaVAForConditionalGeneration", "PPLLaVAPreTrainedModel", "MODALITY_NAMES", "IMAGE", "MULTI_IMAGE", "VIDEO", "TEXT"]

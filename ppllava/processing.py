@@ -1,0 +1,126 @@
+"""Model inputs: frames/images -> pixels, visual token counts, image-token placeholder expansion.
+
+The processor decides how many image tokens each sample's text carries, so it must agree with
+the model's pooling exactly; both read the geometry from the same :class:`PPLLaVAConfig`.
+
+    video        T frames resized to S x S          -> pooled with the video kernel (32 -> 1024)
+    image        base view + any-resolution tiles   -> tiles on the T axis, (1,3,3) each, + newline
+    multi_image  each image resized to S x S        -> 64 tokens per image, one placeholder each
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ppllava.config import IMAGE, MULTI_IMAGE, VIDEO, PPLLaVAConfig
+from ppllava.pooling import pooled_token_count
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _to_pil(frame: Image.Image | np.ndarray) -> Image.Image:
+    if isinstance(frame, Image.Image):
+        return frame.convert("RGB")
+    array = np.asarray(frame)
+    if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"a frame must be an RGB uint8 array [H, W, 3], got {array.dtype} {array.shape}")
+    return Image.fromarray(array)
+
+
+def normalize(images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL images (already at their final size) -> CLIP-normalised float tensor [N, 3, H, W]."""
+    array = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in images])
+    pixels = torch.from_numpy(array).permute(0, 3, 1, 2)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def frames_to_pixels(frames: Sequence[Image.Image | np.ndarray], size: int) -> torch.Tensor:
+    """Video frames or multi-image inputs: each resized straight to size x size (no crop)."""
+    if len(frames) == 0:
+        raise ValueError("no frames given")
+    return normalize([_to_pil(f).resize((size, size), Image.BICUBIC) for f in frames])
+
+
+def select_best_resolution(height: int, width: int, pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """LLaVA-NeXT's rule: the (h, w) pinpoint keeping the most image detail, then the least padding."""
+    best, best_key = None, None
+    for grid_h, grid_w in pinpoints:
+        scale = min(grid_w / width, grid_h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = grid_w * grid_h - effective
+        key = (effective, -wasted)
+        if best_key is None or key > best_key:
+            best, best_key = (int(grid_h), int(grid_w)), key
+    return best
+
+
+def anyres_tiles(image: Image.Image | np.ndarray, size: int, pinpoints: Sequence[Sequence[int]]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Base view + grid tiles of one image, [1 + rows*cols, 3, size, size], and (rows, cols).
+
+    The image is resized to fit the best pinpoint keeping its aspect ratio, centred on a canvas
+    of the CLIP mean colour, and cut into size x size tiles row by row (LLaVA-NeXT any-res).
+    """
+    image = _to_pil(image)
+    grid_h, grid_w = select_best_resolution(image.height, image.width, pinpoints)
+    scale = min(grid_w / image.width, grid_h / image.height)
+    new_w, new_h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    canvas = Image.new("RGB", (grid_w, grid_h), tuple(int(255 * m) for m in CLIP_MEAN))
+    canvas.paste(image.resize((new_w, new_h), Image.BICUBIC), ((grid_w - new_w) // 2, (grid_h - new_h) // 2))
+    rows, cols = grid_h // size, grid_w // size
+    tiles = [image.resize((size, size), Image.BICUBIC)]
+    tiles += [canvas.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(rows) for c in range(cols)]
+    return normalize(tiles), (rows, cols)
+
+
+def placeholder_token_counts(config: PPLLaVAConfig, modality: int, frames: int, kernel: Sequence[int] | None = None) -> list[int]:
+    """Image tokens behind each ``<image>`` placeholder of a sample, in text order.
+
+    video: one placeholder for all frames; image: one placeholder for base + tiles (+ newline);
+    multi_image: one placeholder per image. ``kernel`` overrides the configured one (stride = kernel).
+    """
+    side = config.patches_per_side
+    configured_kernel, stride = config.pooling_geometry(modality)
+    if kernel is not None:
+        configured_kernel, stride = tuple(kernel), tuple(kernel)
+    if modality == VIDEO:
+        mode = config.pooling_mode
+        return [pooled_token_count((frames, side, side), configured_kernel, stride, mode, config.second_video_kernel)]
+    if modality == IMAGE:
+        newline = 1 if config.use_image_newline else 0
+        return [pooled_token_count((frames, side, side), configured_kernel, stride) + newline]
+    if modality == MULTI_IMAGE:
+        if configured_kernel[0] != 1 or stride[0] != 1:
+            raise ValueError(f"multi-image pooling must keep images apart (kt = dt = 1), got {configured_kernel}/{stride}")
+        per_image = pooled_token_count((1, side, side), configured_kernel, stride)
+        return [per_image] * frames
+    raise ValueError(f"modality {modality!r} has no visual tokens")
+
+
+def visual_token_count(config: PPLLaVAConfig, modality: int, frames: int, kernel: Sequence[int] | None = None) -> int:
+    """Total pooled visual tokens of one sample (video 32 frames -> 1024 with the defaults)."""
+    return sum(placeholder_token_counts(config, modality, frames, kernel))
+
+
+def expand_image_placeholders(input_ids: Sequence[int], counts: Sequence[int], image_token_index: int) -> list[int]:
+    """Replace the k-th image token of ``input_ids`` by ``counts[k]`` copies of it."""
+    positions = [i for i, token in enumerate(input_ids) if token == image_token_index]
+    if len(positions) != len(counts):
+        raise ValueError(
+            f"the text has {len(positions)} image placeholders but its visual input needs {len(counts)}"
+        )
+    expanded: list[int] = []
+    placeholder = 0
+    for token in input_ids:
+        if token == image_token_index:
+            expanded.extend([image_token_index] * counts[placeholder])
+            placeholder += 1
+        else:
+            expanded.append(token)
+    return expanded

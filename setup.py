@@ -1,0 +1,31 @@
+"""PPLLaVA training pipeline: one model, one pooling op, on CPU, CUDA and Ascend NPU."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ppllava-pipeline",
+    version="0.1.0",
+    description="Staged, resumable training pipeline for the PPLLaVA video LLM on CPU, CUDA and Ascend NPU",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ppllava", "ppllava.*", "backends", "backends.*", "pipeline", "pipeline.*", "stages", "stages.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",
+        "numpy>=1.24",
+        "pillow>=10.0",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # DeepSpeed builds its ops lazily (JIT); on CPU it uses its CPU accelerator and gloo.
+        "deepspeed": ["deepspeed>=0.16"],
+        # Faster video decoding than PyAV where wheels exist (x86_64 Linux).
+        "decord": ["decord>=0.6"],
+        # Ascend NPU: torch_npu must match the installed torch and CANN; see docs/ascend.md.
+        "npu": ["torch_npu"],
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
+    },
+)

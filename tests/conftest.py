@@ -1,0 +1,69 @@
+"""Shared test helpers: tiny models and hand-built interleaved batches (nothing downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ppllava import IMAGE, MULTI_IMAGE, TEXT, VIDEO, PPLLaVAConfig, PPLLaVAForConditionalGeneration
+from ppllava.processing import expand_image_placeholders, placeholder_token_counts
+
+
+def tiny_model(seed: int = 0, **overrides) -> PPLLaVAForConditionalGeneration:
+    torch.manual_seed(seed)
+    return PPLLaVAForConditionalGeneration(PPLLaVAConfig.tiny(**overrides)).eval()
+
+
+def build_batch(config: PPLLaVAConfig, samples: list[tuple[int, int]], seed: int = 0, text_len: int = 6, answer_len: int = 5):
+    """An interleaved batch, right-padded: one (modality, frames) pair per sample.
+
+    Each sample: BOS, prompt words, its placeholders (one per image for multi-image), more
+    prompt words, then an answer whose tokens are the only labelled ones.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    image_token = config.image_token_index
+    vocab = config.text_config.vocab_size
+    size = config.vision_config.image_size
+    sequences, label_rows, pixels, counts, modalities, clip_rows = [], [], [], [], [], []
+    for modality, frames in samples:
+        words = lambda n: torch.randint(3, vocab - 1, (n,), generator=generator).tolist()  # noqa: E731
+        placeholders = frames if modality == MULTI_IMAGE else (1 if modality != TEXT else 0)
+        prompt = [config.text_config.bos_token_id] + words(text_len // 2) + [image_token] * placeholders + words(text_len - text_len // 2)
+        if modality != TEXT:
+            prompt = expand_image_placeholders(prompt, placeholder_token_counts(config, modality, frames), image_token)
+        answer = words(answer_len) + [config.text_config.eos_token_id]
+        sequences.append(prompt + answer)
+        label_rows.append([-100] * len(prompt) + answer)
+        pixels.append(torch.randn(frames, 3, size, size, generator=generator))
+        counts.append(frames)
+        modalities.append(modality)
+        clip = torch.randint(1, config.clip_text_config.vocab_size - 2, (10,), generator=generator)
+        clip[-1] = config.clip_text_config.eos_token_id
+        clip_rows.append(clip)
+    length = max(len(s) for s in sequences)
+    pad = config.text_config.pad_token_id
+    input_ids = torch.full((len(samples), length), pad)
+    labels = torch.full((len(samples), length), -100)
+    attention_mask = torch.zeros(len(samples), length, dtype=torch.long)
+    for row, (sequence, label) in enumerate(zip(sequences, label_rows)):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        labels[row, : len(label)] = torch.tensor(label)
+        attention_mask[row, : len(sequence)] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": torch.cat(pixels),
+        "frame_counts": torch.tensor(counts),
+        "modalities": torch.tensor(modalities),
+        "clip_input_ids": torch.stack(clip_rows),
+        "clip_attention_mask": torch.ones(len(samples), 10, dtype=torch.long),
+    }
+
+
+INTERLEAVED = [(VIDEO, 8), (IMAGE, 3), (MULTI_IMAGE, 3)]
+
+
+@pytest.fixture
+def model():
+    return tiny_model()

@@ -1,0 +1,118 @@
+"""The tiny PPLLaVA: interleaved batches, gradients, generation, trainable-part switches."""
+
+import pytest
+import torch
+
+from conftest import INTERLEAVED, build_batch, tiny_model
+from ppllava import IMAGE, MULTI_IMAGE, TEXT, VIDEO
+from ppllava.processing import visual_token_count
+
+pytestmark = pytest.mark.unit
+
+
+def one_sample(batch, index):
+    """Sample ``index`` of a batch built by build_batch, alone and without padding."""
+    counts = batch["frame_counts"].tolist()
+    start = sum(counts[:index])
+    length = int(batch["attention_mask"][index].sum())
+    return {
+        "input_ids": batch["input_ids"][index : index + 1, :length],
+        "attention_mask": batch["attention_mask"][index : index + 1, :length],
+        "pixel_values": batch["pixel_values"][start : start + counts[index]],
+        "frame_counts": batch["frame_counts"][index : index + 1],
+        "modalities": batch["modalities"][index : index + 1],
+        "clip_input_ids": batch["clip_input_ids"][index : index + 1],
+        "clip_attention_mask": batch["clip_attention_mask"][index : index + 1],
+    }
+
+
+def test_interleaved_batch_equals_each_sample_alone(model):
+    batch = build_batch(model.config, INTERLEAVED)
+    with torch.no_grad():
+        together = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        for index in range(len(INTERLEAVED)):
+            alone = model(**one_sample(batch, index)).logits[0]
+            torch.testing.assert_close(together[index, : alone.shape[0]], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_vision_tower_runs_once_over_all_frames(model):
+    batch = build_batch(model.config, INTERLEAVED)
+    calls = []
+    handle = model.vision_tower.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    assert calls == [8 + 3 + 3]
+
+
+def test_visual_token_counts_follow_the_pooling_geometry(model):
+    config = model.config
+    # tiny: 6x6 patches per frame; (1,3,3) -> 4 tokens per frame, video (2,3,3)
+    assert visual_token_count(config, VIDEO, 8) == 4 * 2 * 2
+    assert visual_token_count(config, IMAGE, 3) == 3 * 4 + 1
+    assert visual_token_count(config, MULTI_IMAGE, 3) == 3 * 4
+    tokens = model.visual_tokens(**{k: v for k, v in build_batch(config, INTERLEAVED).items()
+                                    if k in ("pixel_values", "frame_counts", "modalities", "clip_input_ids")})
+    assert [t.shape[0] for t in tokens] == [16, 13, 12]
+
+
+def test_loss_and_gradients_reach_projector_and_clip_text(model):
+    model.train()
+    model.set_trainable_parts(vision=False, projector=True, clip_text=True, llm=True)
+    batch = build_batch(model.config, INTERLEAVED + [(TEXT, 0)])
+    loss = model(**batch).loss
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert grads["multi_modal_projector.linear_1.weight"].abs().sum() > 0
+    assert grads["clip_text.encoder.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
+    assert grads["clip_text.embeddings.position_embedding.trainable_tail"].abs().sum() > 0
+    assert grads["text_projection.weight"].abs().sum() > 0
+    assert grads["clip_text.embeddings.position_embedding.frozen_head"] is None
+    assert all(grads[n] is None for n in grads if n.startswith("vision_tower."))
+
+
+def test_trainable_part_switches_match_the_paper():
+    model = tiny_model()
+    model.set_trainable_parts(vision=False, projector=True, clip_text=True, llm=True)  # SFT
+    assert model.trainable_parts() == {
+        "vision_tower": False, "multi_modal_projector": True, "image_newline": True, "clip_text": True,
+        "visual_projection": True, "text_projection": True, "logit_scale": True, "language_model": True,
+    }
+    assert not model.clip_text.embeddings.position_embedding.frozen_head.requires_grad
+    model.set_trainable_parts(vision=False, projector=False, clip_text=False, llm=True)  # DPO
+    trainable = {part for part, on in model.trainable_parts().items() if on}
+    assert trainable == {"language_model"}
+
+
+def test_placeholder_mismatch_is_a_clear_error(model):
+    batch = build_batch(model.config, [(VIDEO, 8)])
+    batch["input_ids"][0, batch["input_ids"][0] == model.config.image_token_index] = 5  # drop all slots
+    with pytest.raises(ValueError, match="sample 0: 0 image-token slots"):
+        model(**batch)
+    batch = build_batch(model.config, [(VIDEO, 8)])
+    batch["frame_counts"] = torch.tensor([7])
+    with pytest.raises(ValueError, match="frame_counts sum to 7"):
+        model(**batch)
+
+
+def test_kernel_override_at_test_time():
+    """Paper Table 8: train with 32 frames (2,3,3), test with 64 frames (4,3,3), same 1024 tokens."""
+    model = tiny_model()
+    batch = build_batch(model.config, [(VIDEO, 8)])
+    tokens = model.visual_tokens(batch["pixel_values"].repeat(2, 1, 1, 1), torch.tensor([16]), torch.tensor([VIDEO]),
+                                 batch["clip_input_ids"], pool_kernels=torch.tensor([[4, 3, 3]]))
+    assert tokens[0].shape[0] == visual_token_count(model.config, VIDEO, 16, kernel=(4, 3, 3)) == 16
+
+
+def test_generate_continues_after_the_visual_prompt(model):
+    batch = build_batch(model.config, [(VIDEO, 8)], answer_len=0)
+    length = int(batch["attention_mask"][0].sum()) - 1  # drop the EOS the helper appends
+    inputs = one_sample(batch, 0)
+    inputs["input_ids"] = inputs["input_ids"][:, :length]
+    inputs["attention_mask"] = inputs["attention_mask"][:, :length]
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        expected = model(**inputs).logits[0, -1].argmax()
+    assert generated.shape == (1, length + 4)
+    assert generated[0, length] == expected
