@@ -38,19 +38,23 @@ def extended_length(original_length: int, keep: int = 20, factor: int = 4) -> in
 
 
 class SplitPositionEmbedding(nn.Module):
-    """Positional table made of a frozen head (rows < keep) and a trainable tail (rows >= keep)."""
+    """Positional table made of a frozen head (rows < keep) and a trainable tail (rows >= keep).
+
+    The head is a persistent *buffer*: saved and loaded with the model, but invisible to
+    optimizers, requires_grad switches and ZeRO partitioning, so nothing can ever train it.
+    """
 
     def __init__(self, num_positions: int, dim: int, keep: int) -> None:
         super().__init__()
         if not 0 < keep < num_positions:
             raise ValueError(f"keep={keep} must be inside (0, {num_positions})")
-        self.frozen_head = nn.Parameter(torch.zeros(keep, dim), requires_grad=False)
+        self.register_buffer("frozen_head", torch.zeros(keep, dim), persistent=True)
         self.trainable_tail = nn.Parameter(torch.zeros(num_positions - keep, dim))
 
     @property
     def weight(self) -> torch.Tensor:
         # transformers' CLIP code reads `position_embedding.weight.shape[0]` as the context length.
-        return torch.cat([self.frozen_head, self.trainable_tail], dim=0)
+        return torch.cat([self.frozen_head.to(self.trainable_tail.dtype), self.trainable_tail], dim=0)
 
     def load_table(self, table: torch.Tensor) -> None:
         keep = self.frozen_head.shape[0]

@@ -227,7 +227,7 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         """Paper settings: SFT trains projector + CLIP text + LLM; DPO trains the LLM only.
 
         The CLIP text tower's first ``clip_keep_positions`` positional rows never train (they are
-        a frozen parameter); its stretched rows and layers follow ``clip_text``. CLIP's
+        a buffer, not a parameter); its stretched rows and layers follow ``clip_text``. CLIP's
         projections and temperature stay with the CLIP text switch (they score relevance).
         """
         parts = {
@@ -241,7 +241,7 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
             "language_model": llm,
         }
         for name, parameter in self.named_parameters():
-            parameter.requires_grad_(parts[name.split(".")[0]] and not name.endswith("frozen_head"))
+            parameter.requires_grad_(parts[name.split(".")[0]])
 
     def trainable_parts(self) -> dict[str, bool]:
         """Which top-level parts have any parameter that requires grad."""
