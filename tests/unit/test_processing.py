@@ -1,0 +1,58 @@
+"""Pixels, any-resolution tiles and placeholder expansion agree with the model's pooling."""
+
+import numpy as np
+import pytest
+import torch
+
+from ppllava import IMAGE, MULTI_IMAGE, VIDEO, PPLLaVAConfig
+from ppllava.processing import (
+    CLIP_MEAN,
+    CLIP_STD,
+    anyres_tiles,
+    expand_image_placeholders,
+    frames_to_pixels,
+    placeholder_token_counts,
+    select_best_resolution,
+    visual_token_count,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def test_paper_geometry_token_counts():
+    config = PPLLaVAConfig()  # CLIP-L/14-336: 24x24 patches
+    assert visual_token_count(config, VIDEO, 32) == 1024
+    assert visual_token_count(config, VIDEO, 64, kernel=(4, 3, 3)) == 1024
+    assert placeholder_token_counts(config, MULTI_IMAGE, 3) == [64, 64, 64]
+    assert visual_token_count(config, IMAGE, 5) == 5 * 64 + 1  # base + 2x2 tiles + newline
+    assert visual_token_count(PPLLaVAConfig(pooling_mode="separate"), VIDEO, 32) == 608
+
+
+def test_frames_are_resized_straight_and_clip_normalised():
+    frame = np.zeros((20, 40, 3), dtype=np.uint8)
+    frame[..., 0] = 255
+    pixels = frames_to_pixels([frame, frame], size=16)
+    assert pixels.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(pixels[0, 0], torch.full((16, 16), (1 - CLIP_MEAN[0]) / CLIP_STD[0]))
+    torch.testing.assert_close(pixels[0, 1], torch.full((16, 16), -CLIP_MEAN[1] / CLIP_STD[1]))
+    with pytest.raises(ValueError, match="RGB uint8"):
+        frames_to_pixels([np.zeros((4, 4), dtype=np.uint8)], size=16)
+
+
+def test_best_resolution_follows_llava_next():
+    pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    assert select_best_resolution(300, 800, pinpoints) == (336, 1008)
+    assert select_best_resolution(800, 300, pinpoints) == (1008, 336)
+    assert select_best_resolution(1000, 1000, pinpoints) == (672, 672)
+
+
+def test_anyres_tiles_are_base_plus_grid():
+    image = np.random.default_rng(0).integers(0, 255, (30, 90, 3), dtype=np.uint8)
+    tiles, grid = anyres_tiles(image, size=48, pinpoints=[[48, 96], [96, 48], [96, 96]])
+    assert grid == (1, 2) and tiles.shape == (3, 3, 48, 48)
+
+
+def test_placeholders_expand_in_order_and_mismatches_are_reported():
+    assert expand_image_placeholders([1, 9, 5, 9, 2], [2, 3], image_token_index=9) == [1, 9, 9, 5, 9, 9, 9, 2]
+    with pytest.raises(ValueError, match="1 image placeholders but its visual input needs 2"):
+        expand_image_placeholders([1, 9, 2], [2, 3], image_token_index=9)
