@@ -69,7 +69,8 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         # CLIP's projections into the joint space: only used to score relevance (eq.1).
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         self.text_projection = nn.Linear(config.clip_text_config.hidden_size, config.projection_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        # CLIP's log temperature (eq.1's tau = exp). A buffer: the official code never trains it.
+        self.register_buffer("logit_scale", torch.tensor(config.logit_scale_init_value), persistent=True)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
 
@@ -227,8 +228,9 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         """Paper settings: SFT trains projector + CLIP text + LLM; DPO trains the LLM only.
 
         The CLIP text tower's first ``clip_keep_positions`` positional rows never train (they are
-        a buffer, not a parameter); its stretched rows and layers follow ``clip_text``. CLIP's
-        projections and temperature stay with the CLIP text switch (they score relevance).
+        a buffer, not a parameter); its stretched rows and layers follow ``clip_text``, and so do
+        CLIP's two projections (they score relevance). CLIP's temperature is a buffer and never
+        trains, as in the official code: eq.1 stays as sharp as CLIP was trained to be.
         """
         parts = {
             "vision_tower": vision,
@@ -237,7 +239,6 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
             "clip_text": clip_text,
             "visual_projection": clip_text,
             "text_projection": clip_text,
-            "logit_scale": clip_text,
             "language_model": llm,
         }
         for name, parameter in self.named_parameters():

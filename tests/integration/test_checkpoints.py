@@ -26,6 +26,7 @@ def inference_inputs(batch):
 
 def test_save_pretrained_from_pretrained_round_trip(tmp_path):
     model = tiny_model(seed=3)
+    model.logit_scale.fill_(3.1)  # not the config's init value: loading must not re-initialise it
     batch = build_batch(model.config, INTERLEAVED)
     with torch.no_grad():
         before = model(**inference_inputs(batch)).logits
@@ -39,6 +40,7 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path):
         with torch.no_grad():
             after = loaded(**inference_inputs(batch)).logits
         torch.testing.assert_close(after, before, atol=0, rtol=0)
+        assert float(loaded.logit_scale) == pytest.approx(3.1)
         head = loaded.clip_text.embeddings.position_embedding.frozen_head
         assert not head.requires_grad and "clip_text.embeddings.position_embedding.frozen_head" in loaded.state_dict()
         torch.testing.assert_close(head, model.clip_text.embeddings.position_embedding.frozen_head, atol=0, rtol=0)

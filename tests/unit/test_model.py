@@ -70,6 +70,7 @@ def test_loss_and_gradients_reach_projector_and_clip_text(model):
     assert grads["text_projection.weight"].abs().sum() > 0
     assert "clip_text.embeddings.position_embedding.frozen_head" not in grads  # a buffer
     assert all(grads[n] is None for n in grads if n.startswith("vision_tower."))
+    assert "logit_scale" not in grads and "logit_scale" in model.state_dict()  # a buffer, as in the official code
 
 
 def test_trainable_part_switches_match_the_paper():
@@ -77,7 +78,7 @@ def test_trainable_part_switches_match_the_paper():
     model.set_trainable_parts(vision=False, projector=True, clip_text=True, llm=True)  # SFT
     assert model.trainable_parts() == {
         "vision_tower": False, "multi_modal_projector": True, "image_newline": True, "clip_text": True,
-        "visual_projection": True, "text_projection": True, "logit_scale": True, "language_model": True,
+        "visual_projection": True, "text_projection": True, "language_model": True,
     }
     model.set_trainable_parts(vision=False, projector=False, clip_text=False, llm=True)  # DPO
     trainable = {part for part, on in model.trainable_parts().items() if on}
@@ -115,3 +116,13 @@ def test_generate_continues_after_the_visual_prompt(model):
         expected = model(**inputs).logits[0, -1].argmax()
     assert generated.shape == (1, length + 4)
     assert generated[0, length] == expected
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_llm_families(family):
+    model = tiny_model(text_config={"model_type": family})
+    assert model.language_model.config.model_type == family
+    batch = build_batch(model.config, INTERLEAVED)
+    output = model(**batch)
+    assert torch.isfinite(output.loss)
+    assert output.logits.shape == (*batch["input_ids"].shape, model.config.text_config.vocab_size)
