@@ -126,3 +126,24 @@ def test_llm_families(family):
     output = model(**batch)
     assert torch.isfinite(output.loss)
     assert output.logits.shape == (*batch["input_ids"].shape, model.config.text_config.vocab_size)
+
+
+@pytest.mark.parametrize("mode", ["max", "separate", "multi_kernel"])
+def test_table7_pooling_modes_run_end_to_end(mode):
+    model = tiny_model(pooling_mode=mode)
+    batch = build_batch(model.config, INTERLEAVED)  # placeholders sized by the processor for this mode
+    assert torch.isfinite(model(**batch).loss)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    model = tiny_model().train()
+    batch = build_batch(model.config, INTERLEAVED)
+    plain = model(**batch).loss
+    plain.backward()
+    reference = model.multi_modal_projector.linear_1.weight.grad.clone()
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    checkpointed = model(**batch).loss
+    checkpointed.backward()
+    torch.testing.assert_close(checkpointed, plain)
+    torch.testing.assert_close(model.multi_modal_projector.linear_1.weight.grad, reference)
