@@ -147,3 +147,14 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     checkpointed.backward()
     torch.testing.assert_close(checkpointed, plain)
     torch.testing.assert_close(model.multi_modal_projector.linear_1.weight.grad, reference)
+
+
+def test_bf16_model_matches_fp32():
+    model = tiny_model()
+    batch = build_batch(model.config, INTERLEAVED)
+    with torch.no_grad():
+        full = model(**batch)
+        half = model.to(torch.bfloat16)(**batch)
+    assert half.logits.dtype == torch.bfloat16
+    assert abs(half.loss.float() - full.loss) < 0.05
+    torch.testing.assert_close(half.logits.float(), full.logits, atol=0.1, rtol=0.05)
