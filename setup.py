@@ -21,7 +21,8 @@ setup(
     ],
     extras_require={
         # DeepSpeed builds its ops lazily (JIT); on CPU it uses its CPU accelerator and gloo.
-        "deepspeed": ["deepspeed>=0.16"],
+        # accelerate: transformers' DeepSpeed integration (ZeRO-3 construction) requires it.
+        "deepspeed": ["deepspeed>=0.16", "accelerate>=1.0"],
         # Faster video decoding than PyAV where wheels exist (x86_64 Linux).
         "decord": ["decord>=0.6"],
         # Ascend NPU: torch_npu must match the installed torch and CANN; see docs/ascend.md.

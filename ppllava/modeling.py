@@ -190,12 +190,12 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
             placeholders = input_ids == self.config.image_token_index
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
             if pixel_values is not None:
-                inputs_embeds = self._splice_visual_tokens(
-                    input_ids, inputs_embeds, placeholders,
-                    self.visual_tokens(pixel_values, frame_counts, modalities, clip_input_ids, clip_attention_mask, pool_kernels),
-                )
+                visual = self.visual_tokens(pixel_values, frame_counts, modalities, clip_input_ids, clip_attention_mask, pool_kernels)
+                inputs_embeds = self._splice_visual_tokens(input_ids, inputs_embeds, placeholders, visual)
             elif bool(placeholders.any()) and kwargs.get("cache") is None:
                 raise ValueError("input_ids contain image tokens but no pixel_values were given")
+            if self.training:
+                inputs_embeds = self._keep_every_parameter_in_the_graph(inputs_embeds, pixel_values is not None, modalities)
             if labels is not None:
                 labels = labels.masked_fill(placeholders, IGNORE_INDEX)
         return self.language_model(
@@ -205,6 +205,29 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
             labels=labels,
             **kwargs,
         )
+
+    def _keep_every_parameter_in_the_graph(
+        self, embeds: torch.Tensor, ran_vision: bool, modalities: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Add zero times every otherwise-unused path to the embeddings.
+
+        In data-parallel training each rank must produce a gradient for every trainable
+        parameter in every step, and under ZeRO-3 each rank must call every module: a
+        micro-batch with no image (image newline unused) or no visual input at all (vision,
+        projector and CLIP text unused) on one rank only would leave the ranks' collectives
+        disagreeing. One dummy frame through the vision path costs little next to the LLM.
+        """
+        anchor = embeds.new_zeros(())
+        if not ran_vision:
+            size = self.config.vision_config.image_size
+            projected, clip_visual = self.encode_frames(embeds.new_zeros(1, 3, size, size))
+            eos = self.config.clip_text_config.eos_token_id
+            prompt = self.encode_prompts(torch.full((1, 1), eos, device=embeds.device), None)
+            anchor = anchor + projected.sum() + clip_visual.sum() + prompt.sum()
+        newline_used = ran_vision and modalities is not None and bool((modalities == IMAGE).any())
+        if self.config.use_image_newline and not newline_used:
+            anchor = anchor + self.image_newline.sum()
+        return embeds + 0.0 * anchor.to(embeds.dtype)
 
     def _splice_visual_tokens(
         self, input_ids: torch.Tensor, embeds: torch.Tensor, placeholders: torch.Tensor, tokens: list[torch.Tensor]
