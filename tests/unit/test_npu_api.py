@@ -1,0 +1,175 @@
+"""Static check of our Ascend code against the real torch_npu package (no NPU needed).
+
+Every `torch_npu.*` and `torch.npu.*` attribute chain in our code (found with `ast`, so
+docstrings and comments do not count), plus every function `backends/spec.py` calls on a
+backend's device module, must exist in the source of the current torch_npu release, which
+pip downloads into a cache. Resolution walks the package: a segment that is a submodule is
+descended into; the first one that is not must be a name bound in that module (definition,
+assignment, import, star-import followed); attribute segments after it (attributes of an object,
+such as `torch_npu.npu.config.allow_internal_format`) must at least occur as an identifier in
+the package. The test is skipped, with the reason printed, only if the package index cannot
+be reached.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+import zipfile
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+CODE_DIRS = ("ppllava", "backends", "pipeline", "stages")
+CACHE = Path.home() / ".cache" / "ppllava-pipeline" / "torch_npu"
+
+
+def attribute_chains(source: str, roots: dict[str, str]) -> set[str]:
+    """Dotted names in ``source`` whose base is one of ``roots`` (name -> canonical prefix)."""
+    chains = set()
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Attribute):
+            continue
+        parts, current = [], node
+        while isinstance(current, ast.Attribute):
+            parts.append(current.attr)
+            current = current.value
+        if not isinstance(current, ast.Name):
+            continue
+        parts.reverse()
+        if current.id == "torch" and parts[:1] == ["npu"] and len(parts) > 1:
+            chains.add("torch_npu.npu." + ".".join(parts[1:]))
+        elif current.id in roots:
+            chains.add(roots[current.id] + "." + ".".join(parts))
+    # Keep only maximal chains: `a.b.c` makes `a.b` redundant.
+    return {c for c in chains if not any(other.startswith(c + ".") for other in chains)}
+
+
+def names_our_code_uses() -> set[str]:
+    names = set()
+    for directory in CODE_DIRS:
+        for path in sorted((REPO / directory).rglob("*.py")):
+            names |= attribute_chains(path.read_text(), {"torch_npu": "torch_npu"})
+    # The backend row calls these on `module = self.device_module()`, i.e. on torch.npu.
+    names |= attribute_chains((REPO / "backends" / "spec.py").read_text(), {"module": "torch_npu.npu"})
+    return names
+
+
+class Package:
+    """The Python sources of a wheel, with enough import resolution to find bound names."""
+
+    def __init__(self, wheel: Path) -> None:
+        with zipfile.ZipFile(wheel) as archive:
+            self.files = {n: archive.read(n).decode("utf-8", "replace") for n in archive.namelist() if n.endswith(".py")}
+        self.identifiers = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", "\n".join(self.files.values())))
+
+    def module_file(self, dotted: str) -> str | None:
+        base = dotted.replace(".", "/")
+        for candidate in (f"{base}.py", f"{base}/__init__.py"):
+            if candidate in self.files:
+                return candidate
+        return None
+
+    @lru_cache(maxsize=None)
+    def bound_names(self, dotted: str) -> frozenset[str]:
+        path = self.module_file(dotted)
+        if path is None:
+            return frozenset()
+        tree = ast.parse(self.files[path])
+        package = dotted if path.endswith("__init__.py") else dotted.rsplit(".", 1)[0]
+        names: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+            elif isinstance(node, ast.Import):
+                names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                source = node.module or ""
+                if node.level:
+                    parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    source = f"{parent}.{source}" if source else parent
+                for alias in node.names:
+                    if alias.name == "*":
+                        names |= self.bound_names(source)
+                    else:
+                        names.add(alias.asname or alias.name)
+        return frozenset(names)
+
+    def missing(self, dotted: str) -> str | None:
+        """None when ``dotted`` resolves, else the part that does not."""
+        parts = dotted.split(".")
+        module = parts[0]
+        for index, part in enumerate(parts[1:], start=1):
+            if self.module_file(f"{module}.{part}") is not None:
+                module = f"{module}.{part}"
+                continue
+            if part not in self.bound_names(module):
+                return f"{part!r} is not defined in {module}"
+            for attribute in parts[index + 1 :]:
+                if attribute not in self.identifiers:
+                    return f"{attribute!r} (attribute of {'.'.join(parts[: index + 1])}) occurs nowhere in torch_npu"
+            return None
+        return None
+
+
+def download_torch_npu() -> Path:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(CACHE.glob("torch_npu-*.whl"))
+    if wheels:
+        return wheels[-1]
+    command = [sys.executable, "-m", "pip", "download", "torch_npu", "--no-deps", "--only-binary", ":all:",
+               "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64", "-d", str(CACHE), "-q"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    wheels = sorted(CACHE.glob("torch_npu-*.whl"))
+    if result.returncode != 0 or not wheels:
+        message = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        reason = f"torch_npu could not be downloaded from the package index: {message[0]}"
+        print(reason)
+        pytest.skip(reason)
+    return wheels[-1]
+
+
+@pytest.fixture(scope="module")
+def torch_npu_package() -> Package:
+    return Package(download_torch_npu())
+
+
+def test_our_code_uses_npu_names_at_all():
+    names = names_our_code_uses()
+    assert "torch_npu.npu.set_compile_mode" in names
+    assert "torch_npu.npu.is_available" in names and "torch_npu.npu.synchronize" in names
+
+
+def test_every_npu_name_we_use_exists_in_torch_npu(torch_npu_package):
+    problems = {name: torch_npu_package.missing(name) for name in sorted(names_our_code_uses())}
+    assert {name: why for name, why in problems.items() if why} == {}
+
+
+def test_the_check_catches_a_name_torch_npu_lacks(torch_npu_package):
+    snippet = "import torch\ntorch.npu.definitely_not_an_api(0)\ntorch_npu.npu.config.no_such_switch = 1\n"
+    names = attribute_chains(snippet, {"torch_npu": "torch_npu"})
+    assert names == {"torch_npu.npu.definitely_not_an_api", "torch_npu.npu.config.no_such_switch"}
+    assert "definitely_not_an_api" in torch_npu_package.missing("torch_npu.npu.definitely_not_an_api")
+    assert "no_such_switch" in torch_npu_package.missing("torch_npu.npu.config.no_such_switch")
+    assert torch_npu_package.missing("torch_npu.npu.set_compile_mode") is None
+
+
+def test_no_global_monkeypatching_and_no_eager_import():
+    for directory in CODE_DIRS:
+        for path in (REPO / directory).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module and "transfer_to_npu" in node.module:
+                    pytest.fail(f"{path} imports transfer_to_npu")
+                if isinstance(node, ast.Import) and any("torch_npu" in a.name for a in node.names):
+                    pytest.fail(f"{path}:{node.lineno} imports torch_npu at module level; use backends.npu's lazy import")
