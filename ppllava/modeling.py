@@ -189,13 +189,15 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
                 raise ValueError("forward needs input_ids or inputs_embeds")
             placeholders = input_ids == self.config.image_token_index
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
-            if pixel_values is not None:
+            # A text-only batch from the collate carries an empty [0, 3, S, S] pixel tensor.
+            has_pixels = pixel_values is not None and pixel_values.shape[0] > 0
+            if has_pixels:
                 visual = self.visual_tokens(pixel_values, frame_counts, modalities, clip_input_ids, clip_attention_mask, pool_kernels)
                 inputs_embeds = self._splice_visual_tokens(input_ids, inputs_embeds, placeholders, visual)
             elif bool(placeholders.any()) and kwargs.get("cache") is None:
                 raise ValueError("input_ids contain image tokens but no pixel_values were given")
             if self.training:
-                inputs_embeds = self._keep_every_parameter_in_the_graph(inputs_embeds, pixel_values is not None, modalities)
+                inputs_embeds = self._keep_every_parameter_in_the_graph(inputs_embeds, has_pixels, modalities)
             if labels is not None:
                 labels = labels.masked_fill(placeholders, IGNORE_INDEX)
         return self.language_model(

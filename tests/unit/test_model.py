@@ -158,3 +158,27 @@ def test_bf16_model_matches_fp32():
     assert half.logits.dtype == torch.bfloat16
     assert abs(half.loss.float() - full.loss) < 0.05
     torch.testing.assert_close(half.logits.float(), full.logits, atol=0.1, rtol=0.05)
+
+
+def test_training_gives_every_trainable_parameter_a_gradient_whatever_the_batch_holds():
+    """Data-parallel ranks must agree on which parameters have gradients (ZeRO buckets, ZeRO-3 gathers)."""
+    model = tiny_model().train()
+    model.set_trainable_parts(vision=True, projector=True, clip_text=True, llm=True)
+
+    def parameters_with_gradients(samples):
+        model.zero_grad(set_to_none=True)
+        model(**build_batch(model.config, samples)).loss.backward()
+        return {name for name, p in model.named_parameters() if p.grad is not None}
+
+    everything = parameters_with_gradients(INTERLEAVED)
+    # The ViT layers after vision_feature_layer (-2) never matter, on any rank; all else does.
+    assert {n for n, _ in model.named_parameters()} - everything == {
+        n for n, _ in model.vision_tower.encoder.layers[-1].named_parameters(prefix="vision_tower.encoder.layers.2")
+    }
+    assert parameters_with_gradients([(TEXT, 0)]) == everything
+    assert parameters_with_gradients([(VIDEO, 8)]) == everything
+    assert model.image_newline.grad.abs().sum() == 0  # touched, with zero weight, by a video-only batch
+    plain = tiny_model().eval()
+    batch = build_batch(plain.config, [(TEXT, 0)])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**batch).logits, plain(**batch).logits)
