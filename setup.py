@@ -18,6 +18,7 @@ setup(
         "numpy>=1.24",
         "pillow>=10.0",
         "tqdm>=4.66",
+        "av>=12.0",  # PyAV: the default video decoder and the synthetic data's H.264 encoder
     ],
     extras_require={
         # DeepSpeed builds its ops lazily (JIT); on CPU it uses its CPU accelerator and gloo.
@@ -27,6 +28,7 @@ setup(
         "decord": ["decord>=0.6"],
         # Ascend NPU: torch_npu must match the installed torch and CANN; see docs/ascend.md.
         "npu": ["torch_npu"],
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        # decord where its wheels exist, so the tests compare both decoders.
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "decord>=0.6; platform_machine == 'x86_64' and sys_platform == 'linux'"],
     },
 )

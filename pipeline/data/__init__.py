@@ -1,0 +1,1 @@
+"""Data: dataset cards, annotation sources, media decoding, chat templates, synthetic data."""

@@ -1,0 +1,65 @@
+"""The two record kinds every source produces, and the error that names a bad one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODALITIES = ("text", "image", "multi_image", "video")
+IMAGE_PLACEHOLDER = "<image>"
+
+
+class RecordError(ValueError):
+    """A malformed annotation record: says which file, which line or index, and why."""
+
+    def __init__(self, file: str, location: str, reason: str) -> None:
+        super().__init__(f"{file}, {location}: {reason}")
+        self.file, self.location, self.reason = file, location, reason
+
+
+@dataclass
+class Turn:
+    role: str  # "user" or "assistant"
+    content: str
+
+
+@dataclass
+class Sample:
+    """An instruction-tuning sample. ``media`` holds paths relative to the card's media root:
+    one for an image or a video, several for multi-image, none for text. The first user turn
+    carries one ``<image>`` placeholder per visual input (one for a video)."""
+
+    key: str
+    modality: str
+    media: list[str]
+    turns: list[Turn]
+    dataset: str = ""
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "modality": self.modality, "media": self.media, "dataset": self.dataset,
+                "turns": [{"role": t.role, "content": t.content} for t in self.turns]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Sample":
+        return cls(data["key"], data["modality"], list(data["media"]),
+                   [Turn(t["role"], t["content"]) for t in data["turns"]], data.get("dataset", ""))
+
+
+@dataclass
+class PreferencePair:
+    """A DPO pair on one video (LLaVA-Hound style)."""
+
+    key: str
+    video: str
+    prompt: str
+    chosen: str
+    rejected: str
+    dataset: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "video": self.video, "prompt": self.prompt, "chosen": self.chosen,
+                "rejected": self.rejected, "dataset": self.dataset}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PreferencePair":
+        return cls(data["key"], data["video"], data["prompt"], data["chosen"], data["rejected"], data.get("dataset", ""))

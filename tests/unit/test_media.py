@@ -1,0 +1,79 @@
+"""Frame sampling and the two video decoders, on MP4s generated here (one of them truncated)."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.media import (DecordDecoder, MediaError, PyAVDecoder, read_image, read_video, sample_indices,
+                                 sample_seed)
+from pipeline.data.synthetic import encode_jpeg, encode_mp4
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def counting_video():
+    """40 frames whose red channel encodes the frame number (index * 6), so reads are checkable."""
+    frames = np.zeros((40, 32, 32, 3), dtype=np.uint8)
+    frames[..., 0] = (np.arange(40) * 6)[:, None, None]
+    return encode_mp4(frames, fps=10)
+
+
+def frame_numbers(frames: np.ndarray) -> list[int]:
+    return [int(round(frame[..., 0].mean() / 6)) for frame in frames]
+
+
+def test_eval_sampling_takes_segment_middles():
+    assert sample_indices(100, 4, training=False) == [12, 37, 62, 87]
+    assert sample_indices(32, 32, training=False) == list(range(32))
+
+
+def test_training_sampling_is_one_random_point_per_segment_and_seeded():
+    indices = sample_indices(300, 32, training=True, seed=7)
+    # Frame i spans [i, i+1): the sampled point lies in segment k, so floor(start_k) <= i < end_k.
+    assert all(300 * k // 32 <= i < 300 * (k + 1) / 32 for k, i in enumerate(indices))
+    assert indices == sample_indices(300, 32, training=True, seed=7)
+    assert indices != sample_indices(300, 32, training=True, seed=8)
+    assert sample_seed("a/1", epoch=0) != sample_seed("a/1", epoch=1) != sample_seed("a/2", epoch=1)
+
+
+def test_short_videos_repeat_frames_within_range():
+    indices = sample_indices(3, 8, training=True, seed=1)
+    assert len(indices) == 8 and set(indices) <= {0, 1, 2} and indices == sorted(indices)
+    assert sample_indices(3, 8, training=False) == [0, 0, 0, 1, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("decoder", [PyAVDecoder(), DecordDecoder()], ids=["pyav", "decord"])
+def test_decoders_read_the_requested_frames(counting_video, decoder):
+    assert decoder.frame_count(counting_video, "v") == 40
+    frames = decoder.read(counting_video, [0, 5, 5, 39, 12], "v")
+    assert frames.shape == (5, 32, 32, 3) and frames.dtype == np.uint8
+    assert frame_numbers(frames) == [0, 5, 5, 39, 12]
+
+
+def test_pyav_and_decord_agree_on_indices_and_pixels(counting_video):
+    a = read_video(counting_video, 8, training=True, key="x/1", epoch=3, video_decoder=PyAVDecoder())
+    b = read_video(counting_video, 8, training=True, key="x/1", epoch=3, video_decoder=DecordDecoder())
+    assert frame_numbers(a) == frame_numbers(b) == sample_indices(40, 8, True, sample_seed("x/1", 3))
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 2
+
+
+@pytest.mark.parametrize("decoder", [PyAVDecoder(), DecordDecoder()], ids=["pyav", "decord"])
+def test_truncated_and_garbage_videos_raise_media_errors(counting_video, decoder):
+    with pytest.raises(MediaError, match="clip/7"):
+        read_video(counting_video[: len(counting_video) // 3], 8, training=True, key="clip/7", video_decoder=decoder)
+    with pytest.raises(MediaError):
+        read_video(b"definitely not a video", 8, training=False, key="junk", video_decoder=decoder)
+
+
+def test_images_and_truncated_images():
+    picture = np.full((10, 12, 3), 200, dtype=np.uint8)
+    data = encode_jpeg(picture)
+    assert read_image(data, "ok").shape == (10, 12, 3)
+    grey = io.BytesIO()
+    Image.fromarray(picture[..., 0]).save(grey, format="PNG")
+    assert read_image(grey.getvalue(), "grey").shape == (10, 12, 3)  # converted to RGB
+    with pytest.raises(MediaError, match="img/3: cannot decode image"):
+        read_image(data[: len(data) // 3], "img/3")
