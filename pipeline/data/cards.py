@@ -107,7 +107,7 @@ def load_card(path: str | Path, variables: Mapping[str, str] | None = None) -> D
 
     def location(key: str) -> Path:
         expanded = Path(_expand(str(data[key]), variables, path, key)).expanduser()
-        return expanded if expanded.is_absolute() else (path.parent / expanded)
+        return Path(os.path.normpath(expanded if expanded.is_absolute() else path.parent / expanded))
 
     return DatasetCard(
         name=str(data["name"]), format=data["format"], annotation=location("annotation"),
