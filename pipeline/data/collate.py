@@ -1,0 +1,160 @@
+"""One sample -> model inputs (SampleProcessor), and a list of them -> one interleaved batch (collate).
+
+Runs in data-loader workers: CPU tensors only, the accelerator is never touched here.
+
+    video        32 sampled frames resized to S x S               -> 1 placeholder, 1024 tokens
+    image        base view + any-res tiles                         -> 1 placeholder, 64 per tile + 1
+    multi_image  each image resized to S x S                       -> 1 placeholder per image, 64 each
+    text         no frames
+
+The batch packs every frame of every sample into one ``pixel_values`` [F, 3, S, S] with
+``frame_counts`` [B] and ``modalities`` [B], the layout PPLLaVAForConditionalGeneration expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.data.media import VideoDecoder, read_image, read_video
+from pipeline.data.records import Sample
+from pipeline.data.templates import IGNORE_INDEX, clip_text, encode
+from ppllava import IMAGE, MULTI_IMAGE, TEXT, VIDEO, PPLLaVAConfig
+from ppllava.processing import anyres_tiles, frames_to_pixels, placeholder_token_counts
+
+MODALITY_IDS = {"text": TEXT, "image": IMAGE, "multi_image": MULTI_IMAGE, "video": VIDEO}
+
+
+class SampleTooLong(ValueError):
+    """The visual tokens alone do not fit the LLM context: the sample cannot be used."""
+
+
+@dataclass
+class ProcessedSample:
+    key: str
+    modality: int
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor  # [T, 3, S, S]
+    clip_input_ids: list[int]
+    truncated: bool = False
+
+
+@dataclass
+class ProcessorSettings:
+    template: str = "vicuna_v1"
+    max_length: int = 1024          # LLM context (paper SFT: 1024)
+    training: bool = True           # frame sampling and CLIP text (question + answer) follow this
+    num_frames: int | None = None   # None: the model config's num_frames
+
+
+@dataclass
+class SampleProcessor:
+    config: PPLLaVAConfig
+    tokenizer: object
+    clip_tokenizer: object
+    settings: ProcessorSettings = field(default_factory=ProcessorSettings)
+    video_decoder: VideoDecoder | None = None
+
+    def __post_init__(self) -> None:
+        clip_eos = self.config.clip_text_config.eos_token_id
+        if self.clip_tokenizer.eos_token_id != clip_eos:
+            raise ValueError(f"the CLIP tokenizer's end token is {self.clip_tokenizer.eos_token_id} but the model pools "
+                             f"CLIP text at token {clip_eos}: use the tokenizer of the CLIP checkpoint the model came from")
+
+    def pixels(self, sample: Sample, media: list[bytes], epoch: int) -> torch.Tensor:
+        size = self.config.vision_config.image_size
+        if sample.modality == "video":
+            frames = read_video(media[0], self.settings.num_frames or self.config.num_frames, self.settings.training,
+                                sample.key, epoch, video_decoder=self.video_decoder)
+            return frames_to_pixels(list(frames), size)
+        if sample.modality == "image":
+            return anyres_tiles(read_image(media[0], sample.key), size, self.config.image_grid_pinpoints)[0]
+        if sample.modality == "multi_image":
+            return frames_to_pixels([read_image(data, f"{sample.key}[{i}]") for i, data in enumerate(media)], size)
+        return torch.zeros(0, 3, size, size)
+
+    def clip_ids(self, sample: Sample) -> list[int]:
+        """[BOS] text [EOS], at most clip_context_length tokens (248), EOS always kept."""
+        limit = self.config.clip_context_length - 2
+        text_ids = self.clip_tokenizer(clip_text(sample.turns, self.settings.training), add_special_tokens=False)["input_ids"]
+        return [self.clip_tokenizer.bos_token_id] + text_ids[:limit] + [self.clip_tokenizer.eos_token_id]
+
+    def __call__(self, sample: Sample, media: list[bytes], epoch: int = 0) -> ProcessedSample:
+        modality = MODALITY_IDS[sample.modality]
+        pixel_values = self.pixels(sample, media, epoch)
+        image_token = self.config.image_token_index
+        encoded = encode(sample.turns, self.tokenizer, image_token, self.settings.template)
+        counts = placeholder_token_counts(self.config, modality, pixel_values.shape[0]) if modality != TEXT else []
+        input_ids, labels = expand_placeholders(encoded.input_ids, encoded.labels, counts, image_token, sample.key)
+        truncated = len(input_ids) > self.settings.max_length
+        if truncated:
+            last_visual = max((i for i, t in enumerate(input_ids) if t == image_token), default=-1)
+            if last_visual >= self.settings.max_length:
+                raise SampleTooLong(f"{sample.key}: its visual tokens end at position {last_visual + 1}, past the LLM "
+                                    f"context of {self.settings.max_length}")
+            input_ids, labels = input_ids[: self.settings.max_length], labels[: self.settings.max_length]
+        return ProcessedSample(sample.key, modality, input_ids, labels, pixel_values, self.clip_ids(sample), truncated)
+
+
+def expand_placeholders(input_ids: list[int], labels: list[int], counts: list[int], image_token: int,
+                        key: str) -> tuple[list[int], list[int]]:
+    """Each image token -> counts[k] image tokens (labels -100 there), in order."""
+    if input_ids.count(image_token) != len(counts):
+        raise ValueError(f"{key}: the text has {input_ids.count(image_token)} image placeholders but the media "
+                         f"need {len(counts)}")
+    ids, new_labels, placeholder = [], [], 0
+    for token, label in zip(input_ids, labels):
+        if token == image_token:
+            ids += [image_token] * counts[placeholder]
+            new_labels += [IGNORE_INDEX] * counts[placeholder]
+            placeholder += 1
+        else:
+            ids.append(token)
+            new_labels.append(label)
+    return ids, new_labels
+
+
+@dataclass
+class Batch:
+    """Model inputs (``model(**batch.inputs)``) and what the training loop logs about them."""
+
+    inputs: dict[str, torch.Tensor]
+    keys: list[str]
+    truncated: int                         # samples cut to the LLM context
+    visual_tokens: dict[str, list[int]]    # per modality name, visual tokens of each sample
+
+
+def collate(samples: list[ProcessedSample], pad_token_id: int, clip_pad_token_id: int, image_token: int) -> Batch:
+    """Right-padded interleaved batch in PPLLaVAForConditionalGeneration's input layout."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    length = max(len(s.input_ids) for s in samples)
+    clip_length = max(len(s.clip_input_ids) for s in samples)
+    rows = len(samples)
+    input_ids = torch.full((rows, length), pad_token_id, dtype=torch.long)
+    labels = torch.full((rows, length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((rows, length), dtype=torch.long)
+    clip_input_ids = torch.full((rows, clip_length), clip_pad_token_id, dtype=torch.long)
+    clip_attention_mask = torch.zeros((rows, clip_length), dtype=torch.long)
+    visual_tokens: dict[str, list[int]] = {}
+    names = {value: name for name, value in MODALITY_IDS.items()}
+    for row, sample in enumerate(samples):
+        input_ids[row, : len(sample.input_ids)] = torch.tensor(sample.input_ids)
+        labels[row, : len(sample.labels)] = torch.tensor(sample.labels)
+        attention_mask[row, : len(sample.input_ids)] = 1
+        clip_input_ids[row, : len(sample.clip_input_ids)] = torch.tensor(sample.clip_input_ids)
+        clip_attention_mask[row, : len(sample.clip_input_ids)] = 1
+        visual_tokens.setdefault(names[sample.modality], []).append(sample.input_ids.count(image_token))
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": torch.cat([s.pixel_values for s in samples]),
+        "frame_counts": torch.tensor([s.pixel_values.shape[0] for s in samples]),
+        "modalities": torch.tensor([s.modality for s in samples]),
+        "clip_input_ids": clip_input_ids,
+        "clip_attention_mask": clip_attention_mask,
+    }
+    return Batch(inputs, [s.key for s in samples], sum(s.truncated for s in samples), visual_tokens)
