@@ -18,7 +18,8 @@ setup(
         "numpy>=1.24",
         "pillow>=10.0",
         "tqdm>=4.66",
-        "av>=12.0",  # PyAV: the default video decoder and the synthetic data's H.264 encoder
+        "av>=12.0",
+        "webdataset>=0.2.90",  # PyAV: the default video decoder and the synthetic data's H.264 encoder
     ],
     extras_require={
         # DeepSpeed builds its ops lazily (JIT); on CPU it uses its CPU accelerator and gloo.

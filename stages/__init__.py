@@ -1,0 +1,1 @@
+"""Training stages: one stage, one file, with its loop written out."""
