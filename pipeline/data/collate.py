@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.data.media import VideoDecoder, read_image, read_video
+from pipeline.data.media import VideoDecoder, read_image, read_video, sample_indices, sample_seed
 from pipeline.data.records import Sample
 from pipeline.data.templates import IGNORE_INDEX, clip_text, encode
 from ppllava import IMAGE, MULTI_IMAGE, TEXT, VIDEO, PPLLaVAConfig
@@ -65,9 +65,12 @@ class SampleProcessor:
 
     def pixels(self, sample: Sample, media: list[bytes], epoch: int) -> torch.Tensor:
         size = self.config.vision_config.image_size
+        count = self.settings.num_frames or self.config.num_frames
+        if sample.modality == "video" and len(media) > 1:  # frames pre-extracted by the shard stage
+            chosen = sample_indices(len(media), count, self.settings.training, sample_seed(sample.key, epoch))
+            return frames_to_pixels([read_image(media[i], f"{sample.key}[frame {i}]") for i in chosen], size)
         if sample.modality == "video":
-            frames = read_video(media[0], self.settings.num_frames or self.config.num_frames, self.settings.training,
-                                sample.key, epoch, video_decoder=self.video_decoder)
+            frames = read_video(media[0], count, self.settings.training, sample.key, epoch, video_decoder=self.video_decoder)
             return frames_to_pixels(list(frames), size)
         if sample.modality == "image":
             return anyres_tiles(read_image(media[0], sample.key), size, self.config.image_grid_pinpoints)[0]
@@ -124,6 +127,7 @@ class Batch:
     keys: list[str]
     truncated: int                         # samples cut to the LLM context
     visual_tokens: dict[str, list[int]]    # per modality name, visual tokens of each sample
+    skipped: list[str] = field(default_factory=list)  # keys the loader dropped (undecodable)
 
 
 def collate(samples: list[ProcessedSample], pad_token_id: int, clip_pad_token_id: int, image_token: int) -> Batch:

@@ -1,0 +1,239 @@
+"""Streaming loader over the shard stage's tars: interleaved batches with exact resume.
+
+Per rank and per data-loader worker ("slot"), each modality is an endless stream:
+
+    epoch e: the modality's shards in a seeded order -> this slot's share of them (whole shards
+             when there are enough, else every n-th sample) -> a seeded shuffle buffer
+
+A batch draws each sample's modality by the mixture weights (``interleave``) or one modality
+for the whole batch (the per-modality ablation), takes the next record of that stream, and
+decodes it with the :class:`SampleProcessor`. Everything is a function of (seed, rank, slot,
+batch index), so the loader's position is one number: batches consumed. Resuming replays the
+record streams without decoding media up to that point; samples that failed to decode before
+are remembered by key in the state, so the replay skips exactly what the original run skipped.
+Workers decode on CPU only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data.collate import Batch, SampleProcessor, SampleTooLong, collate
+from pipeline.data.media import MediaError
+from pipeline.data.records import Sample
+
+logger = logging.getLogger(__name__)
+
+TRAIN_MODALITIES = ("video", "image", "multi_image")
+
+
+class LoaderError(RuntimeError):
+    """The data cannot be loaded as configured (bad fraction exceeded, empty streams...)."""
+
+
+@dataclass
+class LoaderSettings:
+    micro_batch_size: int = 1
+    weights: dict = field(default_factory=lambda: {"video": 1.0, "image": 1.0, "multi_image": 1.0})
+    interleave: bool = True          # modalities mixed inside a micro-batch (paper §3.3)
+    shuffle_buffer: int = 64
+    seed: int = 0
+    num_workers: int = 0
+    max_bad_fraction: float = 0.01   # undecodable samples tolerated before the run stops...
+    bad_fraction_grace: int = 100    # ...checked once this many samples were seen (one early bad
+                                     # sample is not yet a fraction worth stopping for)
+    batches_per_epoch: int | None = None  # epoch length per rank; None: samples / (batch * world)
+
+
+def _read_tar(path: Path) -> Iterator[dict[str, bytes]]:
+    """Samples of one tar: members grouped by key (the name up to the first dot), as bytes."""
+    current: dict[str, bytes] = {}
+    key = None
+    with tarfile.open(path) as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            name_key, _, suffix = member.name.partition(".")
+            if key is not None and name_key != key:
+                yield current
+                current = {}
+            key = name_key
+            current[suffix] = archive.extractfile(member).read()  # bytes only, never written to disk
+    if current:
+        yield current
+
+
+class _ModalityStream:
+    """Endless, seeded record stream of one modality for one slot."""
+
+    def __init__(self, root: Path, shards: list[dict], modality: str, slot: int, slots: int, settings: LoaderSettings):
+        self.root, self.shards, self.modality = root, sorted(shards, key=lambda s: s["path"]), modality
+        self.slot, self.slots, self.settings = slot, slots, settings
+        self.records = self._records()
+
+    def _epoch(self, epoch: int) -> Iterator[dict[str, bytes]]:
+        order = list(self.shards)
+        random.Random(f"{self.settings.seed}/{self.modality}/{epoch}").shuffle(order)
+        if len(order) >= self.slots:
+            for shard in order[self.slot :: self.slots]:
+                yield from _read_tar(self.root / shard["path"])
+        else:
+            index = 0
+            for shard in order:
+                for record in _read_tar(self.root / shard["path"]):
+                    if index % self.slots == self.slot:
+                        yield record
+                    index += 1
+
+    def _records(self) -> Iterator[tuple[int, dict[str, bytes]]]:
+        rng = random.Random(f"{self.settings.seed}/{self.modality}/{self.slot}/buffer")
+        buffer: list[tuple[int, dict]] = []
+        epoch = 0
+        while True:  # endless: the buffer carries over from one epoch into the next
+            produced = False
+            for record in self._epoch(epoch):
+                produced = True
+                buffer.append((epoch, record))
+                if len(buffer) >= self.settings.shuffle_buffer:
+                    yield buffer.pop(rng.randrange(len(buffer)))
+            if not produced:
+                raise LoaderError(f"slot {self.slot} received no {self.modality} samples: fewer samples than "
+                                  f"ranks x workers ({self.slots})")
+            epoch += 1
+
+    def next(self) -> tuple[int, dict[str, bytes]]:
+        return next(self.records)
+
+
+def _media(record: dict[str, bytes], sample: Sample) -> list[bytes]:
+    """Media members in order: images of a multi-image set, or a video's pre-extracted frames."""
+    if sample.modality == "multi_image":
+        return [record[s] for s in sorted((s for s in record if s.split(".")[0].isdigit()), key=lambda s: int(s.split(".")[0]))]
+    frames = sorted(s for s in record if s.startswith("f") and s.endswith(".jpg"))
+    if sample.modality == "video" and frames:
+        return [record[s] for s in frames]
+    return [data for suffix, data in record.items() if suffix != "json"][:1]
+
+
+class InterleavedStream(IterableDataset):
+    """Batches for one rank; split further across DataLoader workers."""
+
+    def __init__(self, manifest_path: str | Path, processor: SampleProcessor, settings: LoaderSettings,
+                 rank: int = 0, world_size: int = 1, start_batch: int = 0, known_bad: frozenset[str] = frozenset()):
+        self.root = Path(manifest_path).parent
+        manifest = json.loads(Path(manifest_path).read_text())
+        self.processor, self.settings = processor, settings
+        self.rank, self.world_size, self.start_batch, self.known_bad = rank, world_size, start_batch, known_bad
+        self.shards = {m: [s for s in manifest["shards"] if s["modality"] == m] for m in TRAIN_MODALITIES}
+        self.weights = {m: float(w) for m, w in settings.weights.items() if w > 0 and self.shards.get(m)}
+        unknown = set(settings.weights) - set(TRAIN_MODALITIES)
+        if unknown:
+            raise LoaderError(f"mixture weights name unknown modalities {sorted(unknown)}; expected {TRAIN_MODALITIES}")
+        if not self.weights:
+            raise LoaderError(f"{manifest_path}: no shards for any modality with a positive weight {settings.weights}")
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # DataLoader hands out batches round robin from worker 0. Global batch i belongs to role
+        # i % workers (which fixes the record streams it draws from); after resuming at batch
+        # `start_batch`, worker w plays role (w + start_batch) % workers so the order holds.
+        role = (worker + self.start_batch) % workers
+        slot, slots = self.rank * workers + role, self.world_size * workers
+        streams = {m: _ModalityStream(self.root, self.shards[m], m, slot, slots, self.settings) for m in self.weights}
+        modalities, weights = list(self.weights), list(self.weights.values())
+        index = role
+        while True:
+            rng = random.Random(f"{self.settings.seed}/{self.rank}/batch/{index}")
+            if self.settings.interleave:
+                plan = rng.choices(modalities, weights, k=self.settings.micro_batch_size)
+            else:
+                plan = [rng.choices(modalities, weights)[0]] * self.settings.micro_batch_size
+            replay = index < self.start_batch
+            batch = self._fill(plan, streams, replay)
+            if not replay:
+                yield batch
+            index += workers
+
+    def _fill(self, plan: list[str], streams: dict[str, _ModalityStream], replay: bool) -> Batch | None:
+        processed, skipped = [], []
+        for modality in plan:
+            while True:
+                epoch, record = streams[modality].next()
+                sample = Sample.from_json(json.loads(record["json"]))
+                if sample.key in self.known_bad:
+                    skipped.append(sample.key)
+                    continue
+                if replay:
+                    break
+                try:
+                    processed.append(self.processor(sample, _media(record, sample), epoch))
+                    break
+                except (MediaError, SampleTooLong) as error:
+                    logger.warning("skipping %s: %s", sample.key, error)
+                    skipped.append(sample.key)
+        if replay:
+            return None
+        tokenizer = self.processor.tokenizer
+        batch = collate(processed, tokenizer.pad_token_id, self.processor.clip_tokenizer.pad_token_id,
+                        self.processor.config.image_token_index)
+        batch.skipped = skipped
+        return batch
+
+
+def _identity(batch):
+    return batch
+
+
+class StreamingLoader:
+    """Iterate micro-batches for this rank; ``state_dict()`` / ``load_state_dict()`` resume exactly."""
+
+    def __init__(self, manifest_path: str | Path, processor: SampleProcessor, settings: LoaderSettings,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.manifest_path, self.processor, self.settings = manifest_path, processor, settings
+        self.rank, self.world_size = rank, world_size
+        self.batches, self.used, self.bad = 0, 0, []
+        manifest = json.loads(Path(manifest_path).read_text())
+        samples = sum(manifest["counts"].get(m, 0) for m in TRAIN_MODALITIES)
+        self.batches_per_epoch = settings.batches_per_epoch or max(1, samples // (settings.micro_batch_size * world_size))
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "used": self.used, "bad": list(self.bad), "seed": self.settings.seed,
+                "world_size": self.world_size, "rank": self.rank, "num_workers": self.settings.num_workers}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = {"world_size": self.world_size, "rank": self.rank, "seed": self.settings.seed,
+                "num_workers": self.settings.num_workers}
+        theirs = {key: state.get(key) for key in mine}
+        if theirs != mine:
+            raise LoaderError(f"loader state was saved with {theirs} but this loader has {mine}; the sample order "
+                              f"depends on all of them, so an exact resume needs the same values")
+        self.batches, self.used, self.bad = state["batches"], state["used"], list(state["bad"])
+
+    def __iter__(self) -> Iterator[Batch]:
+        dataset = InterleavedStream(self.manifest_path, self.processor, self.settings, self.rank, self.world_size,
+                                    start_batch=self.batches, known_bad=frozenset(self.bad))
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.settings.num_workers, collate_fn=_identity,
+                            persistent_workers=False)
+        for batch in loader:
+            self.batches += 1
+            fresh = [key for key in batch.skipped if key not in self.bad]
+            self.bad += fresh
+            self.used += len(batch.keys)
+            seen = len(self.bad) + self.used
+            fraction = len(self.bad) / max(1, seen)
+            if seen >= self.settings.bad_fraction_grace and fraction > self.settings.max_bad_fraction:
+                raise LoaderError(f"{len(self.bad)} undecodable (or too long) samples out of {len(self.bad) + self.used} "
+                                  f"({fraction:.1%}) exceed max_bad_fraction={self.settings.max_bad_fraction}; "
+                                  f"latest: {', '.join(self.bad[-5:])}")
+            yield batch
