@@ -14,7 +14,7 @@ import logging
 
 from backends.cpu import CPU
 from backends.cuda import CUDA
-from backends.distributed import DistributedContext, init_distributed, read_launch_env, teardown
+from backends.distributed import DistributedContext, exit_process, init_distributed, read_launch_env, teardown
 from backends.npu import NPU
 from backends.spec import PRECISIONS, Backend, BackendUnavailable
 
@@ -67,6 +67,7 @@ __all__ = [
     "DistributedContext",
     "NPU",
     "PRECISIONS",
+    "exit_process",
     "init_distributed",
     "read_launch_env",
     "select",

@@ -74,7 +74,7 @@ def main() -> None:
         engine.save_checkpoint(args.save, tag="final")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"rank{context.rank}.json").write_text(json.dumps({"rank": context.rank, "world": context.world_size, "losses": losses, "lrs": lrs}))
-    backends.teardown()
+    backends.exit_process(0)
 
 
 if __name__ == "__main__":
