@@ -22,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ppllava.clip_text import ExtendedCLIPTextModel
 from ppllava.config import IMAGE, MULTI_IMAGE, MODALITY_NAMES, TEXT, VIDEO, PPLLaVAConfig
 from ppllava.pooling import pool_tokens, relevance
+from ppllava.processing import image_grid, unpadded_window
 
 IGNORE_INDEX = -100
 
@@ -122,6 +123,7 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         clip_input_ids: torch.Tensor,
         clip_attention_mask: torch.Tensor | None = None,
         pool_kernels: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Pooled visual tokens of every sample, [N_i, D_llm] each (N_i = 0 for text-only samples).
 
@@ -149,6 +151,8 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
             kernel, stride = self.pooling_geometry(modality, None if pool_kernels is None else pool_kernels[index])
             # The Table 7 ablations are about video; images always use the weighted pool.
             mode = self.config.pooling_mode if modality == VIDEO else "weighted"
+            if modality == IMAGE and image_sizes is None:
+                raise ValueError(f"sample {index} is an image: pass image_sizes [B, 2] (height, width of each image)")
             pooled = pool_tokens(
                 features,
                 scores.reshape(1, count, side, side).to(features.dtype),
@@ -158,10 +162,30 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
                 mode,
                 self.config.second_video_kernel,
             )[0]
-            if modality == IMAGE and self.config.use_image_newline:
-                pooled = torch.cat([pooled, self.image_newline[None].to(pooled.dtype)], dim=0)
+            if modality == IMAGE:
+                pooled = self._arrange_image(pooled, count, image_sizes[index])
             tokens.append(pooled)
         return tokens
+
+    def _arrange_image(self, pooled: torch.Tensor, tiles: int, image_size: torch.Tensor) -> torch.Tensor:
+        """Base view's tokens, then the grid tiles as one mosaic without the padding, a newline
+        token after every row (LLaVA-NeXT's layout, at the pooled resolution)."""
+        pooled = pooled.reshape(tiles, -1, pooled.shape[-1])
+        per_tile = pooled.shape[1]
+        side = math.isqrt(per_tile)
+        base, grid = pooled[0], pooled[1:]
+        if tiles == 1:
+            return base
+        rows, cols = image_grid(image_size.tolist(), self.config)
+        if rows * cols != tiles - 1:
+            raise ValueError(f"an image of size {image_size.tolist()} has 1 + {rows}x{cols} tiles, got {tiles}")
+        mosaic = grid.reshape(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)
+        top, bottom, left, right = unpadded_window(image_size.tolist(), (rows * side, cols * side))
+        mosaic = mosaic[top:bottom, left:right]
+        if self.config.use_image_newline:
+            newline = self.image_newline.to(mosaic.dtype).expand(mosaic.shape[0], 1, -1)
+            mosaic = torch.cat([mosaic, newline], dim=1)
+        return torch.cat([base, mosaic.reshape(-1, mosaic.shape[-1])], dim=0)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(
@@ -177,6 +201,7 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         clip_input_ids: torch.LongTensor | None = None,
         clip_attention_mask: torch.Tensor | None = None,
         pool_kernels: torch.LongTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """LM forward; with ``pixel_values`` the pooled visual tokens fill the image-token slots.
@@ -192,7 +217,8 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
             # A text-only batch from the collate carries an empty [0, 3, S, S] pixel tensor.
             has_pixels = pixel_values is not None and pixel_values.shape[0] > 0
             if has_pixels:
-                visual = self.visual_tokens(pixel_values, frame_counts, modalities, clip_input_ids, clip_attention_mask, pool_kernels)
+                visual = self.visual_tokens(pixel_values, frame_counts, modalities, clip_input_ids, clip_attention_mask,
+                                            pool_kernels, image_sizes)
                 inputs_embeds = self._splice_visual_tokens(input_ids, inputs_embeds, placeholders, visual)
             elif bool(placeholders.any()) and kwargs.get("cache") is None:
                 raise ValueError("input_ids contain image tokens but no pixel_values were given")

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ppllava.config import IMAGE, MULTI_IMAGE, VIDEO, PPLLaVAConfig
-from ppllava.pooling import pooled_token_count
+from ppllava.pooling import pooled_size, pooled_token_count
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -79,11 +79,53 @@ def anyres_tiles(image: Image.Image | np.ndarray, size: int, pinpoints: Sequence
     return normalize(tiles), (rows, cols)
 
 
-def placeholder_token_counts(config: PPLLaVAConfig, modality: int, frames: int, kernel: Sequence[int] | None = None) -> list[int]:
+def image_grid(image_size: Sequence[int], config: PPLLaVAConfig) -> tuple[int, int]:
+    """(rows, cols) of any-resolution tiles for an image of (height, width), as anyres_tiles cuts it."""
+    grid_h, grid_w = select_best_resolution(int(image_size[0]), int(image_size[1]), config.image_grid_pinpoints)
+    side = config.vision_config.image_size
+    return grid_h // side, grid_w // side
+
+
+def unpadded_window(image_size: Sequence[int], mosaic: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the part of a pooled tile mosaic [H, W] that shows the image.
+
+    anyres_tiles centres the resized image on a padded canvas; like LLaVA-NeXT, the pooled grid
+    features of that padding are dropped before the tokens go to the LLM.
+    """
+    height, width = (int(v) for v in image_size)
+    rows, cols = mosaic
+    if width / height > cols / rows:  # wider than the mosaic: padding above and below
+        kept = int(round(height * cols / width, 7))
+        pad = (rows - kept) // 2
+        return pad, rows - pad, 0, cols
+    kept = int(round(width * rows / height, 7))
+    pad = (cols - kept) // 2
+    return 0, rows, pad, cols - pad
+
+
+def image_token_count(config: PPLLaVAConfig, image_size: Sequence[int], kernel: Sequence[int] | None = None) -> int:
+    """Tokens of one any-resolution image: pooled base view, then the pooled grid tiles arranged
+    as one mosaic, its padding removed, with an image-newline token ending every row."""
+    side = config.patches_per_side
+    kernel_, stride = config.pooling_geometry(IMAGE)
+    if kernel is not None:
+        kernel_, stride = tuple(kernel), tuple(kernel)
+    _, pooled_h, pooled_w = pooled_size((1, side, side), kernel_, stride)
+    rows, cols = image_grid(image_size, config)
+    newline = 1 if config.use_image_newline else 0
+    if rows * cols == 0:
+        return pooled_h * pooled_w
+    top, bottom, left, right = unpadded_window(image_size, (rows * pooled_h, cols * pooled_w))
+    return pooled_h * pooled_w + (bottom - top) * (right - left + newline)
+
+
+def placeholder_token_counts(config: PPLLaVAConfig, modality: int, frames: int, kernel: Sequence[int] | None = None,
+                             image_size: Sequence[int] | None = None) -> list[int]:
     """Image tokens behind each ``<image>`` placeholder of a sample, in text order.
 
-    video: one placeholder for all frames; image: one placeholder for base + tiles (+ newline);
-    multi_image: one placeholder per image. ``kernel`` overrides the configured one (stride = kernel).
+    video: one placeholder for all frames; image: one placeholder for base + grid mosaic (needs the
+    image's (height, width)); multi_image: one placeholder per image. ``kernel`` overrides the
+    configured one (stride = kernel).
     """
     side = config.patches_per_side
     configured_kernel, stride = config.pooling_geometry(modality)
@@ -93,8 +135,12 @@ def placeholder_token_counts(config: PPLLaVAConfig, modality: int, frames: int, 
         mode = config.pooling_mode
         return [pooled_token_count((frames, side, side), configured_kernel, stride, mode, config.second_video_kernel)]
     if modality == IMAGE:
-        newline = 1 if config.use_image_newline else 0
-        return [pooled_token_count((frames, side, side), configured_kernel, stride) + newline]
+        if image_size is None:
+            raise ValueError("an image's token count depends on its size: pass image_size=(height, width)")
+        rows, cols = image_grid(image_size, config)
+        if frames != 1 + rows * cols:
+            raise ValueError(f"an image of size {tuple(image_size)} has 1 + {rows}x{cols} tiles, not {frames}")
+        return [image_token_count(config, image_size, kernel)]
     if modality == MULTI_IMAGE:
         if configured_kernel[0] != 1 or stride[0] != 1:
             raise ValueError(f"multi-image pooling must keep images apart (kt = dt = 1), got {configured_kernel}/{stride}")
@@ -103,9 +149,10 @@ def placeholder_token_counts(config: PPLLaVAConfig, modality: int, frames: int, 
     raise ValueError(f"modality {modality!r} has no visual tokens")
 
 
-def visual_token_count(config: PPLLaVAConfig, modality: int, frames: int, kernel: Sequence[int] | None = None) -> int:
+def visual_token_count(config: PPLLaVAConfig, modality: int, frames: int, kernel: Sequence[int] | None = None,
+                       image_size: Sequence[int] | None = None) -> int:
     """Total pooled visual tokens of one sample (video 32 frames -> 1024 with the defaults)."""
-    return sum(placeholder_token_counts(config, modality, frames, kernel))
+    return sum(placeholder_token_counts(config, modality, frames, kernel, image_size))
 
 
 def expand_image_placeholders(input_ids: Sequence[int], counts: Sequence[int], image_token_index: int) -> list[int]:

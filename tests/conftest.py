@@ -14,6 +14,10 @@ def tiny_model(seed: int = 0, **overrides) -> PPLLaVAForConditionalGeneration:
     return PPLLaVAForConditionalGeneration(PPLLaVAConfig.tiny(**overrides)).eval()
 
 
+# (height, width) of a tiny-config image with base + 1x2 tiles (3 frames) or base + 2x2 tiles (5).
+IMAGE_SIZES = {3: (40, 96), 5: (90, 96)}
+
+
 def build_batch(config: PPLLaVAConfig, samples: list[tuple[int, int]], seed: int = 0, text_len: int = 6, answer_len: int = 5):
     """An interleaved batch, right-padded: one (modality, frames) pair per sample.
 
@@ -24,13 +28,16 @@ def build_batch(config: PPLLaVAConfig, samples: list[tuple[int, int]], seed: int
     image_token = config.image_token_index
     vocab = config.text_config.vocab_size
     size = config.vision_config.image_size
-    sequences, label_rows, pixels, counts, modalities, clip_rows = [], [], [], [], [], []
+    sequences, label_rows, pixels, counts, modalities, clip_rows, sizes = [], [], [], [], [], [], []
     for modality, frames in samples:
         words = lambda n: torch.randint(3, vocab - 1, (n,), generator=generator).tolist()  # noqa: E731
         placeholders = frames if modality == MULTI_IMAGE else (1 if modality != TEXT else 0)
         prompt = [config.text_config.bos_token_id] + words(text_len // 2) + [image_token] * placeholders + words(text_len - text_len // 2)
+        size_of_image = IMAGE_SIZES[frames] if modality == IMAGE else (0, 0)
+        sizes.append(size_of_image)
         if modality != TEXT:
-            prompt = expand_image_placeholders(prompt, placeholder_token_counts(config, modality, frames), image_token)
+            counts_here = placeholder_token_counts(config, modality, frames, image_size=size_of_image if modality == IMAGE else None)
+            prompt = expand_image_placeholders(prompt, counts_here, image_token)
         answer = words(answer_len) + [config.text_config.eos_token_id]
         sequences.append(prompt + answer)
         label_rows.append([-100] * len(prompt) + answer)
@@ -58,6 +65,7 @@ def build_batch(config: PPLLaVAConfig, samples: list[tuple[int, int]], seed: int
         "modalities": torch.tensor(modalities),
         "clip_input_ids": torch.stack(clip_rows),
         "clip_attention_mask": torch.ones(len(samples), 10, dtype=torch.long),
+        "image_sizes": torch.tensor(sizes, dtype=torch.long),
     }
 
 

@@ -39,6 +39,7 @@ class ProcessedSample:
     pixel_values: torch.Tensor  # [T, 3, S, S]
     clip_input_ids: list[int]
     truncated: bool = False
+    image_size: tuple[int, int] = (0, 0)  # (height, width) of an image sample, else zeros
 
 
 @dataclass
@@ -63,20 +64,22 @@ class SampleProcessor:
             raise ValueError(f"the CLIP tokenizer's end token is {self.clip_tokenizer.eos_token_id} but the model pools "
                              f"CLIP text at token {clip_eos}: use the tokenizer of the CLIP checkpoint the model came from")
 
-    def pixels(self, sample: Sample, media: list[bytes], epoch: int) -> torch.Tensor:
+    def pixels(self, sample: Sample, media: list[bytes], epoch: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """CLIP-normalised frames [T, 3, S, S], and the image's (height, width) for image samples."""
         size = self.config.vision_config.image_size
         count = self.settings.num_frames or self.config.num_frames
         if sample.modality == "video" and len(media) > 1:  # frames pre-extracted by the shard stage
             chosen = sample_indices(len(media), count, self.settings.training, sample_seed(sample.key, epoch))
-            return frames_to_pixels([read_image(media[i], f"{sample.key}[frame {i}]") for i in chosen], size)
+            return frames_to_pixels([read_image(media[i], f"{sample.key}[frame {i}]") for i in chosen], size), (0, 0)
         if sample.modality == "video":
             frames = read_video(media[0], count, self.settings.training, sample.key, epoch, video_decoder=self.video_decoder)
-            return frames_to_pixels(list(frames), size)
+            return frames_to_pixels(list(frames), size), (0, 0)
         if sample.modality == "image":
-            return anyres_tiles(read_image(media[0], sample.key), size, self.config.image_grid_pinpoints)[0]
+            image = read_image(media[0], sample.key)
+            return anyres_tiles(image, size, self.config.image_grid_pinpoints)[0], image.shape[:2]
         if sample.modality == "multi_image":
-            return frames_to_pixels([read_image(data, f"{sample.key}[{i}]") for i, data in enumerate(media)], size)
-        return torch.zeros(0, 3, size, size)
+            return frames_to_pixels([read_image(data, f"{sample.key}[{i}]") for i, data in enumerate(media)], size), (0, 0)
+        return torch.zeros(0, 3, size, size), (0, 0)
 
     def clip_ids(self, sample: Sample) -> list[int]:
         """[BOS] text [EOS], at most clip_context_length tokens (248), EOS always kept."""
@@ -86,10 +89,11 @@ class SampleProcessor:
 
     def __call__(self, sample: Sample, media: list[bytes], epoch: int = 0) -> ProcessedSample:
         modality = MODALITY_IDS[sample.modality]
-        pixel_values = self.pixels(sample, media, epoch)
+        pixel_values, image_size = self.pixels(sample, media, epoch)
         image_token = self.config.image_token_index
         encoded = encode(sample.turns, self.tokenizer, image_token, self.settings.template)
-        counts = placeholder_token_counts(self.config, modality, pixel_values.shape[0]) if modality != TEXT else []
+        counts = (placeholder_token_counts(self.config, modality, pixel_values.shape[0], image_size=image_size)
+                  if modality != TEXT else [])
         input_ids, labels = expand_placeholders(encoded.input_ids, encoded.labels, counts, image_token, sample.key)
         truncated = len(input_ids) > self.settings.max_length
         if truncated:
@@ -98,7 +102,8 @@ class SampleProcessor:
                 raise SampleTooLong(f"{sample.key}: its visual tokens end at position {last_visual + 1}, past the LLM "
                                     f"context of {self.settings.max_length}")
             input_ids, labels = input_ids[: self.settings.max_length], labels[: self.settings.max_length]
-        return ProcessedSample(sample.key, modality, input_ids, labels, pixel_values, self.clip_ids(sample), truncated)
+        return ProcessedSample(sample.key, modality, input_ids, labels, pixel_values, self.clip_ids(sample), truncated,
+                               tuple(int(v) for v in image_size))
 
 
 def expand_placeholders(input_ids: list[int], labels: list[int], counts: list[int], image_token: int,
@@ -160,5 +165,6 @@ def collate(samples: list[ProcessedSample], pad_token_id: int, clip_pad_token_id
         "modalities": torch.tensor([s.modality for s in samples]),
         "clip_input_ids": clip_input_ids,
         "clip_attention_mask": clip_attention_mask,
+        "image_sizes": torch.tensor([s.image_size for s in samples], dtype=torch.long),
     }
     return Batch(inputs, [s.key for s in samples], sum(s.truncated for s in samples), visual_tokens)

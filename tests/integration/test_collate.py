@@ -10,6 +10,7 @@ from pipeline.data.sources import read_llava, read_videochat2, strict
 from pipeline.data.synthetic import SynthSettings, generate
 from pipeline.data.templates import IGNORE_INDEX
 from ppllava import IMAGE, MULTI_IMAGE, TEXT, VIDEO, PPLLaVAConfig, PPLLaVAForConditionalGeneration
+from ppllava.processing import visual_token_count
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,8 @@ def test_processed_samples_follow_the_pooling_geometry(setup):
     image_token = config.image_token_index
     assert video.pixel_values.shape == (8, 3, 48, 48) and video.input_ids.count(image_token) == 16
     tiles = image.pixel_values.shape[0]
-    assert tiles >= 2 and image.input_ids.count(image_token) == 4 * tiles + 1
+    assert tiles >= 2 and image.input_ids.count(image_token) == visual_token_count(config, IMAGE, tiles, image_size=image.image_size)
+    assert image.image_size == (48, 48)  # the synthetic images are 48x48
     images = multi.pixel_values.shape[0]
     assert 2 <= images <= 4 and multi.input_ids.count(image_token) == 4 * images
     for processed in (video, image, multi):

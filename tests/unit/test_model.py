@@ -23,6 +23,7 @@ def one_sample(batch, index):
         "modalities": batch["modalities"][index : index + 1],
         "clip_input_ids": batch["clip_input_ids"][index : index + 1],
         "clip_attention_mask": batch["clip_attention_mask"][index : index + 1],
+        "image_sizes": batch["image_sizes"][index : index + 1],
     }
 
 
@@ -49,11 +50,12 @@ def test_visual_token_counts_follow_the_pooling_geometry(model):
     config = model.config
     # tiny: 6x6 patches per frame; (1,3,3) -> 4 tokens per frame, video (2,3,3)
     assert visual_token_count(config, VIDEO, 8) == 4 * 2 * 2
-    assert visual_token_count(config, IMAGE, 3) == 3 * 4 + 1
+    # image (40, 96): base 2x2 = 4 tokens, then the 1x2 grid as a 2x4 mosaic + a newline per row
+    assert visual_token_count(config, IMAGE, 3, image_size=(40, 96)) == 4 + 2 * (4 + 1)
     assert visual_token_count(config, MULTI_IMAGE, 3) == 3 * 4
     tokens = model.visual_tokens(**{k: v for k, v in build_batch(config, INTERLEAVED).items()
-                                    if k in ("pixel_values", "frame_counts", "modalities", "clip_input_ids")})
-    assert [t.shape[0] for t in tokens] == [16, 13, 12]
+                                    if k in ("pixel_values", "frame_counts", "modalities", "clip_input_ids", "image_sizes")})
+    assert [t.shape[0] for t in tokens] == [16, 14, 12]
 
 
 def test_loss_and_gradients_reach_projector_and_clip_text(model):
@@ -182,3 +184,21 @@ def test_training_gives_every_trainable_parameter_a_gradient_whatever_the_batch_
     batch = build_batch(plain.config, [(TEXT, 0)])
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(**batch).logits, plain(**batch).logits)
+
+
+def test_image_tokens_are_base_then_unpadded_mosaic_rows_each_ending_in_a_newline(model):
+    """A 60x96 image -> base + 2x2 tiles; pooled 2x2 per tile; mosaic 4x4 of which rows 1-2 show the image."""
+    from ppllava.processing import visual_token_count
+
+    pooled = torch.arange(5 * 4, dtype=torch.float32)[:, None].repeat(1, model.config.text_config.hidden_size)
+    with torch.no_grad():
+        model.image_newline.fill_(-1.0)
+    arranged = model._arrange_image(pooled, 5, torch.tensor([60, 96]))[:, 0].tolist()
+    expected = [0, 1, 2, 3]  # the base view's tokens first
+    for row in (1, 2):
+        for col in range(4):
+            tile = (row // 2) * 2 + col // 2 + 1
+            expected.append(tile * 4 + (row % 2) * 2 + col % 2)
+        expected.append(-1.0)  # image newline
+    assert arranged == expected
+    assert visual_token_count(model.config, IMAGE, 5, image_size=(60, 96)) == len(expected) == 14

@@ -24,7 +24,13 @@ def test_paper_geometry_token_counts():
     assert visual_token_count(config, VIDEO, 32) == 1024
     assert visual_token_count(config, VIDEO, 64, kernel=(4, 3, 3)) == 1024
     assert placeholder_token_counts(config, MULTI_IMAGE, 3) == [64, 64, 64]
-    assert visual_token_count(config, IMAGE, 5) == 5 * 64 + 1  # base + 2x2 tiles + newline
+    # base 64 tokens, then the grid mosaic (8 pooled rows per tile) with a newline per row:
+    assert visual_token_count(config, IMAGE, 3, image_size=(336, 672)) == 64 + 8 * (16 + 1)   # 1x2, no padding
+    assert visual_token_count(config, IMAGE, 5, image_size=(1000, 1000)) == 64 + 16 * (16 + 1)  # 2x2
+    # 300x800 goes to the 1x3 grid (336x1008); 22 of the 24 pooled columns show the image
+    assert visual_token_count(config, IMAGE, 4, image_size=(300, 800)) == 64 + 8 * (22 + 1)
+    with pytest.raises(ValueError, match="has 1 \\+ 1x3 tiles, not 5"):
+        visual_token_count(config, IMAGE, 5, image_size=(300, 800))
     assert visual_token_count(PPLLaVAConfig(pooling_mode="separate"), VIDEO, 32) == 608
 
 
