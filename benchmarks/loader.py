@@ -78,7 +78,7 @@ def loader_throughput(clips: list[bytes], workdir: Path, batches: int) -> float:
     run_shard(ShardSettings(cards=[str(workdir / "card.yaml")], output=str(workdir / "shards")))
     tokenizer = tiny_tokenizer()
     ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    config = PPLLaVAConfig(text_config={"model_type": "llama", **ids}, clip_text_config=ids,
+    config = PPLLaVAConfig(text_config={"model_type": "llama", **ids}, clip_text_config={**ids, "max_position_embeddings": 248},
                            image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
     processor = SampleProcessor(config, tokenizer, tokenizer, ProcessorSettings(max_length=4096))
     loader = StreamingLoader(workdir / "shards" / "manifest.json", processor,
