@@ -201,23 +201,28 @@ def run_shard(settings: ShardSettings, rank: int = 0, world_size: int = 1, barri
         logger.info("shard: inputs unchanged since %s was written; nothing to do", manifest_path)
         return json.loads(manifest_path.read_text()) if rank == 0 else {}
 
-    units = []
+    units, records_per_unit = [], {}
     for card_path, card in zip(settings.cards, cards):
         records = sum(1 for _ in READERS[card.format](card.annotation, card.name))
-        units += [(str(card_path), unit) for unit in range(max(1, -(-records // settings.records_per_unit)))]
+        count = max(1, -(-records // settings.records_per_unit))
+        for unit in range(count):
+            units.append((str(card_path), unit))
+            records_per_unit[(str(card_path), unit)] = min(settings.records_per_unit, records - unit * settings.records_per_unit)
     mine = units[rank::world_size]
     start, results = time.perf_counter(), []
-    progress = tqdm(total=len(mine), desc=f"shard (rank {rank})", unit="unit", disable=rank != 0)
+    # Counts records (accepted or rejected) as units finish: the rate shown is records/s.
+    progress = tqdm(total=sum(records_per_unit[u] for u in mine), desc=f"shard (rank {rank})", unit="sample",
+                    disable=rank != 0)
     if settings.processes > 1 and len(mine) > 1:
         with ProcessPoolExecutor(settings.processes) as pool:
             futures = [pool.submit(shard_unit, path, unit, settings, fingerprint) for path, unit in mine]
             for future in futures:
                 results.append(future.result())
-                progress.update()
+                progress.update(results[-1]["records"])
     else:
         for path, unit in mine:
             results.append(shard_unit(path, unit, settings, fingerprint))
-            progress.update()
+            progress.update(results[-1]["records"])
     progress.close()
     samples = sum(sum(s["samples"] for s in r["shards"]) for r in results)
     logger.info("shard rank %d: %d samples in %.1fs (%.1f samples/s)", rank, samples,

@@ -13,6 +13,7 @@ The batch packs every frame of every sample into one ``pixel_values`` [F, 3, S, 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,8 @@ from pipeline.data.records import Sample
 from pipeline.data.templates import IGNORE_INDEX, clip_text, encode
 from ppllava import IMAGE, MULTI_IMAGE, TEXT, VIDEO, PPLLaVAConfig
 from ppllava.processing import anyres_tiles, frames_to_pixels, placeholder_token_counts
+
+logger = logging.getLogger(__name__)
 
 MODALITY_IDS = {"text": TEXT, "image": IMAGE, "multi_image": MULTI_IMAGE, "video": VIDEO}
 
@@ -101,6 +104,8 @@ class SampleProcessor:
             if last_visual >= self.settings.max_length:
                 raise SampleTooLong(f"{sample.key}: its visual tokens end at position {last_visual + 1}, past the LLM "
                                     f"context of {self.settings.max_length}")
+            logger.warning("%s: %d tokens cut to the LLM context of %d (counted in the batch's `truncated`)",
+                           sample.key, len(input_ids), self.settings.max_length)
             input_ids, labels = input_ids[: self.settings.max_length], labels[: self.settings.max_length]
         return ProcessedSample(sample.key, modality, input_ids, labels, pixel_values, self.clip_ids(sample), truncated,
                                tuple(int(v) for v in image_size))

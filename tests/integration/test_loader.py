@@ -88,7 +88,8 @@ def test_resume_gives_exactly_the_uninterrupted_batches(manifest, workers):
     assert take(resumed, 4) == straight[5:]
 
 
-def test_resume_in_a_new_process_with_two_ranks(manifest, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_in_a_new_process_with_two_ranks(manifest, tmp_path, workers):
     """Each rank's loader state restored in a fresh interpreter continues that rank's sequence."""
     script = tmp_path / "resume.py"
     script.write_text(f'''
@@ -98,7 +99,8 @@ sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from test_loader import tiny_processor, take
 from pipeline.data.loader import LoaderSettings, StreamingLoader
 rank, mode = int(sys.argv[1]), sys.argv[2]
-loader = StreamingLoader({str(manifest)!r}, tiny_processor(), LoaderSettings(micro_batch_size=2, shuffle_buffer=4), rank, 2)
+loader = StreamingLoader({str(manifest)!r}, tiny_processor(),
+                         LoaderSettings(micro_batch_size=2, shuffle_buffer=4, num_workers={workers}), rank, 2)
 if mode == "resume":
     loader.load_state_dict(json.loads(open(sys.argv[3]).read()))
     print(json.dumps(take(loader, 3)))
