@@ -146,6 +146,7 @@ def model_init_context(settings: EngineSettings, dtype: torch.dtype):
         yield
         return
     integration = importlib.import_module("transformers.integrations.deepspeed")
+    # transformers keeps only a weak reference to this object: it must stay alive while we yield.
     keep_alive = integration.HfDeepSpeedConfig(deepspeed_config(settings, dtype))  # noqa: F841
     try:
         yield

@@ -104,3 +104,12 @@ def tiny_tokenizer(vocab_size: int = 300, chat_template: bool = False):
     if chat_template:
         tokenizer.chat_template = TINY_CHAT_TEMPLATE
     return tokenizer
+
+
+def tiny_config_for(tokenizer, **overrides) -> PPLLaVAConfig:
+    """The tiny PPLLaVA sized to a tokenizer: its vocabulary and special ids for both the LLM
+    and the CLIP text tower (the tiny tokenizer serves as both in data tests)."""
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    return PPLLaVAConfig.tiny(text_config=ids, clip_text_config=ids,
+                              image_token_index=tokenizer.convert_tokens_to_ids("<image>"), **overrides)

@@ -16,7 +16,6 @@ Workers decode on CPU only.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -25,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.collate import Batch, SampleProcessor, SampleTooLong, collate

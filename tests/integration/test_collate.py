@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_tokenizer
+from conftest import tiny_config_for, tiny_tokenizer
 from pipeline.data.collate import ProcessorSettings, SampleProcessor, SampleTooLong, collate, expand_placeholders
 from pipeline.data.records import Sample, Turn
 from pipeline.data.sources import read_llava, read_videochat2, strict
@@ -20,9 +20,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     generate(root, SynthSettings(seed=1, videos=2, images=2, multi_images=2, eval_questions=0, dpo_pairs=0, size=48))
     tokenizer = tiny_tokenizer()
-    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
-    config = PPLLaVAConfig.tiny(text_config=ids, clip_text_config=ids, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    config = tiny_config_for(tokenizer)
     samples = (list(strict(read_videochat2(root / "video_qa.json", "v"))) + list(strict(read_llava(root / "image_conversations.json", "i")))
                + list(strict(read_llava(root / "multi_image_conversations.json", "m"))))
     media = {s.key: [(root / "media" / m).read_bytes() for m in s.media] for s in samples}

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import webdataset
 
-from conftest import tiny_tokenizer
+from conftest import tiny_config_for, tiny_tokenizer
 from pipeline.data.collate import ProcessorSettings, SampleProcessor
 from pipeline.data.loader import LoaderError, LoaderSettings, StreamingLoader
 from pipeline.data.synthetic import SynthSettings, generate
-from ppllava import PPLLaVAConfig
 from stages.shard import ShardSettings, run_shard
 
 pytestmark = pytest.mark.integration
@@ -21,10 +20,7 @@ pytestmark = pytest.mark.integration
 
 def tiny_processor():
     tokenizer = tiny_tokenizer()
-    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
-    config = PPLLaVAConfig.tiny(text_config=ids, clip_text_config=ids, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-    return SampleProcessor(config, tokenizer, tokenizer, ProcessorSettings(max_length=256))
+    return SampleProcessor(tiny_config_for(tokenizer), tokenizer, tokenizer, ProcessorSettings(max_length=256))
 
 
 @pytest.fixture(scope="module")
