@@ -174,8 +174,6 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         per_tile = pooled.shape[1]
         side = math.isqrt(per_tile)
         base, grid = pooled[0], pooled[1:]
-        if tiles == 1:
-            return base
         rows, cols = image_grid(image_size.tolist(), self.config)
         if rows * cols != tiles - 1:
             raise ValueError(f"an image of size {image_size.tolist()} has 1 + {rows}x{cols} tiles, got {tiles}")

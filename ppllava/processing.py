@@ -113,8 +113,6 @@ def image_token_count(config: PPLLaVAConfig, image_size: Sequence[int], kernel: 
     _, pooled_h, pooled_w = pooled_size((1, side, side), kernel_, stride)
     rows, cols = image_grid(image_size, config)
     newline = 1 if config.use_image_newline else 0
-    if rows * cols == 0:
-        return pooled_h * pooled_w
     top, bottom, left, right = unpadded_window(image_size, (rows * pooled_h, cols * pooled_w))
     return pooled_h * pooled_w + (bottom - top) * (right - left + newline)
 

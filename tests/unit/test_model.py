@@ -202,3 +202,10 @@ def test_image_tokens_are_base_then_unpadded_mosaic_rows_each_ending_in_a_newlin
         expected.append(-1.0)  # image newline
     assert arranged == expected
     assert visual_token_count(model.config, IMAGE, 5, image_size=(60, 96)) == len(expected) == 14
+
+
+def test_an_image_whose_size_disagrees_with_its_tiles_is_refused(model):
+    batch = build_batch(model.config, [(IMAGE, 3)])
+    batch["image_sizes"] = torch.tensor([[96, 96]])  # a 2x2-grid size for a sample with 1x2 tiles
+    with pytest.raises(ValueError, match=r"image of size \[96, 96\] has 1 \+ 2x2 tiles, got 3"):
+        model(**batch)
