@@ -60,7 +60,8 @@ NPU = Backend(
     dist_backend="hccl",
     visible_devices_env="ASCEND_RT_VISIBLE_DEVICES",
     deepspeed_accelerator="npu",
-    # torch_npu implements F.scaled_dot_product_attention with its fused attention kernel.
+    # torch_npu registers F.scaled_dot_product_attention for the npu device (not run here: if a
+    # CANN/torch_npu pair lacks it, override the attention implementation with "eager").
     attn_implementation="sdpa",
     env_defaults={
         # Rendezvous of 32 ranks across nodes can exceed HCCL's 120 s default.
