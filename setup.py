@@ -18,6 +18,7 @@ setup(
         "numpy>=1.24",
         "pillow>=10.0",
         "tqdm>=4.66",
+        "tensorboard>=2.14",  # training metrics (torch.utils.tensorboard)
         "av>=12.0",
         "webdataset>=0.2.90",  # PyAV: the default video decoder and the synthetic data's H.264 encoder
     ],

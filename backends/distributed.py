@@ -72,7 +72,7 @@ def _tasks_on_node(tasks_per_node: str, node_id: int) -> int:
     return counts[node_id]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -125,7 +125,7 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> DistributedCont
             master_port=port,
             launcher="slurm",
         )
-    return DistributedContext(0, 1, 0, 1, "127.0.0.1", _free_port(), "single")
+    return DistributedContext(0, 1, 0, 1, "127.0.0.1", free_port(), "single")
 
 
 def init_distributed(
@@ -167,6 +167,15 @@ def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
     total = value.detach().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total / dist.get_world_size()
+
+
+def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum of small per-rank numbers (counts, flags) in one collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    total = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.tolist()
 
 
 def teardown() -> None:

@@ -1,41 +1,144 @@
 """`python -m pipeline COMMAND ...`: the pipeline's command line.
 
-    synth OUT_DIR      write synthetic videos, images, multi-image sets, annotations and cards
-    run RECIPE         run a recipe's stages (not yet available: the runner is being built)
+    run RECIPE [key=value ...] [--stages a,b] [--resume auto|PATH] [--dry-run]
+    validate RECIPE [key=value ...]     check a recipe without touching a device, model or data
+    status RUN_DIR                      stages done, latest checkpoints, last metrics
+    synth OUT_DIR                       write synthetic videos, images, multi-image sets, cards
+
+Exit codes: 0 done; 2 bad recipe or input; 3 stopped by a signal after a checkpoint (requeue);
+anything else a failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import sys
 import time
 from dataclasses import fields
+from pathlib import Path
 
+from pipeline.data.cards import CardError
 from pipeline.data.synthetic import SynthSettings, generate
+from pipeline.recipe import RecipeError, load_recipe, validate
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_REQUEUE = 0, 2, 3
 
 
 def _synth(args: argparse.Namespace) -> int:
     settings = SynthSettings(**{f.name: getattr(args, f.name) for f in fields(SynthSettings)})
     if settings.size % 2:
         print(f"--size must be even (H.264 4:2:0), got {settings.size}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     start = time.perf_counter()
     counts = generate(args.out_dir, settings)
     summary = ", ".join(f"{value} {key.replace('_', ' ')}" for key, value in counts.items())
     print(f"wrote {summary} to {args.out_dir} in {time.perf_counter() - start:.1f}s (cards in {args.out_dir}/cards)")
-    return 0
+    return EXIT_OK
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    print(f"demo not yet available: `{args.command}` needs the pipeline runner and its stages, which are still "
-          "being built. Usable today: `python -m pipeline synth OUT_DIR` and the `ppllava` model package "
-          "(see README.md).", file=sys.stderr)
-    return 1
+def _load(args: argparse.Namespace):
+    recipe = load_recipe(args.recipe, args.overrides)
+    validate(recipe)
+    return recipe
+
+
+def _validate(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    print(f"{args.recipe}: valid. stages: {', '.join(recipe.stages)}; run_dir: {recipe.run_dir}; "
+          f"backend: {recipe.backend}")
+    if recipe.sft is not None:
+        micro, accumulation, world = recipe.batch_layout(recipe.cluster.world_size)
+        print(f"sft global batch: micro {micro} x accumulation {accumulation} x world {world} "
+              f"({recipe.cluster.nodes} node(s) x {recipe.cluster.procs_per_node}) = {micro * accumulation * world}")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    recipe = _load(args)  # before any device, model or data work
+    only = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    from pipeline.local_launch import launch_local, launched_by_a_launcher
+
+    if recipe.cluster.world_size > 1 and not launched_by_a_launcher():
+        if recipe.cluster.nodes > 1:
+            raise RecipeError(f"{recipe.source}: cluster.nodes={recipe.cluster.nodes}: a multi-node run is started "
+                              f"on every node by torchrun or srun, not by `run` alone")
+        return launch_local(recipe.cluster.procs_per_node, argv, EXIT_REQUEUE)
+
+    import backends
+    from backends import BackendUnavailable
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.data.loader import LoaderError
+    from pipeline.runner import StoppedForRequeue, run_recipe
+
+    try:
+        code = run_recipe(recipe, only, args.resume, args.dry_run)
+    except StoppedForRequeue as stop:
+        logging.getLogger("pipeline").warning("%s", stop)
+        code = EXIT_REQUEUE
+    except (RecipeError, CardError, CheckpointError, LoaderError, BackendUnavailable) as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = EXIT_BAD_INPUT
+    # Leave without interpreter finalisation: DeepSpeed's gloo threads can abort a clean exit.
+    backends.exit_process(code)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pipeline.checkpoint import complete_checkpoints, latest_checkpoint
+    from pipeline.metrics import read_metrics
+    from pipeline.recipe import STAGE_ORDER
+    from pipeline.runner import read_complete
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        print(f"error: {run_dir} is not a run directory", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"run directory {run_dir}" + (" (recipe: recipe.yaml)" if (run_dir / "recipe.yaml").exists() else ""))
+    for stage in STAGE_ORDER:
+        directory = run_dir / stage
+        if not directory.is_dir():
+            continue
+        done = read_complete(directory)
+        state = f"complete ({done['finished']}, {done['wall_seconds']}s)" if done else "not complete"
+        print(f"  {stage:<7}{state}")
+        checkpoints = directory / "checkpoints"
+        if checkpoints.is_dir():
+            latest = latest_checkpoint(checkpoints)
+            kept = ", ".join(p.name for p in complete_checkpoints(checkpoints))
+            print(f"         latest checkpoint: {latest.name if latest else 'none'} (kept: {kept or 'none'})")
+        history = read_metrics(directory / "metrics.jsonl")
+        if history:
+            print(f"         last metrics: {json.dumps(history[-1])}")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="PPLLaVA training pipeline")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a recipe's stages (skipping those already complete)",
+                              description="Run the recipe's stages in order. Exit codes: 0 done, 2 bad recipe or "
+                                          "input, 3 stopped by SIGTERM/SIGUSR1 after a checkpoint (requeue).")
+    run.add_argument("recipe", help="recipe YAML (see docs/recipes.md)")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. sft.lr=1e-5")
+    run.add_argument("--stages", help="comma-separated subset of the recipe's stages to run (earlier ones must be done)")
+    run.add_argument("--resume", metavar="auto|PATH", help="continue training from the newest complete checkpoint "
+                                                            "(auto) or from a checkpoint directory")
+    run.add_argument("--dry-run", action="store_true", help="run data stages as needed, build the model, engine and "
+                                                           "loader, run one forward/backward on one real batch, stop")
+    run.set_defaults(handler=_run)
+
+    check = commands.add_parser("validate", help="validate a recipe (no device, model or data work)")
+    check.add_argument("recipe")
+    check.add_argument("overrides", nargs="*", metavar="key=value")
+    check.set_defaults(handler=_validate)
+
+    status = commands.add_parser("status", help="what is done in a run directory, where training stopped")
+    status.add_argument("run_dir")
+    status.set_defaults(handler=_status)
+
     synth = commands.add_parser("synth", help="write synthetic training data (moving coloured shapes)")
     synth.add_argument("out_dir", help="output directory (created)")
     defaults = SynthSettings()
@@ -43,16 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
         synth.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=int,
                            default=getattr(defaults, field.name), help=f"default {getattr(defaults, field.name)}")
     synth.set_defaults(handler=_synth)
-    for name in ("run", "validate", "status"):
-        command = commands.add_parser(name, help="not yet available")
-        command.add_argument("rest", nargs=argparse.REMAINDER)
-        command.set_defaults(handler=_not_yet)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    quiet = os.environ.get("RANK", "0") != "0"  # one rank speaks; the others only warn
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return args.handler(args, argv) if args.handler is _run else args.handler(args)
+    except (RecipeError, CardError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -245,3 +245,35 @@ def run_shard(settings: ShardSettings, rank: int = 0, world_size: int = 1, barri
     _write_json_atomically(manifest_path, manifest)
     logger.info("shard: %s written: %s, %d rejected", manifest_path, counts, len(manifest["rejected"]))
     return manifest
+
+
+# -- the pipeline's stage interface (see pipeline/runner.py) -------------------------------------
+
+DISTRIBUTED = True  # units of work are spread over ranks
+TRAINING = False
+
+
+def settings_from_recipe(recipe, output: str) -> ShardSettings:
+    return ShardSettings(cards=list(recipe.data.cards), output=output, variables=dict(recipe.data.variables),
+                         **asdict(recipe.shard))
+
+
+def inputs(recipe, world_size: int) -> dict:
+    """The shard section and every card's source fingerprint (card, annotations, media files)."""
+    sources = {}
+    for path in recipe.data.cards:
+        card = load_card(path, recipe.data.variables)
+        card.check_paths()
+        sources[path] = source_fingerprint(card)
+    settings = asdict(settings_from_recipe(recipe, ""))
+    settings.pop("processes")
+    return {"shard": settings, "sources": sources}
+
+
+def run(context) -> dict:
+    manifest = run_shard(settings_from_recipe(context.recipe, str(context.directory)), context.dist.rank,
+                         context.dist.world_size, barrier=context.barrier)
+    if not context.dist.is_main:
+        return {}
+    return {"samples": manifest["counts"], "rejected": len(manifest["rejected"]),
+            "manifest": str(context.directory / "manifest.json")}

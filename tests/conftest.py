@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+# The tiny tokenizer and config live in the pipeline (the CPU demo trains with them too).
+from pipeline.tiny import TINY_CHAT_TEMPLATE, tiny_config_for, tiny_tokenizer  # noqa: F401
 from ppllava import IMAGE, MULTI_IMAGE, TEXT, VIDEO, PPLLaVAConfig, PPLLaVAForConditionalGeneration
 from ppllava.processing import expand_image_placeholders, placeholder_token_counts
 
@@ -75,41 +77,3 @@ INTERLEAVED = [(VIDEO, 8), (IMAGE, 3), (MULTI_IMAGE, 3)]
 @pytest.fixture
 def model():
     return tiny_model()
-
-
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>"
-    "{% else %}<|assistant|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def tiny_tokenizer(vocab_size: int = 300, chat_template: bool = False):
-    """A byte-level BPE tokenizer trained here on a few sentences (nothing downloaded)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from pipeline.data.templates import VICUNA_SYSTEM
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<|user|>", "<|assistant|>", "<|end|>"]
-    model = Tokenizer(models.BPE(unk_token="<unk>"))
-    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    model.decoder = decoders.ByteLevel()
-    corpus = [VICUNA_SYSTEM, "USER: ASSISTANT: What colour is the red circle? It moves left right up down.",
-              "Which image contains the blue square? Image 1. There are 3 shapes. The triangle is green."]
-    model.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", additional_special_tokens=specials[4:])
-    if chat_template:
-        tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
-
-
-def tiny_config_for(tokenizer, **overrides) -> PPLLaVAConfig:
-    """The tiny PPLLaVA sized to a tokenizer: its vocabulary and special ids for both the LLM
-    and the CLIP text tower (the tiny tokenizer serves as both in data tests)."""
-    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
-    return PPLLaVAConfig.tiny(text_config=ids, clip_text_config=ids,
-                              image_token_index=tokenizer.convert_tokens_to_ids("<image>"), **overrides)

@@ -1,0 +1,186 @@
+"""Atomic, resumable training checkpoints and the pre-emption signal flag.
+
+Layout of one stage (``run_dir/<stage>/checkpoints/``):
+
+    step_120/                  complete checkpoints only ever carry this name
+      deepspeed/               engine.save_checkpoint: model, optimizer, lr scheduler (every rank's shard)
+      rank_00000.pt ...        per rank: data-loader position, RNG states (python, numpy, torch, device)
+      trainer_state.json       step, world size, metrics so far, fingerprint of the training inputs
+      recipe.yaml              the resolved recipe
+    step_160.tmp/              being written (or left by a killed writer; removed on the next start)
+    latest                     "step_120": written atomically after the rename
+
+Every rank writes into ``step_N.tmp``; after a barrier rank 0 fsyncs the tree, renames it to
+``step_N``, then replaces ``latest``. A process killed at any moment leaves ``latest`` naming a
+complete checkpoint. Run directories are assumed to be on storage all ranks share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEEPSPEED_TAG = "deepspeed"
+# Tests kill the writer at a chosen point to prove atomicity; never set in normal runs.
+FAULT_ENV = "PIPELINE_TEST_FAULT"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used for this run (the message says why and what to do)."""
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 (cluster pre-emption); the loop checkpoints at the next step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum).name
+        logger.warning("%s received: checkpointing at the next step boundary, then exiting for requeue", self.received)
+
+    def __enter__(self) -> "StopFlag":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def rng_state(device_module: Any | None) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device_module is not None:
+        state["device"] = device_module.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict, device_module: Any | None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device_module is not None and "device" in state:
+        device_module.set_rng_state(state["device"])
+
+
+def _fsync_tree(root: Path) -> None:
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as stream:
+                os.fsync(stream.fileno())
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+def _fault(point: str) -> None:
+    if os.environ.get(FAULT_ENV) == point:
+        logger.error("%s=%s: killing this process (test of checkpoint atomicity)", FAULT_ENV, point)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.split("_", 1)[1])
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    return sorted(found, key=step_of)
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint ``latest`` names (it is always complete), else None."""
+    pointer = directory / "latest"
+    if not pointer.is_file():
+        return None
+    target = directory / pointer.read_text().strip()
+    if not (target / "trainer_state.json").is_file():
+        raise CheckpointError(f"{pointer} names {target.name}, which is missing or incomplete; the directory was "
+                              f"modified by hand? Point `latest` at one of {[p.name for p in complete_checkpoints(directory)]}")
+    return target
+
+
+def remove_partial(directory: Path) -> None:
+    """Delete ``step_N.tmp`` directories a killed writer left behind (rank 0, before training)."""
+    if directory.is_dir():
+        for partial in directory.glob("step_*.tmp"):
+            logger.warning("removing the incomplete checkpoint %s (its writer was interrupted)", partial)
+            shutil.rmtree(partial)
+
+
+def save_checkpoint(engine, directory: Path, step: int, trainer_state: dict, rank_state: dict, recipe_yaml: str,
+                    rank: int, keep_last: int, barrier: Callable[[], None]) -> Path:
+    """Write ``step_<step>`` atomically on every rank; returns its final path."""
+    final = directory / f"step_{step}"
+    temporary = directory / f"step_{step}.tmp"
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        temporary.mkdir()
+    barrier()
+    engine.save_checkpoint(str(temporary), tag=DEEPSPEED_TAG, save_latest=False)
+    torch.save(rank_state, temporary / f"rank_{rank:05d}.pt")
+    barrier()
+    if rank == 0:
+        (temporary / "recipe.yaml").write_text(recipe_yaml)
+        (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        _fault("before_rename")
+        _fsync_tree(temporary)
+        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        _write_atomically(directory / "latest", final.name)
+        _fsync_tree(directory)
+        for old in complete_checkpoints(directory)[:-keep_last]:
+            shutil.rmtree(old)
+        logger.info("checkpoint %s written", final)
+    barrier()
+    return final
+
+
+def load_checkpoint(engine, path: Path, rank: int, world_size: int) -> tuple[dict, dict]:
+    """Restore the engine from ``path``; returns (trainer_state, this rank's state)."""
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    if trainer_state["world_size"] != world_size:
+        raise CheckpointError(
+            f"{path} was written by {trainer_state['world_size']} processes but this run has {world_size}: the "
+            f"data order and optimizer shards depend on the world size. Resume with the same number of processes, "
+            f"or start a new run_dir from an exported model (model.source: pretrained)")
+    rank_file = path / f"rank_{rank:05d}.pt"
+    if not rank_file.is_file():
+        raise CheckpointError(f"{path} has no state for rank {rank} ({rank_file.name} is missing)")
+    loaded, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
+    if loaded is None:
+        raise CheckpointError(f"DeepSpeed could not load {path / DEEPSPEED_TAG}")
+    return trainer_state, torch.load(rank_file, weights_only=False)

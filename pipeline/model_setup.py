@@ -1,0 +1,88 @@
+"""Model, tokenizers and sample processor from a recipe's `model` and `data` sections.
+
+    source: tiny         the few-MB PPLLaVA with a tokenizer trained here (tests, CPU demo)
+    source: llava_next   convert a LLaVA-NeXT checkpoint (llava-hf layout) + a CLIP checkpoint
+    source: pretrained   a PPLLaVA directory (save_pretrained / export), loaded straight into the
+                         engine's layout (under ZeRO-3 each rank only materialises its shard)
+
+`llava_next` converts in every process and holds the whole model in host memory while doing
+so; for a 7B model on 8 processes per node, convert once with `python -m ppllava.convert` and
+train from the result with `source: pretrained`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from pipeline.data.collate import ProcessorSettings, SampleProcessor
+from pipeline.data.media import decoder
+from pipeline.recipe import Recipe
+from pipeline.tiny import tiny_config_for, tiny_tokenizer
+from ppllava import PPLLaVAForConditionalGeneration
+
+logger = logging.getLogger(__name__)
+
+CLIP_TOKENIZER_DIR = "clip_tokenizer"
+
+
+def load_tokenizers(recipe: Recipe):
+    """(LLM tokenizer, CLIP tokenizer) for the recipe's model."""
+    from transformers import AutoTokenizer
+
+    model = recipe.model
+    if model.source == "tiny" and not model.tokenizer_path:
+        tokenizer = tiny_tokenizer(chat_template=recipe.data.template == "tokenizer")
+        return tokenizer, tokenizer
+    base = model.llava_next_path if model.source == "llava_next" else model.pretrained_path
+    llm_path = model.tokenizer_path or base
+    clip_path = model.clip_tokenizer_path or (model.clip_path if model.source == "llava_next"
+                                              else str(Path(base) / CLIP_TOKENIZER_DIR))
+    return AutoTokenizer.from_pretrained(llm_path), AutoTokenizer.from_pretrained(clip_path)
+
+
+def save_tokenizers(tokenizer, clip_tokenizer, directory: Path) -> None:
+    """The layout `source: pretrained` reads: LLM tokenizer at the top, CLIP's in clip_tokenizer/."""
+    tokenizer.save_pretrained(directory)
+    clip_tokenizer.save_pretrained(directory / CLIP_TOKENIZER_DIR)
+
+
+def build_model(recipe: Recipe, tokenizer, attn_implementation: str) -> PPLLaVAForConditionalGeneration:
+    """The model on CPU, to be handed to the DeepSpeed engine (call inside ``model_init_context``)."""
+    model_section = recipe.model
+    attn = model_section.attn_implementation or attn_implementation
+    overrides = dict(model_section.config_overrides)
+    if model_section.source == "tiny":
+        config = tiny_config_for(tokenizer, **overrides)
+        model = PPLLaVAForConditionalGeneration._from_config(config, attn_implementation=attn)
+    elif model_section.source == "llava_next":
+        from ppllava.convert import from_llava_next
+
+        model = from_llava_next(model_section.llava_next_path, model_section.clip_path, **overrides)
+        model.set_attn_implementation(attn)
+    else:
+        model = PPLLaVAForConditionalGeneration.from_pretrained(model_section.pretrained_path, attn_implementation=attn,
+                                                                **overrides)
+    if len(tokenizer) > model.config.text_config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LLM's vocabulary has "
+                         f"{model.config.text_config.vocab_size}: model and tokenizer do not belong together")
+    if model_section.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def build_processor(recipe: Recipe, config, tokenizer, clip_tokenizer, training: bool = True) -> SampleProcessor:
+    settings = ProcessorSettings(template=recipe.data.template, max_length=recipe.data.max_length, training=training)
+    return SampleProcessor(config, tokenizer, clip_tokenizer, settings, video_decoder=decoder(recipe.data.decoder))
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(all, trainable); under ZeRO-3 a parameter's full size is in ``ds_numel``."""
+    total = trainable = 0
+    for parameter in model.parameters():
+        numel = getattr(parameter, "ds_numel", parameter.numel())
+        total += numel
+        trainable += numel if parameter.requires_grad else 0
+    return total, trainable

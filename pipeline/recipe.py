@@ -1,0 +1,417 @@
+"""Recipes: YAML -> typed dataclasses, validated before any device, model or data work.
+
+    name: demo_cpu
+    run_dir: runs/demo_cpu
+    backend: cpu            # auto | cpu | cuda | npu
+    seed: 0
+    model: {...}            # ModelSection
+    data: {...}             # DataSection
+    cluster: {...}          # ClusterSection
+    synth: {...}            # one section per stage; the stages a recipe runs are the sections
+    shard: {...}            #   it has, in pipeline order (STAGE_ORDER)
+    sft: {...}
+
+Every key and its meaning: docs/recipes.md. Errors name the dotted key path, what was expected
+and, for a misspelt key, the nearest allowed name. This module imports no torch, so a bad recipe
+fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.data.synthetic import SynthSettings
+
+STAGE_ORDER = ("synth", "shard", "sft", "dpo", "export", "eval")
+NOT_YET_AVAILABLE = ("dpo", "export", "eval")
+MODALITIES = ("video", "image", "multi_image")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message starts with the file and the dotted key path."""
+
+
+@dataclass
+class ModelSection:
+    source: Literal["tiny", "llava_next", "pretrained"] = "tiny"
+    llava_next_path: str | None = None     # source llava_next: LLaVA-NeXT checkpoint (llava-hf layout)
+    clip_path: str | None = None           # source llava_next: CLIP checkpoint (text tower + projections)
+    pretrained_path: str | None = None     # source pretrained: a PPLLaVA directory (save_pretrained / export)
+    tokenizer_path: str | None = None      # default: llava_next_path or pretrained_path
+    clip_tokenizer_path: str | None = None  # default: clip_path or pretrained_path/clip_tokenizer
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # PPLLaVAConfig keys
+    attn_implementation: str | None = None  # default: the backend's
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataSection:
+    cards: list[str] = field(default_factory=list)
+    variables: dict[str, str] = field(default_factory=dict)   # ${NAME} values for the cards
+    manifest: str | None = None            # shards made elsewhere (no shard stage in this recipe)
+    weights: dict[str, float] = field(default_factory=lambda: {"video": 1.0, "image": 1.0, "multi_image": 1.0})
+    interleave: bool = True
+    shuffle_buffer: int = 64
+    num_workers: int = 2
+    max_bad_fraction: float = 0.01
+    template: Literal["vicuna_v1", "tokenizer"] = "vicuna_v1"
+    max_length: int = 1024
+    decoder: Literal["auto", "pyav", "decord"] = "pyav"
+
+
+@dataclass
+class ClusterSection:
+    nodes: int = 1
+    procs_per_node: int = 1
+    dist_timeout_minutes: float = 30.0
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+
+@dataclass
+class ShardSection:
+    max_samples_per_shard: int = 1000
+    max_bytes_per_shard: int = 1 << 30
+    records_per_unit: int = 5000
+    media: Literal["raw", "frames"] = "raw"
+    num_frames: int = 32
+    processes: int = 1
+
+
+@dataclass
+class TrainableParts:
+    vision: bool = False
+    projector: bool = True
+    clip_text: bool = True
+    llm: bool = True
+
+
+@dataclass
+class SFTSection:
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    global_batch_size: int = 256
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int | None = None  # None: global / (micro x world)
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.0
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    gradient_clipping: float = 1.0
+    epochs: float = 1.0
+    max_steps: int | None = None
+    optimizer: Literal["auto", "torch_adamw", "deepspeed_adam"] = "auto"
+    offload_optimizer: bool = False
+    trainable: TrainableParts = field(default_factory=TrainableParts)
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 2
+    max_nonfinite_in_a_row: int = 5
+
+
+@dataclass
+class Recipe:
+    name: str
+    run_dir: str
+    backend: Literal["auto", "cpu", "cuda", "npu"] = "auto"
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    synth: SynthSettings | None = None
+    shard: ShardSection | None = None
+    sft: SFTSection | None = None
+    source: str = field(default="<recipe>", metadata={"internal": True})
+
+    @property
+    def stages(self) -> list[str]:
+        return [name for name in STAGE_ORDER if getattr(self, name, None) is not None]
+
+    def stage_dir(self, stage: str) -> Path:
+        return Path(self.run_dir) / stage
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.stage_dir("shard") / "manifest.json" if self.shard is not None else Path(self.data.manifest or "")
+
+    def batch_layout(self, world_size: int) -> tuple[int, int, int]:
+        """(micro batch, accumulation, world) whose product is sft.global_batch_size, or RecipeError."""
+        sft = self.sft
+        per_step = sft.micro_batch_size * world_size
+        accumulation = sft.gradient_accumulation_steps
+        if accumulation is None:
+            if sft.global_batch_size % per_step:
+                raise RecipeError(f"{self.source}: sft.global_batch_size={sft.global_batch_size} is not divisible by "
+                                  f"sft.micro_batch_size x world size = {sft.micro_batch_size} x {world_size}; change "
+                                  f"one of them or set sft.gradient_accumulation_steps")
+            accumulation = sft.global_batch_size // per_step
+        if sft.micro_batch_size * accumulation * world_size != sft.global_batch_size:
+            raise RecipeError(f"{self.source}: sft.micro_batch_size x sft.gradient_accumulation_steps x world size = "
+                              f"{sft.micro_batch_size} x {accumulation} x {world_size} = "
+                              f"{sft.micro_batch_size * accumulation * world_size}, but sft.global_batch_size="
+                              f"{sft.global_batch_size}")
+        return sft.micro_batch_size, accumulation, world_size
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return {key: value for key, value in data.items() if value is not None or key not in STAGE_ORDER}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# -- parsing -------------------------------------------------------------------------------------
+
+def _describe(kind: Any) -> str:
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(kind))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(kind))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(kind)[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(typing.get_args(kind)[1])}"
+    if dataclasses.is_dataclass(kind):
+        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(kind))
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string",
+            Any: "any value"}.get(kind, str(kind))
+
+
+def _convert(kind: Any, value: Any, path: str, source: str) -> Any:
+    """``value`` as ``kind``, or RecipeError naming ``path`` and what was expected."""
+    origin = typing.get_origin(kind)
+    wrong = RecipeError(f"{source}: {path}: expected {_describe(kind)}, got {value!r}")
+    if kind is Any:
+        return value
+    if origin is Literal:
+        if value in typing.get_args(kind) and type(value) in {type(v) for v in typing.get_args(kind)}:
+            return value
+        raise wrong
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(kind):
+            try:
+                return _convert(option, value, path, source)
+            except RecipeError:
+                continue
+        raise wrong
+    if kind is type(None):
+        if value is None:
+            return None
+        raise wrong
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, path, source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise wrong
+        return [_convert(typing.get_args(kind)[0], item, f"{path}[{i}]", source) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong
+        return {str(k): _convert(typing.get_args(kind)[1], v, f"{path}.{k}", source) for k, v in value.items()}
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise wrong
+    if kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise wrong
+    raise TypeError(f"recipe schema has an unsupported type at {path}: {kind}")
+
+
+def _build(cls: type, data: Any, path: str, source: str) -> Any:
+    if data is None:
+        data = {}
+    where = path or "the recipe's top level"
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: {where}: expected {_describe(cls)}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in allowed:
+            if not path and key in NOT_YET_AVAILABLE:
+                raise RecipeError(f"{source}: {dotted}: the {key} stage is not available in this version yet; "
+                                  f"remove the section (stages available: {', '.join(s for s in STAGE_ORDER if s not in NOT_YET_AVAILABLE)})")
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise RecipeError(f"{source}: {dotted}: unknown key{hint}; allowed keys here: {', '.join(allowed)}")
+        kwargs[key] = _convert(hints[key], value, dotted, source)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecipeError(f"{source}: {where}: missing required key(s) {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, assignment: str, source: str = "<override>") -> None:
+    """``a.b.c=value`` into the raw recipe mapping; the value is parsed as YAML (1e-5, true, [1,2])."""
+    if "=" not in assignment:
+        raise RecipeError(f"override {assignment!r} is not of the form key=value (e.g. sft.lr=1e-5)")
+    dotted, _, raw = assignment.partition("=")
+    keys = dotted.strip().split(".")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for depth, key in enumerate(keys[:-1]):
+        if node.get(key) is None:
+            if depth == 0 and key in STAGE_ORDER:
+                raise RecipeError(f"override {assignment!r}: {source} has no '{key}' section, so the {key} stage "
+                                  f"does not run; add the section to the recipe to configure it")
+            node[key] = {}
+        if not isinstance(node[key], dict):
+            raise RecipeError(f"override {assignment!r}: {'.'.join(keys[:depth + 1])} is not a mapping")
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def _interpolate(value: Any, variables: dict[str, str]) -> Any:
+    """``${run_dir}`` / ``${name}`` in string values; other ``${X}`` are left for the dataset cards."""
+    if isinstance(value, str):
+        return re.sub(r"\$\{(run_dir|name)\}", lambda m: variables[m.group(1)], value)
+    if isinstance(value, list):
+        return [_interpolate(v, variables) for v in value]
+    if isinstance(value, dict):
+        return {k: _interpolate(v, variables) for k, v in value.items()}
+    return value
+
+
+def parse_recipe(data: Any, overrides: list[str] = (), source: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping of keys, got {type(data).__name__}")
+    data = dict(data)
+    for assignment in overrides:
+        apply_override(data, assignment, source)
+    if isinstance(data.get("run_dir"), str):  # run_dir may itself use ${name}
+        data["run_dir"] = data["run_dir"].replace("${name}", str(data.get("name", "")))
+    data = _interpolate(data, {"name": str(data.get("name", "")), "run_dir": str(data.get("run_dir", ""))})
+    recipe = _build(Recipe, data, "", source)
+    recipe.source = source
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise RecipeError(f"{path}: cannot read the recipe: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    return parse_recipe(data, overrides, str(path))
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+def _positive(recipe: Recipe, path: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise RecipeError(f"{recipe.source}: {path}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _existing(recipe: Recipe, path: str, value: str | None, kind: str = "path") -> None:
+    if not value:
+        raise RecipeError(f"{recipe.source}: {path}: required here, expected a {kind}")
+    if not os.path.exists(value):
+        raise RecipeError(f"{recipe.source}: {path}: {value} does not exist (expected a {kind})")
+
+
+def validate(recipe: Recipe) -> None:
+    """Cross-key checks that need no device, model or data: sizes, paths, batch arithmetic."""
+    src = recipe.source
+    if not recipe.stages:
+        raise RecipeError(f"{src}: no stage section; add one or more of {', '.join(STAGE_ORDER)}")
+    if not recipe.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", recipe.name):
+        raise RecipeError(f"{src}: name: letters, digits, '_', '.' and '-' only, got {recipe.name!r}")
+    if not recipe.run_dir:
+        raise RecipeError(f"{src}: run_dir: required, expected a directory path")
+    for key in ("nodes", "procs_per_node"):
+        _positive(recipe, f"cluster.{key}", getattr(recipe.cluster, key))
+    _positive(recipe, "cluster.dist_timeout_minutes", recipe.cluster.dist_timeout_minutes)
+    data = recipe.data
+    for modality, weight in data.weights.items():
+        if modality not in MODALITIES:
+            raise RecipeError(f"{src}: data.weights.{modality}: unknown modality; expected {', '.join(MODALITIES)}")
+        _positive(recipe, f"data.weights.{modality}", weight, allow_zero=True)
+    for key in ("shuffle_buffer", "max_length"):
+        _positive(recipe, f"data.{key}", getattr(data, key))
+    _positive(recipe, "data.num_workers", data.num_workers, allow_zero=True)
+    if not 0 <= data.max_bad_fraction <= 1:
+        raise RecipeError(f"{src}: data.max_bad_fraction: expected a fraction in [0, 1], got {data.max_bad_fraction}")
+    if recipe.shard is not None:
+        if not data.cards:
+            raise RecipeError(f"{src}: data.cards: the shard stage needs at least one dataset card")
+        synth_dir = str(recipe.stage_dir("synth")) if recipe.synth is not None else None
+        for index, card in enumerate(data.cards):
+            if synth_dir is None or not os.path.normpath(card).startswith(os.path.normpath(synth_dir)):
+                _existing(recipe, f"data.cards[{index}]", card, "dataset card file")
+        for key in ("max_samples_per_shard", "max_bytes_per_shard", "records_per_unit", "num_frames", "processes"):
+            _positive(recipe, f"shard.{key}", getattr(recipe.shard, key))
+    if recipe.sft is not None:
+        _validate_sft(recipe)
+
+
+def _validate_sft(recipe: Recipe) -> None:
+    src, sft, model = recipe.source, recipe.sft, recipe.model
+    if recipe.shard is None:
+        _existing(recipe, "data.manifest", recipe.data.manifest, "manifest.json from a shard stage (no shard section here)")
+    if model.source == "llava_next":
+        _existing(recipe, "model.llava_next_path", model.llava_next_path, "LLaVA-NeXT checkpoint directory")
+        _existing(recipe, "model.clip_path", model.clip_path, "CLIP checkpoint directory")
+    elif model.source == "pretrained":
+        _existing(recipe, "model.pretrained_path", model.pretrained_path, "PPLLaVA model directory")
+    for key in ("global_batch_size", "micro_batch_size", "lr", "epochs", "log_every", "save_every", "keep_last",
+                "max_nonfinite_in_a_row"):
+        _positive(recipe, f"sft.{key}", getattr(sft, key))
+    for key in ("gradient_accumulation_steps", "max_steps"):
+        if getattr(sft, key) is not None:
+            _positive(recipe, f"sft.{key}", getattr(sft, key))
+    _positive(recipe, "sft.gradient_clipping", sft.gradient_clipping, allow_zero=True)
+    _positive(recipe, "sft.weight_decay", sft.weight_decay, allow_zero=True)
+    if not 0 <= sft.warmup_ratio < 1:
+        raise RecipeError(f"{src}: sft.warmup_ratio: expected a fraction in [0, 1), got {sft.warmup_ratio}")
+    if not 0 <= sft.min_lr_ratio <= 1:
+        raise RecipeError(f"{src}: sft.min_lr_ratio: expected a fraction in [0, 1], got {sft.min_lr_ratio}")
+    if sft.offload_optimizer and sft.zero_stage < 2:
+        raise RecipeError(f"{src}: sft.offload_optimizer: needs sft.zero_stage 2 or 3, got {sft.zero_stage}")
+    if not any(dataclasses.asdict(sft.trainable).values()):
+        raise RecipeError(f"{src}: sft.trainable: at least one part must train")
+    recipe.batch_layout(recipe.cluster.world_size)
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipe mappings."""
+    keys = sorted(set(old) | set(new))
+    changed = []
+    for key in keys:
+        path = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += differences(a, b, f"{path}.")
+        elif a != b:
+            changed.append(path)
+    return changed

@@ -1,0 +1,175 @@
+"""Run a recipe's stages in order, skipping those already done with the same inputs.
+
+    for each stage the recipe has (synth, shard, sft, ...), or those --stages names:
+        inputs      = the recipe keys it depends on + the fingerprint of the stage before it
+        fingerprint = sha256(inputs)
+        run_dir/<stage>/COMPLETE holds the same fingerprint  -> skipped ("inputs unchanged")
+        COMPLETE holds another one                          -> the old directory is kept as
+                                                               <stage>.replaced-<time>, the stage re-runs
+        otherwise                                           -> run (a training stage resumes from
+                                                               its checkpoints with --resume)
+        write COMPLETE {fingerprint, inputs, wall time, summary}
+
+Chaining the previous stage's fingerprint means a changed input re-runs its stage and every stage
+after it. Stages are modules `stages/<name>.py` exposing ``inputs(recipe, world_size) -> dict``,
+``run(context) -> dict`` and ``DISTRIBUTED`` (False: rank 0 works, the others wait at a
+barrier). They are imported by name, so this package never depends on `stages/` statically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+import backends
+from backends import Backend, DistributedContext
+from pipeline.recipe import Recipe, RecipeError
+
+logger = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+EXIT_OK, EXIT_BAD_INPUT, EXIT_REQUEUE = 0, 2, 3
+
+
+class StoppedForRequeue(Exception):
+    """A stage checkpointed after SIGTERM/SIGUSR1 and the run must exit with EXIT_REQUEUE."""
+
+
+@dataclass
+class StageContext:
+    """What a stage's ``run`` receives."""
+
+    stage: str
+    recipe: Recipe
+    backend: Backend
+    dist: DistributedContext
+    fingerprint: str
+    resume: str | None = None   # None, "auto" or a checkpoint path
+    dry_run: bool = False
+
+    @property
+    def directory(self) -> Path:
+        return self.recipe.stage_dir(self.stage)
+
+    def barrier(self) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
+
+def stage_module(name: str):
+    return importlib.import_module(f"stages.{name}")
+
+
+def fingerprint_of(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_complete(directory: Path) -> dict | None:
+    marker = directory / COMPLETE
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def check_stage_selection(recipe: Recipe, only: list[str] | None) -> None:
+    unknown = [name for name in only or [] if name not in recipe.stages]
+    if unknown:
+        raise RecipeError(f"--stages names {', '.join(unknown)}, which {recipe.source} has no section for; "
+                          f"its stages are: {', '.join(recipe.stages)}")
+
+
+def decide(recipe: Recipe, stage: str, world_size: int, upstream: str, upstream_changed: bool,
+           only: list[str] | None) -> tuple[str, dict, str]:
+    """(fingerprint, inputs, action) of one stage, computed once the stages before it are done
+    (its inputs may be their outputs). Action: run, rerun, skip, upstream (not selected, done)
+    or stop (not selected, not done, and nothing selected after it)."""
+    inputs = {"stage": stage, "upstream": upstream, **stage_module(stage).inputs(recipe, world_size)}
+    fingerprint = fingerprint_of(inputs)
+    done = read_complete(recipe.stage_dir(stage))
+    if only is not None and stage not in only:
+        if done is not None:
+            return done["fingerprint"], inputs, "upstream"
+        if any(later in only for later in recipe.stages[recipe.stages.index(stage) + 1:]):
+            raise RecipeError(f"--stages {','.join(only)}: stage {stage} has not completed in {recipe.run_dir}; "
+                              f"run it first (or include it in --stages)")
+        return fingerprint, inputs, "stop"
+    if done is not None and done["fingerprint"] == fingerprint and not upstream_changed:
+        return fingerprint, inputs, "skip"
+    return fingerprint, inputs, "rerun" if done is not None else "run"
+
+
+def _set_aside(directory: Path) -> None:
+    """A stage whose inputs changed keeps its old outputs beside the new ones, never deleted."""
+    kept = directory.with_name(f"{directory.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(directory, kept)
+    logger.warning("%s: inputs changed since it completed; its previous outputs are kept in %s", directory.name, kept)
+
+
+def run_recipe(recipe: Recipe, only: list[str] | None = None, resume: str | None = None,
+               dry_run: bool = False) -> int:
+    """Run in this process (which may be one rank of many); returns the process exit code."""
+    backend = backends.select(recipe.backend)
+    context = backends.init_distributed(backend, timeout_minutes=recipe.cluster.dist_timeout_minutes)
+    backend.manual_seed(recipe.seed)
+    run_dir = Path(recipe.run_dir)
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(f"# resolved from {recipe.source}\n" + recipe.to_yaml())
+    check_stage_selection(recipe, only)
+    summaries, skipped, upstream, upstream_changed = {}, [], "", False
+    for stage in recipe.stages:
+        directory = recipe.stage_dir(stage)
+        fingerprint, inputs, action = decide(recipe, stage, context.world_size, upstream, upstream_changed, only)
+        if action == "stop":
+            break
+        upstream = fingerprint
+        if action in ("skip", "upstream"):
+            if action == "skip":
+                skipped.append(stage)
+                if context.is_main:
+                    logger.info("stage %s: skipped (complete, inputs unchanged; %s)", stage, directory / COMPLETE)
+            summaries[stage] = (read_complete(directory) or {}).get("summary", {})
+            continue
+        upstream_changed = True
+        module = stage_module(stage)
+        if context.is_main and action == "rerun":
+            _set_aside(directory)
+        stage_context = StageContext(stage, recipe, backend, context, fingerprint, resume, dry_run)
+        if context.is_main:
+            directory.mkdir(parents=True, exist_ok=True)
+            logger.info("stage %s: starting", stage)
+        stage_context.barrier()
+        start = time.perf_counter()
+        if module.DISTRIBUTED or context.is_main:
+            summary = module.run(stage_context)
+        stage_context.barrier()
+        wall = time.perf_counter() - start
+        if dry_run and module.TRAINING:
+            if context.is_main:
+                logger.info("dry run: %s built and ran one forward/backward in %.1fs; stopping", stage, wall)
+            return EXIT_OK
+        if context.is_main:
+            summaries[stage] = summary or {}
+            record = {"fingerprint": fingerprint, "inputs": inputs, "wall_seconds": round(wall, 2),
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summaries[stage]}
+            (directory / COMPLETE).write_text(json.dumps(record, indent=1, default=str))
+            logger.info("stage %s: done in %.1fs", stage, wall)
+        stage_context.barrier()
+    if context.is_main:
+        print_summary(recipe, summaries, skipped)
+    return EXIT_OK
+
+
+def print_summary(recipe: Recipe, summaries: dict[str, dict], skipped: list[str]) -> None:
+    lines = [f"run {recipe.name} finished: {recipe.run_dir}"]
+    for stage, summary in summaries.items():
+        note = " (skipped: already complete)" if stage in skipped else ""
+        details = ", ".join(f"{key}: {value}" for key, value in summary.items())
+        lines.append(f"  {stage:<6} {recipe.stage_dir(stage)}{note}" + (f"\n         {details}" if details else ""))
+    print("\n".join(lines), flush=True)
