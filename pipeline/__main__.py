@@ -46,7 +46,11 @@ def _load(args: argparse.Namespace):
 
 
 def _validate(args: argparse.Namespace) -> int:
-    recipe = _load(args)
+    recipe = load_recipe(args.recipe, args.overrides)
+    missing: list[str] = []
+    validate(recipe, missing_paths=missing)
+    for note in missing:
+        print(f"note: {note}; `run` needs it")
     print(f"{args.recipe}: valid. stages: {', '.join(recipe.stages)}; run_dir: {recipe.run_dir}; "
           f"backend: {recipe.backend}")
     if recipe.sft is not None:
@@ -151,7 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come before or after the options: collect the ones argparse left over.
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if "=" not in item or item.startswith("-")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     quiet = os.environ.get("RANK", "0") != "0"  # one rank speaks; the others only warn
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

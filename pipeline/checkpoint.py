@@ -32,7 +32,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 DEEPSPEED_TAG = "deepspeed"
-# Tests kill the writer at a chosen point to prove atomicity; never set in normal runs.
+# Tests kill the writer at a chosen point ("before_rename:<step>") to prove atomicity; never set in
+# normal runs.
 FAULT_ENV = "PIPELINE_TEST_FAULT"
 
 
@@ -154,7 +155,7 @@ def save_checkpoint(engine, directory: Path, step: int, trainer_state: dict, ran
     if rank == 0:
         (temporary / "recipe.yaml").write_text(recipe_yaml)
         (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        _fault("before_rename")
+        _fault(f"before_rename:{step}")
         _fsync_tree(temporary)
         if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
             shutil.rmtree(final)

@@ -37,6 +37,14 @@ NOT_YET_AVAILABLE = ("dpo", "export", "eval")
 MODALITIES = ("video", "image", "multi_image")
 
 
+# Names other trainers use (HF Trainer, torchtune, DeepSpeed) -> ours, for "did you mean".
+ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
+           "per_device_train_batch_size": "micro_batch_size", "batch_size": "micro_batch_size",
+           "train_batch_size": "global_batch_size", "gradient_accumulation": "gradient_accumulation_steps",
+           "max_grad_norm": "gradient_clipping", "clip_grad_norm": "gradient_clipping", "warmup": "warmup_ratio",
+           "output_dir": "run_dir", "bf16": "precision", "fp16": "precision", "device": "backend"}
+
+
 class RecipeError(ValueError):
     """A recipe that cannot run; the message starts with the file and the dotted key path."""
 
@@ -202,7 +210,12 @@ def _convert(kind: Any, value: Any, path: str, source: str) -> Any:
             return value
         raise wrong
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(kind):
+        options = [option for option in typing.get_args(kind) if option is not type(None)]
+        if value is None and len(options) < len(typing.get_args(kind)):
+            return None
+        if len(options) == 1:  # "X or null": X's own, more precise, error
+            return _convert(options[0], value, path, source)
+        for option in options:
             try:
                 return _convert(option, value, path, source)
             except RecipeError:
@@ -233,6 +246,9 @@ def _convert(kind: Any, value: Any, path: str, source: str) -> Any:
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        # YAML 1.1 reads 1e-5 (no dot) as a string; it is a number to anyone writing a learning rate.
+        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+            return float(value)
         raise wrong
     if kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -256,7 +272,7 @@ def _build(cls: type, data: Any, path: str, source: str) -> Any:
             if not path and key in NOT_YET_AVAILABLE:
                 raise RecipeError(f"{source}: {dotted}: the {key} stage is not available in this version yet; "
                                   f"remove the section (stages available: {', '.join(s for s in STAGE_ORDER if s not in NOT_YET_AVAILABLE)})")
-            close = difflib.get_close_matches(str(key), allowed, n=1)
+            close = [ALIASES[key]] if ALIASES.get(key) in allowed else difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise RecipeError(f"{source}: {dotted}: unknown key{hint}; allowed keys here: {', '.join(allowed)}")
         kwargs[key] = _convert(hints[key], value, dotted, source)
@@ -291,9 +307,11 @@ def apply_override(data: dict, assignment: str, source: str = "<override>") -> N
 
 
 def _interpolate(value: Any, variables: dict[str, str]) -> Any:
-    """``${run_dir}`` / ``${name}`` in string values; other ``${X}`` are left for the dataset cards."""
+    """``${run_dir}`` / ``${name}``, then ``${X}`` set in the environment, in string values; an unset
+    ``${X}`` stays (a dataset card may define it, and a path check names it if it is not)."""
     if isinstance(value, str):
-        return re.sub(r"\$\{(run_dir|name)\}", lambda m: variables[m.group(1)], value)
+        value = re.sub(r"\$\{(run_dir|name)\}", lambda m: variables[m.group(1)], value)
+        return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: os.environ.get(m.group(1), m.group(0)), value)
     if isinstance(value, list):
         return [_interpolate(v, variables) for v in value]
     if isinstance(value, dict):
@@ -333,15 +351,27 @@ def _positive(recipe: Recipe, path: str, value: float, allow_zero: bool = False)
         raise RecipeError(f"{recipe.source}: {path}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def _existing(recipe: Recipe, path: str, value: str | None, kind: str = "path") -> None:
+def _existing(recipe: Recipe, path: str, value: str | None, kind: str, missing: list[str] | None) -> None:
+    """A required path: absent from the recipe is always an error; not found on disk is an error,
+    or with ``missing`` given (``validate`` on a login node) a note appended to it."""
     if not value:
         raise RecipeError(f"{recipe.source}: {path}: required here, expected a {kind}")
-    if not os.path.exists(value):
-        raise RecipeError(f"{recipe.source}: {path}: {value} does not exist (expected a {kind})")
+    if os.path.exists(value):
+        return
+    unset = re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", value)
+    reason = (f"uses ${{{unset[0]}}}, which is not set in the environment" if unset else "does not exist")
+    message = f"{recipe.source}: {path}: {value} {reason} (expected a {kind})"
+    if missing is None:
+        raise RecipeError(message)
+    missing.append(message)
 
 
-def validate(recipe: Recipe) -> None:
-    """Cross-key checks that need no device, model or data: sizes, paths, batch arithmetic."""
+def validate(recipe: Recipe, missing_paths: list[str] | None = None) -> None:
+    """Cross-key checks that need no device, model or data: sizes, paths, batch arithmetic.
+
+    Paths that do not exist raise, unless ``missing_paths`` is given: then they are collected
+    there (a recipe for a cluster can be checked on a machine without the cluster's storage).
+    """
     src = recipe.source
     if not recipe.stages:
         raise RecipeError(f"{src}: no stage section; add one or more of {', '.join(STAGE_ORDER)}")
@@ -349,6 +379,8 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"{src}: name: letters, digits, '_', '.' and '-' only, got {recipe.name!r}")
     if not recipe.run_dir:
         raise RecipeError(f"{src}: run_dir: required, expected a directory path")
+    if "${" in recipe.run_dir:
+        raise RecipeError(f"{src}: run_dir: {recipe.run_dir} uses a variable that is not set in the environment")
     for key in ("nodes", "procs_per_node"):
         _positive(recipe, f"cluster.{key}", getattr(recipe.cluster, key))
     _positive(recipe, "cluster.dist_timeout_minutes", recipe.cluster.dist_timeout_minutes)
@@ -368,22 +400,23 @@ def validate(recipe: Recipe) -> None:
         synth_dir = str(recipe.stage_dir("synth")) if recipe.synth is not None else None
         for index, card in enumerate(data.cards):
             if synth_dir is None or not os.path.normpath(card).startswith(os.path.normpath(synth_dir)):
-                _existing(recipe, f"data.cards[{index}]", card, "dataset card file")
+                _existing(recipe, f"data.cards[{index}]", card, "dataset card file", missing_paths)
         for key in ("max_samples_per_shard", "max_bytes_per_shard", "records_per_unit", "num_frames", "processes"):
             _positive(recipe, f"shard.{key}", getattr(recipe.shard, key))
     if recipe.sft is not None:
-        _validate_sft(recipe)
+        _validate_sft(recipe, missing_paths)
 
 
-def _validate_sft(recipe: Recipe) -> None:
+def _validate_sft(recipe: Recipe, missing: list[str] | None) -> None:
     src, sft, model = recipe.source, recipe.sft, recipe.model
     if recipe.shard is None:
-        _existing(recipe, "data.manifest", recipe.data.manifest, "manifest.json from a shard stage (no shard section here)")
+        _existing(recipe, "data.manifest", recipe.data.manifest, "manifest.json from a shard stage (no shard section "
+                  "here)", missing)
     if model.source == "llava_next":
-        _existing(recipe, "model.llava_next_path", model.llava_next_path, "LLaVA-NeXT checkpoint directory")
-        _existing(recipe, "model.clip_path", model.clip_path, "CLIP checkpoint directory")
+        _existing(recipe, "model.llava_next_path", model.llava_next_path, "LLaVA-NeXT checkpoint directory", missing)
+        _existing(recipe, "model.clip_path", model.clip_path, "CLIP checkpoint directory", missing)
     elif model.source == "pretrained":
-        _existing(recipe, "model.pretrained_path", model.pretrained_path, "PPLLaVA model directory")
+        _existing(recipe, "model.pretrained_path", model.pretrained_path, "PPLLaVA model directory", missing)
     for key in ("global_batch_size", "micro_batch_size", "lr", "epochs", "log_every", "save_every", "keep_last",
                 "max_nonfinite_in_a_row"):
         _positive(recipe, f"sft.{key}", getattr(sft, key))

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 # The tiny tokenizer and config live in the pipeline (the CPU demo trains with them too).
 from pipeline.tiny import TINY_CHAT_TEMPLATE, tiny_config_for, tiny_tokenizer  # noqa: F401
@@ -77,3 +83,48 @@ INTERLEAVED = [(VIDEO, 8), (IMAGE, 3), (MULTI_IMAGE, 3)]
 @pytest.fixture
 def model():
     return tiny_model()
+
+
+# -- running the pipeline's command line -----------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pipeline_env(**extra: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    for name in ("DS_ACCELERATOR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
+        env.pop(name, None)
+    return env
+
+
+def run_pipeline(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` from the repository root, output captured."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO_ROOT, env=env or pipeline_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def training_recipe(run_dir: Path, manifest: Path, **sft) -> dict:
+    """A short SFT of the tiny model on shards made beforehand (no data stages), every step logged."""
+    settings = {"zero_stage": 2, "precision": "fp32", "global_batch_size": 4, "micro_batch_size": 2, "lr": 2e-3,
+                "warmup_ratio": 0.1, "epochs": 10, "max_steps": 8, "log_every": 1, "save_every": 100, "keep_last": 3}
+    settings.update(sft)
+    return {"name": "resume_test", "run_dir": str(run_dir), "backend": "cpu", "seed": 0, "model": {"source": "tiny"},
+            "data": {"manifest": str(manifest), "num_workers": 0, "max_length": 512, "shuffle_buffer": 8},
+            "sft": settings}
+
+
+def small_shards(root: Path) -> Path:
+    """Synthetic data of every modality, sharded; returns the manifest path."""
+    from pipeline.data.synthetic import SynthSettings, generate
+    from stages.shard import ShardSettings, run_shard
+
+    generate(root / "synth", SynthSettings(seed=2, videos=12, images=8, multi_images=6, eval_questions=0, dpo_pairs=0,
+                                           size=48, frames=8))
+    cards = [str(p) for p in sorted((root / "synth" / "cards").glob("*.yaml")) if "dpo" not in p.name]
+    run_shard(ShardSettings(cards=cards, output=str(root / "shards"), max_samples_per_shard=4, num_frames=8))
+    return root / "shards" / "manifest.json"

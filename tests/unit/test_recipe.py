@@ -1,0 +1,141 @@
+"""Recipe schema: typed parsing, overrides, cross-key validation, and the CLI failing fast."""
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT, run_pipeline, write_recipe
+from pipeline.recipe import RecipeError, differences, load_recipe, parse_recipe, validate
+
+pytestmark = pytest.mark.unit
+
+
+def minimal(tmp_path: Path, **sft) -> dict:
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("{}")
+    return {"name": "t", "run_dir": str(tmp_path / "run"), "backend": "cpu",
+            "data": {"manifest": str(manifest)}, "sft": {"global_batch_size": 8, "micro_batch_size": 2, **sft}}
+
+
+def error_of(data: dict, overrides=()) -> str:
+    with pytest.raises(RecipeError) as caught:
+        validate(parse_recipe(data, list(overrides), "r.yaml"))
+    return str(caught.value)
+
+
+def test_a_valid_recipe_becomes_typed_sections(tmp_path):
+    recipe = parse_recipe(minimal(tmp_path, lr=1e-4), ["sft.zero_stage=2", "data.weights.video=3"], "r.yaml")
+    validate(recipe)
+    assert parse_recipe(minimal(tmp_path), ["sft.lr=1e-5"]).sft.lr == 1e-5  # YAML 1.1 would say "1e-5" is a string
+    assert recipe.stages == ["sft"]
+    assert recipe.sft.lr == 1e-4 and recipe.sft.zero_stage == 2 and recipe.sft.trainable.vision is False
+    assert recipe.data.weights == {"video": 3.0}  # a mapping given replaces the default mapping
+    assert recipe.batch_layout(1) == (2, 4, 1) and recipe.batch_layout(4) == (2, 1, 4)
+    assert parse_recipe(yaml.safe_load(recipe.to_yaml()), source="again").to_dict() == recipe.to_dict()
+
+
+def test_unknown_keys_name_the_path_and_the_nearest_key(tmp_path):
+    data = minimal(tmp_path)
+    data["sft"]["learning_rate"] = 1e-5
+    message = error_of(data)
+    assert message.startswith("r.yaml: sft.learning_rate: unknown key (did you mean 'lr'?)")
+    data = minimal(tmp_path)
+    data["sft"]["trainable"] = {"visoin": True}
+    assert "sft.trainable.visoin: unknown key (did you mean 'vision'?)" in error_of(data)
+    assert "unknown key (did you mean 'seed'?)" in error_of({**minimal(tmp_path), "sed": 1})
+
+
+def test_wrong_types_and_values_say_what_was_expected(tmp_path):
+    assert "sft.lr: expected a number, got 'fast'" in error_of(minimal(tmp_path, lr="fast"))
+    assert "sft.zero_stage: expected one of 0, 1, 2, 3, got 4" in error_of(minimal(tmp_path, zero_stage=4))
+    assert "sft.micro_batch_size: expected an integer, got 2.5" in error_of(minimal(tmp_path, micro_batch_size=2.5))
+    assert "backend: expected one of 'auto', 'cpu', 'cuda', 'npu', got 'tpu'" in error_of({**minimal(tmp_path), "backend": "tpu"})
+    assert "sft.warmup_ratio: expected a fraction in [0, 1)" in error_of(minimal(tmp_path, warmup_ratio=1.5))
+    assert "data.weights.audio: unknown modality" in error_of(minimal(tmp_path), ["data.weights.audio=1"])
+
+
+def test_batch_sizes_must_multiply_to_the_global_batch(tmp_path):
+    assert "not divisible by sft.micro_batch_size x world size = 3 x 1" in error_of(minimal(tmp_path, micro_batch_size=3))
+    message = error_of(minimal(tmp_path, gradient_accumulation_steps=3))
+    assert "2 x 3 x 1 = 6, but sft.global_batch_size=8" in message
+    # the world size comes from the cluster section
+    assert "2 x 4 x 1" not in error_of(minimal(tmp_path), ["cluster.procs_per_node=3"])
+
+
+def test_missing_paths_fail_with_their_key(tmp_path):
+    data = minimal(tmp_path)
+    data["data"]["manifest"] = str(tmp_path / "nowhere.json")
+    assert "data.manifest: " in error_of(data) and "does not exist" in error_of(data)
+    data = minimal(tmp_path)
+    data["model"] = {"source": "llava_next", "llava_next_path": "${NO_SUCH_VARIABLE_X}/llava", "clip_path": str(tmp_path)}
+    assert "model.llava_next_path: ${NO_SUCH_VARIABLE_X}/llava uses ${NO_SUCH_VARIABLE_X}, which is not set" in error_of(data)
+    data = minimal(tmp_path)
+    data["shard"] = {}
+    data["data"]["cards"] = ["datasets/missing_card.yaml"]
+    assert "data.cards[0]: datasets/missing_card.yaml does not exist" in error_of(data)
+    missing = []
+    validate(parse_recipe(data, source="r.yaml"), missing_paths=missing)  # `validate` on a login node: notes
+    assert len(missing) == 1 and "data.cards[0]" in missing[0]
+
+
+def test_overrides_are_type_checked_and_cannot_invent_stages(tmp_path):
+    assert "sft.save_every: expected an integer, got 'often'" in error_of(minimal(tmp_path), ["sft.save_every=often"])
+    with pytest.raises(RecipeError, match="has no 'shard' section"):
+        parse_recipe(minimal(tmp_path), ["shard.processes=4"])
+    with pytest.raises(RecipeError, match="not of the form key=value"):
+        parse_recipe(minimal(tmp_path), ["sft.lr"])
+    with pytest.raises(RecipeError, match="the dpo stage is not available in this version yet"):
+        parse_recipe({**minimal(tmp_path), "dpo": {}})
+
+
+def test_run_dir_and_environment_variables_are_interpolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("PPLLAVA_TEST_ROOT", str(tmp_path))
+    data = minimal(tmp_path)
+    data["run_dir"] = "${PPLLAVA_TEST_ROOT}/${name}"
+    data["data"]["variables"] = {"SYNTH": "${run_dir}/synth"}
+    recipe = parse_recipe(data)
+    assert recipe.run_dir == f"{tmp_path}/t" and recipe.data.variables == {"SYNTH": f"{tmp_path}/t/synth"}
+
+
+def test_differences_lists_dotted_keys():
+    assert differences({"a": 1, "b": {"c": 2, "d": 3}}, {"a": 1, "b": {"c": 5, "d": 3}, "e": 0}) == ["b.c", "e"]
+
+
+@pytest.mark.parametrize("name, layout", [("sft_gpu", "micro 4 x accumulation 4 x world 16"),
+                                          ("sft_npu", "micro 2 x accumulation 4 x world 32")])
+def test_cluster_recipes_validate_to_a_global_batch_of_256(name, layout):
+    result = run_pipeline("validate", f"recipes/{name}.yaml", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"sft global batch: {layout} " in result.stdout and result.stdout.rstrip().endswith("= 256")
+    recipe = load_recipe(REPO_ROOT / "recipes" / f"{name}.yaml")
+    assert (recipe.sft.lr, recipe.sft.warmup_ratio, recipe.sft.epochs, recipe.sft.zero_stage, recipe.sft.precision,
+            recipe.data.max_length) == (2e-5, 0.03, 1.0, 3, "bf16", 1024)
+
+
+def test_every_recipe_starts_with_the_command_that_runs_it():
+    for path in sorted((REPO_ROOT / "recipes").glob("*.yaml")):
+        lines = path.read_text().splitlines()
+        header = lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))]
+        assert header and any(f"pipeline run recipes/{path.name}" in line for line in header[:3]), path.name
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"sft": {"lerning_rate": 1}}, "sft.lerning_rate: unknown key"),
+    ({"sft": {"micro_batch_size": "two"}}, "sft.micro_batch_size: expected an integer"),
+    ({"sft": {"micro_batch_size": 3}}, "not divisible"),
+    ({"data": {"manifest": "/nonexistent/manifest.json"}}, "data.manifest: /nonexistent/manifest.json does not exist"),
+])
+def test_bad_recipes_fail_fast_on_the_command_line(tmp_path, change, expected):
+    data = minimal(tmp_path)
+    for section, values in change.items():
+        data[section].update(values)
+    path = write_recipe(tmp_path / "bad.yaml", data)
+    start = time.perf_counter()
+    result = run_pipeline("run", str(path), timeout=60)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert elapsed < 5, f"a bad recipe took {elapsed:.1f}s to fail"
+    assert not (tmp_path / "run").exists(), "nothing may be created before the recipe is valid"
