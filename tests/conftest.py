@@ -104,6 +104,7 @@ def run_pipeline(*args: str, timeout: float = 600, env: dict | None = None) -> s
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 

@@ -1,0 +1,109 @@
+"""`python -m pipeline run recipes/demo_cpu.yaml`: synth -> shard -> sft end to end on CPU, the
+files it leaves, a loss that falls, and a second run that trains nothing."""
+
+import json
+
+import pytest
+
+from conftest import run_pipeline
+from pipeline.metrics import read_metrics
+from pipeline.recipe import load_recipe
+
+pytestmark = pytest.mark.integration
+
+DEMO = "recipes/demo_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    result = run_pipeline("run", DEMO, f"run_dir={run_dir}", timeout=900)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return run_dir, result
+
+
+def relative_files(root) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def test_the_demo_leaves_the_expected_files(demo):
+    run_dir, _ = demo
+    steps = 48
+    files = relative_files(run_dir)
+    expected = {
+        "recipe.yaml", "synth/COMPLETE", "synth/video_qa.json", "synth/cards/synthetic_video.yaml",
+        "synth/cards/synthetic_image.yaml", "synth/cards/synthetic_multi_image.yaml",
+        "shard/COMPLETE", "shard/manifest.json",
+        "sft/COMPLETE", "sft/metrics.jsonl", "sft/tokenizer/tokenizer.json", "sft/tokenizer/clip_tokenizer/tokenizer.json",
+        "sft/checkpoints/latest", f"sft/checkpoints/step_{steps}/trainer_state.json",
+        f"sft/checkpoints/step_{steps}/recipe.yaml", f"sft/checkpoints/step_{steps}/rank_00000.pt",
+        f"sft/checkpoints/step_{steps}/deepspeed/mp_rank_00_model_states.pt",
+        "sft/checkpoints/step_40/trainer_state.json",  # save_every 20, keep_last 2: step_40 and the end
+    }
+    assert expected <= files, sorted(expected - files)
+    assert not any(f.startswith("sft/checkpoints/step_20/") for f in files), "keep_last 2 prunes older checkpoints"
+    assert not any(".tmp" in f for f in files)
+    assert any(f.startswith("sft/tensorboard/events.out.tfevents") for f in files)
+    for modality in ("video", "image", "multi_image"):
+        assert any(f.startswith(f"shard/{modality}/") and f.endswith(".tar") for f in files), modality
+    assert (run_dir / "sft" / "checkpoints" / "latest").read_text().strip() == f"step_{steps}"
+    state = json.loads((run_dir / "sft/checkpoints" / f"step_{steps}" / "trainer_state.json").read_text())
+    assert state["step"] == steps and state["world_size"] == 1
+    resolved = load_recipe(run_dir / "recipe.yaml")
+    assert resolved.run_dir == str(run_dir) and resolved.sft.global_batch_size == 8
+
+
+def test_the_loss_falls_and_every_metric_is_logged(demo):
+    run_dir, result = demo
+    history = read_metrics(run_dir / "sft" / "metrics.jsonl")
+    assert [m["step"] for m in history] == list(range(1, 49))
+    tenth = len(history) // 10
+    first = sum(m["loss"] for m in history[:tenth]) / tenth
+    last = sum(m["loss"] for m in history[-tenth:]) / tenth
+    assert last < 0.7 * first, (first, last)
+    for key in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "loader_skipped", "truncated",
+                "nonfinite_skipped", "visual_tokens/video", "visual_tokens/image", "visual_tokens/multi_image"):
+        assert key in history[-1], key
+    assert history[-1]["visual_tokens/video"] == 16  # 8 frames of 6x6 patches, kernel (2,3,3) -> 4x2x2
+    assert history[0]["lr"] < history[2]["lr"] and history[-1]["lr"] < history[len(history) // 2]["lr"]  # warmup, cosine
+    assert f"run demo_cpu finished: {run_dir}" in result.stdout
+    assert f"loss: {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}" in result.stdout
+
+
+def test_a_second_run_skips_every_stage_and_status_reports_the_run(demo):
+    run_dir, _ = demo
+    metrics_before = (run_dir / "sft" / "metrics.jsonl").read_text()
+    checkpoint = run_dir / "sft" / "checkpoints" / "step_48" / "trainer_state.json"
+    stamp = checkpoint.stat().st_mtime_ns
+    again = run_pipeline("run", DEMO, f"run_dir={run_dir}", timeout=300)
+    assert again.returncode == 0, again.stderr[-4000:]
+    for stage in ("synth", "shard", "sft"):
+        assert f"stage {stage}: skipped (complete, inputs unchanged" in again.stderr
+        assert f"stage {stage}: starting" not in again.stderr
+    assert (run_dir / "sft" / "metrics.jsonl").read_text() == metrics_before
+    assert checkpoint.stat().st_mtime_ns == stamp
+
+    status = run_pipeline("status", str(run_dir), timeout=60)
+    assert status.returncode == 0
+    assert "sft    complete" in status.stdout and "latest checkpoint: step_48 (kept: step_40, step_48)" in status.stdout
+    assert '"step": 48' in status.stdout
+
+
+def test_a_changed_training_key_reruns_sft_only_and_keeps_the_old_outputs(demo):
+    run_dir, _ = demo
+    changed = run_pipeline("run", DEMO, f"run_dir={run_dir}", "sft.max_steps=3", timeout=300)
+    assert changed.returncode == 0, changed.stderr[-4000:]
+    assert "stage synth: skipped" in changed.stderr and "stage shard: skipped" in changed.stderr
+    assert "stage sft: starting" in changed.stderr
+    kept = [p for p in run_dir.iterdir() if p.name.startswith("sft.replaced-")]
+    assert len(kept) == 1 and (kept[0] / "checkpoints" / "step_48" / "trainer_state.json").exists()
+    assert [m["step"] for m in read_metrics(run_dir / "sft" / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_dry_run_builds_everything_and_runs_one_batch(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_pipeline("run", DEMO, f"run_dir={run_dir}", "synth.videos=8", "synth.images=4",
+                          "synth.multi_images=4", "--dry-run", timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "dry run: loss " in result.stdout
+    assert not (run_dir / "sft" / "COMPLETE").exists() and not (run_dir / "sft" / "checkpoints").exists()
