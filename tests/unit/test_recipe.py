@@ -1,13 +1,15 @@
 """Recipe schema: typed parsing, overrides, cross-key validation, and the CLI failing fast."""
 
+import dataclasses
 import time
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REPO_ROOT, run_pipeline, write_recipe
-from pipeline.recipe import RecipeError, differences, load_recipe, parse_recipe, validate
+from pipeline.recipe import Recipe, RecipeError, differences, load_recipe, parse_recipe, validate
 
 pytestmark = pytest.mark.unit
 
@@ -139,3 +141,22 @@ def test_bad_recipes_fail_fast_on_the_command_line(tmp_path, change, expected):
     assert expected in result.stderr
     assert elapsed < 5, f"a bad recipe took {elapsed:.1f}s to fail"
     assert not (tmp_path / "run").exists(), "nothing may be created before the recipe is valid"
+
+
+def recipe_keys(cls=Recipe, prefix=""):
+    """Every key of the schema: a section's keys bare (each section has its own table), deeper
+    mappings dotted (trainable.vision)."""
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        if item.metadata.get("internal"):
+            continue
+        yield prefix + item.name
+        nested = [o for o in (hints[item.name], *typing.get_args(hints[item.name])) if dataclasses.is_dataclass(o)]
+        if nested:
+            yield from recipe_keys(nested[0], "" if cls is Recipe else f"{prefix}{item.name}.")
+
+
+def test_every_recipe_key_is_documented():
+    documented = (REPO_ROOT / "docs" / "recipes.md").read_text()
+    assert len(list(recipe_keys())) > 60
+    assert sorted({key for key in recipe_keys() if f"`{key}`" not in documented}) == []
