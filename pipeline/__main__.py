@@ -24,7 +24,7 @@ from pipeline.data.cards import CardError
 from pipeline.data.synthetic import SynthSettings, generate
 from pipeline.recipe import RecipeError, load_recipe, validate
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_REQUEUE = 0, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REQUEUE = 0, 1, 2, 3
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -75,16 +75,20 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from backends import BackendUnavailable
     from pipeline.checkpoint import CheckpointError
     from pipeline.data.loader import LoaderError
-    from pipeline.runner import StoppedForRequeue, run_recipe
+    from pipeline.runner import StageFailed, StoppedForRequeue, run_recipe
 
     try:
-        code = run_recipe(recipe, only, args.resume, args.dry_run)
+        run_recipe(recipe, only, args.resume, args.dry_run)
+        code = EXIT_OK
     except StoppedForRequeue as stop:
         logging.getLogger("pipeline").warning("%s", stop)
         code = EXIT_REQUEUE
     except (RecipeError, CardError, CheckpointError, LoaderError, BackendUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         code = EXIT_BAD_INPUT
+    except StageFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = EXIT_FAILED
     # Leave without interpreter finalisation: DeepSpeed's gloo threads can abort a clean exit.
     backends.exit_process(code)
 

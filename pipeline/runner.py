@@ -36,11 +36,14 @@ from pipeline.recipe import Recipe, RecipeError
 logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
-EXIT_OK, EXIT_BAD_INPUT, EXIT_REQUEUE = 0, 2, 3
+
+
+class StageFailed(RuntimeError):
+    """A stage stopped for a reason its message explains fully (exit code 1, no traceback)."""
 
 
 class StoppedForRequeue(Exception):
-    """A stage checkpointed after SIGTERM/SIGUSR1 and the run must exit with EXIT_REQUEUE."""
+    """A stage checkpointed after SIGTERM/SIGUSR1; the run exits with the requeue code (3)."""
 
 
 @dataclass
@@ -112,8 +115,8 @@ def _set_aside(directory: Path) -> None:
 
 
 def run_recipe(recipe: Recipe, only: list[str] | None = None, resume: str | None = None,
-               dry_run: bool = False) -> int:
-    """Run in this process (which may be one rank of many); returns the process exit code."""
+               dry_run: bool = False) -> None:
+    """Run the stages in this process (which may be one rank of many)."""
     backend = backends.select(recipe.backend)
     context = backends.init_distributed(backend, timeout_minutes=recipe.cluster.dist_timeout_minutes)
     backend.manual_seed(recipe.seed)
@@ -153,7 +156,7 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, resume: str | None
         if dry_run and module.TRAINING:
             if context.is_main:
                 logger.info("dry run: %s built and ran one forward/backward in %.1fs; stopping", stage, wall)
-            return EXIT_OK
+            return
         if context.is_main:
             summaries[stage] = summary or {}
             record = {"fingerprint": fingerprint, "inputs": inputs, "wall_seconds": round(wall, 2),
@@ -163,7 +166,6 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, resume: str | None
         stage_context.barrier()
     if context.is_main:
         print_summary(recipe, summaries, skipped)
-    return EXIT_OK
 
 
 def print_summary(recipe: Recipe, summaries: dict[str, dict], skipped: list[str]) -> None:

@@ -37,7 +37,7 @@ from pipeline.data.loader import TRAIN_MODALITIES, LoaderSettings, StreamingLoad
 from pipeline.metrics import MetricsLog
 from pipeline.model_setup import build_model, build_processor, count_parameters, load_tokenizers, save_tokenizers
 from pipeline.recipe import Recipe, RecipeError, differences
-from pipeline.runner import StageContext, StoppedForRequeue
+from pipeline.runner import StageContext, StageFailed, StoppedForRequeue
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,6 @@ TRAINING = True
 RUNTIME_KEYS = ("log_every", "save_every", "keep_last", "max_nonfinite_in_a_row")
 # Keys a resumed run may change (the schedule continues from the checkpoint's step with the new values).
 RESUMABLE_CHANGES = ("sft.lr", "sft.max_steps", "sft.epochs")
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite losses in a row."""
 
 
 def inputs(recipe: Recipe, world_size: int) -> dict:
@@ -224,7 +220,7 @@ def run(context: StageContext) -> dict:
                     logger.warning("step %d: non-finite loss on some rank, micro-batch %s skipped (%d in a row)",
                                    step + 1, batch.keys, in_a_row)
                     if in_a_row >= sft.max_nonfinite_in_a_row:
-                        raise TrainingDiverged(f"{in_a_row} non-finite losses in a row (sft.max_nonfinite_in_a_row)"
+                        raise StageFailed(f"{in_a_row} non-finite losses in a row (sft.max_nonfinite_in_a_row)"
                                                f"; the last good checkpoint is {latest_checkpoint(checkpoints)}")
                     continue
                 in_a_row = 0

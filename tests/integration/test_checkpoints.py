@@ -46,11 +46,12 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path):
         torch.testing.assert_close(head, model.clip_text.embeddings.position_embedding.frozen_head, atol=0, rtol=0)
 
 
-def write_llava_hf_checkpoint(directory):
-    """A tiny LLaVA-NeXT in the llava-hf hub layout (`vision_tower.vision_model.*` key names)."""
+def write_llava_hf_checkpoint(directory, image_token_index=159, **llm):
+    """A tiny LLaVA-NeXT in the llava-hf hub layout (`vision_tower.vision_model.*` key names);
+    ``llm`` overrides the LLM config (a vocabulary sized to a tokenizer, its special ids)."""
     torch.manual_seed(11)
-    config = LlavaNextConfig(vision_config=dict(TINY_VISION, projection_dim=16), text_config=TINY_LLM,
-                             image_token_index=159, image_grid_pinpoints=[[48, 96], [96, 48], [96, 96]])
+    config = LlavaNextConfig(vision_config=dict(TINY_VISION, projection_dim=16), text_config={**TINY_LLM, **llm},
+                             image_token_index=image_token_index, image_grid_pinpoints=[[48, 96], [96, 48], [96, 96]])
     source = LlavaNextForConditionalGeneration(config)
     source.save_pretrained(directory)
     weights = load_file(directory / "model.safetensors")
@@ -63,11 +64,12 @@ def write_llava_hf_checkpoint(directory):
     return source
 
 
-def write_clip_checkpoint(directory):
+def write_clip_checkpoint(directory, **text):
+    """A tiny CLIP; ``text`` overrides its text config (vocabulary and special ids)."""
     torch.manual_seed(12)
     config = CLIPConfig(
-        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         max_position_embeddings=16, bos_token_id=126, eos_token_id=127, pad_token_id=0),
+        text_config={**dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=16, bos_token_id=126, eos_token_id=127, pad_token_id=0), **text},
         vision_config=dict(TINY_VISION),
         projection_dim=16,
     )

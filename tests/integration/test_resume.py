@@ -99,6 +99,9 @@ def test_resume_refuses_a_changed_recipe_but_allows_a_new_lr(tmp_path, manifest)
     recipe = write_recipe(tmp_path / "recipe.yaml", training_recipe(run_dir, manifest, max_steps=STEPS, save_every=2))
     killed = run_pipeline("run", str(recipe), env=pipeline_env(**{FAULT_ENV: "before_rename:4"}))
     assert killed.returncode == -signal.SIGKILL
+    more_processes = run_pipeline("run", str(recipe), "--resume", "auto", "cluster.procs_per_node=2", "sft.micro_batch_size=1")
+    assert more_processes.returncode == 2
+    assert "was written by 1 processes but this run has 2" in more_processes.stderr
     changed = run_pipeline("run", str(recipe), "--resume", "auto", "sft.weight_decay=0.1", "data.max_length=400")
     assert changed.returncode == 2
     assert "different settings: data.max_length, sft.weight_decay" in changed.stderr
