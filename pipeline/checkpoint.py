@@ -29,6 +29,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from pipeline.atomic import fsync_rename, fsync_tree, write_text_atomically
+
 logger = logging.getLogger(__name__)
 
 DEEPSPEED_TAG = "deepspeed"
@@ -77,27 +79,6 @@ def restore_rng_state(state: dict, device_module: Any | None) -> None:
     torch.set_rng_state(state["torch"])
     if device_module is not None and "device" in state:
         device_module.set_rng_state(state["device"])
-
-
-def _fsync_tree(root: Path) -> None:
-    for directory, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(directory, name), "rb") as stream:
-                os.fsync(stream.fileno())
-        descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
 
 
 def _fault(point: str) -> None:
@@ -156,12 +137,11 @@ def save_checkpoint(engine, directory: Path, step: int, trainer_state: dict, ran
         (temporary / "recipe.yaml").write_text(recipe_yaml)
         (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         _fault(f"before_rename:{step}")
-        _fsync_tree(temporary)
+        fsync_tree(temporary)
         if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
-        os.replace(temporary, final)
-        _write_atomically(directory / "latest", final.name)
-        _fsync_tree(directory)
+        fsync_rename(temporary, final)
+        write_text_atomically(directory / "latest", final.name)
         for old in complete_checkpoints(directory)[:-keep_last]:
             shutil.rmtree(old)
         logger.info("checkpoint %s written", final)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.atomic import fsync_rename, write_text_atomically
 from pipeline.data.cards import CardError, DatasetCard, load_card
 from pipeline.data.media import MediaError, PyAVDecoder, read_image, read_video
 from pipeline.data.records import PreferencePair, RecordError, Sample
@@ -81,21 +81,8 @@ def source_fingerprint(card: DatasetCard) -> dict:
             "media_fingerprint": media.hexdigest()}
 
 
-def _fsync_rename(temporary: Path, final: Path) -> None:
-    with temporary.open("rb") as stream:
-        os.fsync(stream.fileno())
-    os.replace(temporary, final)
-    directory = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 def _write_json_atomically(path: Path, data: dict) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
-    _fsync_rename(temporary, path)
+    write_text_atomically(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def _checked_media(card: DatasetCard, record: Sample | PreferencePair, settings: ShardSettings) -> dict[str, bytes]:
@@ -149,7 +136,7 @@ def shard_unit(card_path: str, unit: int, settings: ShardSettings, fingerprint: 
                 temporary.unlink()
                 return
             final = temporary.with_suffix("")  # drop ".tmp"
-            _fsync_rename(temporary, final)
+            fsync_rename(temporary, final)
             shards.append({"path": str(final.relative_to(output)), "modality": writer_modality, "dataset": card.name,
                            "samples": writer.count, "bytes": final.stat().st_size, "sha256": _sha256(final)})
         return post
