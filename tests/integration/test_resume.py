@@ -51,15 +51,17 @@ def run_until_signalled(recipe, run_dir, after_step: int, sig=signal.SIGTERM) ->
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def test_sigterm_checkpoints_and_resume_reproduces_every_loss(tmp_path, manifest, straight):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_checkpoints_and_resume_reproduces_every_loss(tmp_path, manifest, straight, sig):
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "recipe.yaml", training_recipe(run_dir, manifest, max_steps=STEPS))
-    stopped = run_until_signalled(recipe, run_dir, after_step=2)
+    stopped = run_until_signalled(recipe, run_dir, after_step=2, sig=sig)
     assert stopped.returncode == 3, stopped.stderr[-4000:]
     checkpoints = run_dir / "sft" / "checkpoints"
     stopped_at = int((checkpoints / "latest").read_text().strip().split("_")[1])
     assert 2 <= stopped_at < STEPS, "the signal must stop the run before its end (slow machine?)"
     assert not (run_dir / "sft" / "COMPLETE").exists()
+    assert f"{sig.name} received: checkpointing at the next step boundary" in stopped.stderr
 
     refused = run_pipeline("run", str(recipe))
     assert refused.returncode == 2 and "pass --resume auto" in refused.stderr
