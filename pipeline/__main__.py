@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from dataclasses import fields
 from pathlib import Path
 
@@ -88,6 +89,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         code = EXIT_BAD_INPUT
     except StageFailed as error:
         print(f"error: {error}", file=sys.stderr)
+        code = EXIT_FAILED
+    except Exception:  # noqa: BLE001 - reported in full, then the same clean exit as every other path
+        traceback.print_exc()
         code = EXIT_FAILED
     # Leave without interpreter finalisation: DeepSpeed's gloo threads can abort a clean exit.
     backends.exit_process(code)

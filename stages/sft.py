@@ -136,6 +136,10 @@ def run(context: StageContext) -> dict:
     sft, device = recipe.sft, backend.device(dist.local_rank)
     checkpoints = context.directory / "checkpoints"
     micro, accumulation, world = recipe.batch_layout(dist.world_size)
+    if world != recipe.cluster.world_size and dist.is_main:
+        logger.warning("the recipe's cluster section describes %d processes but %d were launched; gradient "
+                       "accumulation adapts so the global batch stays %d", recipe.cluster.world_size, world,
+                       sft.global_batch_size)
     total_steps, samples = schedule_length(recipe, recipe.manifest_path)
     current_inputs = inputs(recipe, world)
 
