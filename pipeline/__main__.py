@@ -65,6 +65,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     recipe = _load(args)  # before any device, model or data work
     only = [s.strip() for s in args.stages.split(",")] if args.stages else None
     from pipeline.local_launch import launch_local, launched_by_a_launcher
+    from pipeline.runner import check_stage_selection
+
+    check_stage_selection(recipe, only)
 
     if recipe.cluster.world_size > 1 and not launched_by_a_launcher():
         if recipe.cluster.nodes > 1:
@@ -98,7 +101,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from pipeline.checkpoint import complete_checkpoints, latest_checkpoint
+    from pipeline.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
     from pipeline.metrics import read_metrics
     from pipeline.recipe import STAGE_ORDER
     from pipeline.runner import read_complete
@@ -112,12 +115,20 @@ def _status(args: argparse.Namespace) -> int:
         directory = run_dir / stage
         if not directory.is_dir():
             continue
-        done = read_complete(directory)
+        try:
+            done = read_complete(directory)
+        except ValueError as error:  # json.JSONDecodeError
+            print(f"  {stage:<7}COMPLETE marker unreadable: {error}")
+            continue
         state = f"complete ({done['finished']}, {done['wall_seconds']}s)" if done else "not complete"
         print(f"  {stage:<7}{state}")
         checkpoints = directory / "checkpoints"
         if checkpoints.is_dir():
-            latest = latest_checkpoint(checkpoints)
+            try:
+                latest = latest_checkpoint(checkpoints)
+            except CheckpointError as error:
+                print(f"         {error}")
+                latest = None
             kept = ", ".join(p.name for p in complete_checkpoints(checkpoints))
             print(f"         latest checkpoint: {latest.name if latest else 'none'} (kept: {kept or 'none'})")
         history = read_metrics(directory / "metrics.jsonl")

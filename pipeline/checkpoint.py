@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -132,31 +133,57 @@ def save_checkpoint(engine, directory: Path, step: int, trainer_state: dict, ran
     barrier()
     engine.save_checkpoint(str(temporary), tag=DEEPSPEED_TAG, save_latest=False)
     torch.save(rank_state, temporary / f"rank_{rank:05d}.pt")
+    # Each rank flushes what it wrote: on a parallel file system, rank 0's fsync does not reach
+    # another node's client cache.
+    fsync_tree(temporary)
     barrier()
     if rank == 0:
+        if final.exists():
+            raise CheckpointError(f"{final} already exists; checkpoints past the resume point should have been "
+                                  f"set aside when the run resumed")
         (temporary / "recipe.yaml").write_text(recipe_yaml)
         (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         _fault(f"before_rename:{step}")
         fsync_tree(temporary)
-        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
         fsync_rename(temporary, final)
         write_text_atomically(directory / "latest", final.name)
-        for old in complete_checkpoints(directory)[:-keep_last]:
+        older = [path for path in complete_checkpoints(directory) if path != final]
+        for old in older[: max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old)
         logger.info("checkpoint %s written", final)
     barrier()
     return final
 
 
-def load_checkpoint(engine, path: Path, rank: int, world_size: int) -> tuple[dict, dict]:
-    """Restore the engine from ``path``; returns (trainer_state, this rank's state)."""
+def set_aside_later_checkpoints(directory: Path, resume_from: Path) -> None:
+    """Resuming from an older checkpoint (``--resume PATH``) abandons the newer ones of this
+    directory: move them to ``checkpoints.abandoned-<time>/`` (kept, never deleted) and point
+    ``latest`` at the resume point, so the new branch's checkpoints never meet them (rank 0)."""
+    later = [path for path in complete_checkpoints(directory) if step_of(path) > step_of(resume_from)]
+    if resume_from.parent.resolve() != directory.resolve() or not later:
+        return
+    kept = directory.with_name(f"{directory.name}.abandoned-{time.strftime('%Y%m%d-%H%M%S')}")
+    kept.mkdir()
+    for path in later:
+        os.replace(path, kept / path.name)
+    write_text_atomically(directory / "latest", resume_from.name)
+    logger.warning("resuming from %s: the later checkpoints %s are kept in %s", resume_from.name,
+                   [p.name for p in later], kept)
+
+
+def read_trainer_state(path: Path, world_size: int) -> dict:
+    """The checkpoint's trainer state, refused when it was written by another number of processes."""
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     if trainer_state["world_size"] != world_size:
         raise CheckpointError(
             f"{path} was written by {trainer_state['world_size']} processes but this run has {world_size}: the "
             f"data order and optimizer shards depend on the world size. Resume with the same number of processes, "
             f"or start a new run_dir from an exported model (model.source: pretrained)")
+    return trainer_state
+
+
+def load_checkpoint(engine, path: Path, rank: int) -> dict:
+    """Restore the engine (model, optimizer, lr scheduler) from ``path``; returns this rank's state."""
     rank_file = path / f"rank_{rank:05d}.pt"
     if not rank_file.is_file():
         raise CheckpointError(f"{path} has no state for rank {rank} ({rank_file.name} is missing)")
@@ -164,4 +191,4 @@ def load_checkpoint(engine, path: Path, rank: int, world_size: int) -> tuple[dic
                                        load_lr_scheduler_states=True)
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load {path / DEEPSPEED_TAG}")
-    return trainer_state, torch.load(rank_file, weights_only=False)
+    return torch.load(rank_file, weights_only=False)

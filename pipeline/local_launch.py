@@ -55,7 +55,7 @@ def launch_local(procs: int, argv: list[str], requeue_code: int) -> int:
             if failed:
                 _stop(workers)
                 logger.error("a process exited with %d; stopped the others", failed[0])
-                return failed[0]
+                return failed[0] if failed[0] > 0 else 128 - failed[0]  # killed by signal N: 128 + N, as a shell says
             if all(code is not None for code in codes):
                 return requeue_code if requeue_code in codes else 0
             time.sleep(0.2)

@@ -12,6 +12,8 @@ import logging
 import math
 from pathlib import Path
 
+from pipeline.atomic import write_text_atomically
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,9 +26,8 @@ class MetricsLog:
             return
         directory.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_metrics(self.path) if record.get("step", 0) <= resume_step]
+            write_text_atomically(self.path, "".join(json.dumps(record) + "\n" for record in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -51,6 +52,14 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """Every complete line; a partial last line (a process killed while writing it) is dropped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if line.strip():
+                logger.warning("%s:%d is not a complete JSON line (an interrupted write?); ignored", path, number)
+    return records

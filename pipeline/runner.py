@@ -24,13 +24,15 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.distributed as dist
 
 import backends
 from backends import Backend, DistributedContext
+from pipeline.atomic import write_text_atomically
+from pipeline.checkpoint import StopFlag
 from pipeline.recipe import Recipe, RecipeError
 
 logger = logging.getLogger(__name__)
@@ -55,8 +57,10 @@ class StageContext:
     backend: Backend
     dist: DistributedContext
     fingerprint: str
+    inputs: dict = field(default_factory=dict)  # what the fingerprint hashes (upstream included)
     resume: str | None = None   # None, "auto" or a checkpoint path
     dry_run: bool = False
+    stop: StopFlag = field(default_factory=StopFlag)  # set by SIGTERM / SIGUSR1
 
     @property
     def directory(self) -> Path:
@@ -104,7 +108,29 @@ def decide(recipe: Recipe, stage: str, world_size: int, upstream: str, upstream_
         return fingerprint, inputs, "stop"
     if done is not None and done["fingerprint"] == fingerprint and not upstream_changed:
         return fingerprint, inputs, "skip"
-    return fingerprint, inputs, "rerun" if done is not None else "run"
+    # An unfinished directory (checkpoints of a stopped run) whose upstream just ran again was
+    # made from other inputs: it must not be resumed.
+    stale = done is not None or (upstream_changed and recipe.stage_dir(stage).exists())
+    return fingerprint, inputs, "rerun" if stale else "run"
+
+
+def decide_on_rank0(recipe: Recipe, stage: str, world_size: int, upstream: str, upstream_changed: bool,
+                    only: list[str] | None, is_main: bool) -> tuple[str, dict, str]:
+    """``decide`` on rank 0 only (fingerprinting a dataset walks every media file: once, not once
+    per rank), broadcast to the others; an error there is raised on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return decide(recipe, stage, world_size, upstream, upstream_changed, only)
+    message: list = [None]
+    if is_main:
+        try:
+            message = [("ok", decide(recipe, stage, world_size, upstream, upstream_changed, only))]
+        except (RecipeError, ValueError) as error:  # CardError is a ValueError
+            message = [("error", error)]
+    dist.broadcast_object_list(message, src=0)
+    kind, payload = message[0]
+    if kind == "error":
+        raise payload
+    return payload
 
 
 def _set_aside(directory: Path) -> None:
@@ -116,54 +142,63 @@ def _set_aside(directory: Path) -> None:
 
 def run_recipe(recipe: Recipe, only: list[str] | None = None, resume: str | None = None,
                dry_run: bool = False) -> None:
-    """Run the stages in this process (which may be one rank of many)."""
+    """Run the stages in this process (which may be one rank of many).
+
+    SIGTERM / SIGUSR1 are caught for the whole run: a training stage checkpoints at its next step
+    boundary; between stages the run stops before starting the next one. Either way the caller
+    sees :class:`StoppedForRequeue`.
+    """
+    check_stage_selection(recipe, only)
     backend = backends.select(recipe.backend)
     context = backends.init_distributed(backend, timeout_minutes=recipe.cluster.dist_timeout_minutes)
     backend.manual_seed(recipe.seed)
     run_dir = Path(recipe.run_dir)
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(f"# resolved from {recipe.source}\n" + recipe.to_yaml())
-    check_stage_selection(recipe, only)
+        write_text_atomically(run_dir / "recipe.yaml", f"# resolved from {recipe.source}\n" + recipe.to_yaml())
     summaries, skipped, upstream, upstream_changed = {}, [], "", False
-    for stage in recipe.stages:
-        directory = recipe.stage_dir(stage)
-        fingerprint, inputs, action = decide(recipe, stage, context.world_size, upstream, upstream_changed, only)
-        if action == "stop":
-            break
-        upstream = fingerprint
-        if action in ("skip", "upstream"):
-            if action == "skip":
-                skipped.append(stage)
-                if context.is_main:
-                    logger.info("stage %s: skipped (complete, inputs unchanged; %s)", stage, directory / COMPLETE)
-            summaries[stage] = (read_complete(directory) or {}).get("summary", {})
-            continue
-        upstream_changed = True
-        module = stage_module(stage)
-        if context.is_main and action == "rerun":
-            _set_aside(directory)
-        stage_context = StageContext(stage, recipe, backend, context, fingerprint, resume, dry_run)
-        if context.is_main:
-            directory.mkdir(parents=True, exist_ok=True)
-            logger.info("stage %s: starting", stage)
-        stage_context.barrier()
-        start = time.perf_counter()
-        if module.DISTRIBUTED or context.is_main:
-            summary = module.run(stage_context)
-        stage_context.barrier()
-        wall = time.perf_counter() - start
-        if dry_run and module.TRAINING:
+    with StopFlag() as stop:
+        for stage in recipe.stages:
+            if stop.received:
+                raise StoppedForRequeue(f"{stop.received} received; stopping before stage {stage} (nothing to save)")
+            directory = recipe.stage_dir(stage)
+            fingerprint, inputs, action = decide_on_rank0(recipe, stage, context.world_size, upstream,
+                                                          upstream_changed, only, context.is_main)
+            if action == "stop":
+                break
+            upstream = fingerprint
+            if action in ("skip", "upstream"):
+                if action == "skip":
+                    skipped.append(stage)
+                    if context.is_main:
+                        logger.info("stage %s: skipped (complete, inputs unchanged; %s)", stage, directory / COMPLETE)
+                summaries[stage] = (read_complete(directory) or {}).get("summary", {})
+                continue
+            upstream_changed = True
+            module = stage_module(stage)
+            if context.is_main and action == "rerun":
+                _set_aside(directory)
+            stage_context = StageContext(stage, recipe, backend, context, fingerprint, inputs, resume, dry_run, stop)
             if context.is_main:
-                logger.info("dry run: %s built and ran one forward/backward in %.1fs; stopping", stage, wall)
-            return
-        if context.is_main:
-            summaries[stage] = summary or {}
-            record = {"fingerprint": fingerprint, "inputs": inputs, "wall_seconds": round(wall, 2),
-                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summaries[stage]}
-            (directory / COMPLETE).write_text(json.dumps(record, indent=1, default=str))
-            logger.info("stage %s: done in %.1fs", stage, wall)
-        stage_context.barrier()
+                directory.mkdir(parents=True, exist_ok=True)
+                logger.info("stage %s: starting", stage)
+            stage_context.barrier()
+            start = time.perf_counter()
+            if module.DISTRIBUTED or context.is_main:
+                summary = module.run(stage_context)
+            stage_context.barrier()
+            wall = time.perf_counter() - start
+            if dry_run and module.TRAINING:
+                if context.is_main:
+                    logger.info("dry run: %s built and ran one forward/backward in %.1fs; stopping", stage, wall)
+                return
+            if context.is_main:
+                summaries[stage] = summary or {}
+                record = {"fingerprint": fingerprint, "inputs": inputs, "wall_seconds": round(wall, 2),
+                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summaries[stage]}
+                write_text_atomically(directory / COMPLETE, json.dumps(record, indent=1, default=str))
+                logger.info("stage %s: done in %.1fs", stage, wall)
+            stage_context.barrier()
     if context.is_main:
         print_summary(recipe, summaries, skipped)
 

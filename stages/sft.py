@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from backends.deepspeed_engine import EngineSettings, build_engine, model_init_context
 from backends.distributed import sum_across_ranks
-from pipeline.checkpoint import (CheckpointError, StopFlag, latest_checkpoint, load_checkpoint, remove_partial,
-                                 restore_rng_state, rng_state, save_checkpoint)
+from pipeline.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_trainer_state, remove_partial,
+                                 restore_rng_state, rng_state, save_checkpoint, set_aside_later_checkpoints)
 from pipeline.data.loader import TRAIN_MODALITIES, LoaderSettings, StreamingLoader
 from pipeline.metrics import MetricsLog
 from pipeline.model_setup import build_model, build_processor, count_parameters, load_tokenizers, save_tokenizers
@@ -43,20 +43,24 @@ logger = logging.getLogger(__name__)
 
 DISTRIBUTED = True
 TRAINING = True
-# Keys that do not change what is trained: never part of the fingerprint, free to change on resume.
+# Keys that do not change what is trained: never part of the fingerprint, free to change on resume
+# (recomputing activations gives the same gradients, so it may be switched on after an OOM).
 RUNTIME_KEYS = ("log_every", "save_every", "keep_last", "max_nonfinite_in_a_row")
+RUNTIME_MODEL_KEYS = ("gradient_checkpointing",)
 # Keys a resumed run may change (the schedule continues from the checkpoint's step with the new values).
 RESUMABLE_CHANGES = ("sft.lr", "sft.max_steps", "sft.epochs")
 
 
 def inputs(recipe: Recipe, world_size: int) -> dict:
-    sft = asdict(recipe.sft)
+    sft, model = asdict(recipe.sft), asdict(recipe.model)
     for key in RUNTIME_KEYS:
         sft.pop(key)
+    for key in RUNTIME_MODEL_KEYS:
+        model.pop(key)
     data = asdict(recipe.data)
     for key in ("cards", "variables"):  # reach training through the shard stage's fingerprint
         data.pop(key)
-    found = {"seed": recipe.seed, "model": asdict(recipe.model), "data": data, "sft": sft, "world_size": world_size}
+    found = {"seed": recipe.seed, "model": model, "data": data, "sft": sft, "world_size": world_size}
     if recipe.shard is None:  # shards made elsewhere: their manifest is this stage's data input
         found["manifest_sha256"] = hashlib.sha256(Path(recipe.data.manifest).read_bytes()).hexdigest()
     return found
@@ -94,12 +98,18 @@ def _resume_point(context: StageContext, checkpoints: Path) -> Path | None:
 
 
 def _check_same_training(saved_inputs: dict, current: dict, path: Path) -> None:
+    """The checkpoint's stage inputs (upstream fingerprint included) against this run's."""
     changed = differences(saved_inputs, current)
     refused = [key for key in changed if key not in RESUMABLE_CHANGES]
+    if "upstream" in refused:
+        raise CheckpointError(f"{path} was trained on the output of an earlier stage that has changed since (the "
+                              f"shards were rebuilt, or another manifest is named): it cannot continue on other data. "
+                              f"Move {path.parent.parent} away to train from scratch")
     if refused:
         raise CheckpointError(f"{path} was written by a run with different settings: {', '.join(refused)}. Revert "
                               f"them to resume, or start a new run_dir (keys that may change on resume: "
-                              f"{', '.join(RESUMABLE_CHANGES + tuple('sft.' + k for k in RUNTIME_KEYS))})")
+                              f"{', '.join(RESUMABLE_CHANGES + tuple('sft.' + k for k in RUNTIME_KEYS))}, "
+                              f"model.gradient_checkpointing)")
     if changed:
         logger.warning("resuming with changed %s: the schedule continues from the checkpoint's step with the new "
                        "values", ", ".join(changed))
@@ -141,7 +151,7 @@ def run(context: StageContext) -> dict:
                        "accumulation adapts so the global batch stays %d", recipe.cluster.world_size, world,
                        sft.global_batch_size)
     total_steps, samples = schedule_length(recipe, recipe.manifest_path)
-    current_inputs = inputs(recipe, world)
+    current_inputs = context.inputs
 
     # Build: tokenizers, model, engine, loader.
     tokenizer, clip_tokenizer = load_tokenizers(recipe)
@@ -183,8 +193,12 @@ def run(context: StageContext) -> dict:
     context.barrier()
     resume_from = _resume_point(context, checkpoints)
     if resume_from is not None:
-        trainer_state, rank_state = load_checkpoint(engine, resume_from, dist.rank, world)
-        _check_same_training(trainer_state["inputs"], current_inputs, resume_from)
+        trainer_state = read_trainer_state(resume_from, world)
+        _check_same_training(trainer_state["inputs"], current_inputs, resume_from)  # before minutes of loading
+        if dist.is_main:
+            set_aside_later_checkpoints(checkpoints, resume_from)
+        context.barrier()
+        rank_state = load_checkpoint(engine, resume_from, dist.rank)
         _set_peak_lr(scheduler, sft.lr)  # the recipe's (a resumed run may change it)
         loader.load_state_dict(rank_state["loader"])
         restore_rng_state(rank_state["rng"], backend.device_module())
@@ -211,45 +225,45 @@ def run(context: StageContext) -> dict:
     progress = tqdm(total=total_steps, initial=start_step, desc="sft", unit="step", disable=not dist.is_main,
                     dynamic_ncols=True)
     window, in_a_row, last, saved_at = _Window(), 0, {}, None
-    with StopFlag() as stop_flag:
-        for step in range(start_step, total_steps):
-            lr = scheduler.get_last_lr()[0]
-            step_loss, good = 0.0, 0
-            while good < accumulation:
-                batch = next(batches)
-                loss = engine(**{k: v.to(device) for k, v in batch.inputs.items()}).loss
-                finite = sum_across_ranks([float(torch.isfinite(loss.detach()).all())], device)[0] == world
-                if not finite:  # no backward: the optimizer never sees it; another micro-batch takes its place
-                    in_a_row, nonfinite_skipped = in_a_row + 1, nonfinite_skipped + 1
-                    logger.warning("step %d: non-finite loss on some rank, micro-batch %s skipped (%d in a row)",
-                                   step + 1, batch.keys, in_a_row)
-                    if in_a_row >= sft.max_nonfinite_in_a_row:
-                        raise StageFailed(f"{in_a_row} non-finite losses in a row (sft.max_nonfinite_in_a_row)"
-                                               f"; the last good checkpoint is {latest_checkpoint(checkpoints)}")
-                    continue
-                in_a_row = 0
-                engine.backward(loss)
-                engine.step()
-                step_loss += float(loss.detach()) / accumulation
-                good += 1
-                window.add(batch)
-            done = step + 1
-            step_loss, stop_votes = sum_across_ranks([step_loss, float(stop_flag.received is not None)], device)
-            window.losses.append(step_loss / world)
-            first_loss = window.losses[-1] if first_loss is None else first_loss
-            progress.update(1)
-            if done % sft.log_every == 0 or done == total_steps or stop_votes:
-                last = _log(window, done, lr, engine, loader, nonfinite_skipped, device, backend, dist.world_size)
-                metrics.write(done, last)
-                progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
-                window = _Window()
-            if stop_votes:
-                checkpoint(done, last)
-                progress.close()
-                metrics.close()
-                raise StoppedForRequeue(f"stopped by a signal after step {done}; checkpointed, exit for requeue")
-            if done % sft.save_every == 0 or done == total_steps:
-                saved_at = checkpoint(done, last)
+    stop_flag = context.stop  # SIGTERM / SIGUSR1 since the run started, also during the build above
+    for step in range(start_step, total_steps):
+        lr = scheduler.get_last_lr()[0]
+        step_loss, good = 0.0, 0
+        while good < accumulation:
+            batch = next(batches)
+            loss = engine(**{k: v.to(device) for k, v in batch.inputs.items()}).loss
+            finite = sum_across_ranks([float(torch.isfinite(loss.detach()).all())], device)[0] == world
+            if not finite:  # no backward: the optimizer never sees it; another micro-batch takes its place
+                in_a_row, nonfinite_skipped = in_a_row + 1, nonfinite_skipped + 1
+                logger.warning("step %d: non-finite loss on some rank, micro-batch %s skipped (%d in a row)",
+                               step + 1, batch.keys, in_a_row)
+                if in_a_row >= sft.max_nonfinite_in_a_row:
+                    raise StageFailed(f"{in_a_row} non-finite losses in a row (sft.max_nonfinite_in_a_row); "
+                                      f"the last good checkpoint is {latest_checkpoint(checkpoints)}")
+                continue
+            in_a_row = 0
+            engine.backward(loss)
+            engine.step()
+            step_loss += float(loss.detach()) / accumulation
+            good += 1
+            window.add(batch)
+        done = step + 1
+        step_loss, stop_votes = sum_across_ranks([step_loss, float(stop_flag.received is not None)], device)
+        window.losses.append(step_loss / world)
+        first_loss = window.losses[-1] if first_loss is None else first_loss
+        progress.update(1)
+        if done % sft.log_every == 0 or done == total_steps or stop_votes:
+            last = _log(window, done, lr, engine, loader, nonfinite_skipped, device, backend, dist.world_size)
+            metrics.write(done, last)
+            progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
+            window = _Window()
+        if stop_votes:
+            checkpoint(done, last)
+            progress.close()
+            metrics.close()
+            raise StoppedForRequeue(f"stopped by a signal after step {done}; checkpointed, exit for requeue")
+        if done % sft.save_every == 0 or done == total_steps:
+            saved_at = checkpoint(done, last)
     progress.close()
     metrics.close()
     if saved_at is None:  # resumed at the very end: nothing left to train

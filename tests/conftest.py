@@ -110,12 +110,13 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
 
 def training_recipe(run_dir: Path, manifest: Path, **sft) -> dict:
-    """A short SFT of the tiny model on shards made beforehand (no data stages), every step logged."""
+    """A short SFT of the tiny model on shards made beforehand (no data stages), every step logged;
+    two loader workers, so resumes also test the workers' order of batches."""
     settings = {"zero_stage": 2, "precision": "fp32", "global_batch_size": 4, "micro_batch_size": 2, "lr": 2e-3,
                 "warmup_ratio": 0.1, "epochs": 10, "max_steps": 8, "log_every": 1, "save_every": 100, "keep_last": 3}
     settings.update(sft)
     return {"name": "resume_test", "run_dir": str(run_dir), "backend": "cpu", "seed": 0, "model": {"source": "tiny"},
-            "data": {"manifest": str(manifest), "num_workers": 0, "max_length": 512, "shuffle_buffer": 8},
+            "data": {"manifest": str(manifest), "num_workers": 2, "max_length": 512, "shuffle_buffer": 8},
             "sft": settings}
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.collate import Batch, SampleProcessor, SampleTooLong, collate
@@ -221,8 +222,10 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[Batch]:
         dataset = InterleavedStream(self.manifest_path, self.processor, self.settings, self.rank, self.world_size,
                                     start_batch=self.batches, known_bad=frozenset(self.bad))
+        # Our own generator: starting the iterator draws a worker seed, which must not come from the
+        # global RNG (a resumed run starts its iterator at another point of the global sequence).
         loader = DataLoader(dataset, batch_size=None, num_workers=self.settings.num_workers, collate_fn=_identity,
-                            persistent_workers=False)
+                            persistent_workers=False, generator=torch.Generator().manual_seed(self.settings.seed))
         for batch in loader:
             self.batches += 1
             fresh = [key for key in batch.skipped if key not in self.bad]

@@ -51,24 +51,30 @@ def run_until_signalled(recipe, run_dir, after_step: int, sig=signal.SIGTERM) ->
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_a_signal_checkpoints_and_resume_reproduces_every_loss(tmp_path, manifest, straight, sig):
+@pytest.mark.parametrize("sig, resume", [(signal.SIGTERM, "auto"), (signal.SIGUSR1, "step_2")],
+                         ids=["SIGTERM-resume-auto", "SIGUSR1-resume-older-path"])
+def test_a_signal_checkpoints_and_resume_reproduces_every_loss(tmp_path, manifest, straight, sig, resume):
     run_dir = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "recipe.yaml", training_recipe(run_dir, manifest, max_steps=STEPS))
-    stopped = run_until_signalled(recipe, run_dir, after_step=2, sig=sig)
-    assert stopped.returncode == 3, stopped.stderr[-4000:]
     checkpoints = run_dir / "sft" / "checkpoints"
+    recipe = write_recipe(tmp_path / "recipe.yaml", training_recipe(run_dir, manifest, max_steps=STEPS, save_every=2))
+    stopped = run_until_signalled(recipe, run_dir, after_step=3, sig=sig)
+    assert stopped.returncode == 3, stopped.stderr[-4000:]
     stopped_at = int((checkpoints / "latest").read_text().strip().split("_")[1])
-    assert 2 <= stopped_at < STEPS, "the signal must stop the run before its end (slow machine?)"
+    assert 3 <= stopped_at < STEPS, "the signal must stop the run before its end (slow machine?)"
     assert not (run_dir / "sft" / "COMPLETE").exists()
     assert f"{sig.name} received: checkpointing at the next step boundary" in stopped.stderr
 
     refused = run_pipeline("run", str(recipe))
     assert refused.returncode == 2 and "pass --resume auto" in refused.stderr
 
-    resumed = run_pipeline("run", str(recipe), "--resume", "auto")
+    # auto: the newest checkpoint; a path: an older one, and the newer ones are set aside
+    resume_from = checkpoints / f"step_{stopped_at}" if resume == "auto" else checkpoints / resume
+    resumed = run_pipeline("run", str(recipe), "--resume", resume if resume == "auto" else str(resume_from))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert f"resumed from {checkpoints / f'step_{stopped_at}'} at step {stopped_at}" in resumed.stderr
+    assert f"resumed from {resume_from} at step {int(resume_from.name[5:])}" in resumed.stderr
+    if resume != "auto":
+        abandoned = [p for p in checkpoints.parent.iterdir() if p.name.startswith("checkpoints.abandoned-")]
+        assert len(abandoned) == 1 and (abandoned[0] / f"step_{stopped_at}" / "trainer_state.json").exists()
     after = losses(run_dir)
     assert sorted(after) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):

@@ -63,7 +63,7 @@ def test_batch_sizes_must_multiply_to_the_global_batch(tmp_path):
     message = error_of(minimal(tmp_path, gradient_accumulation_steps=3))
     assert "2 x 3 x 1 = 6, but sft.global_batch_size=8" in message
     # the world size comes from the cluster section
-    assert "2 x 4 x 1" not in error_of(minimal(tmp_path), ["cluster.procs_per_node=3"])
+    assert "micro_batch_size x world size = 2 x 3" in error_of(minimal(tmp_path), ["cluster.procs_per_node=3"])
 
 
 def test_missing_paths_fail_with_their_key(tmp_path):

@@ -60,3 +60,12 @@ def test_stage_selection(recipe, stage_inputs):
     assert decide_all(recipe, only=["shard", "sft"]) == {"synth": "upstream", "shard": "run", "sft": "run"}
     with pytest.raises(RecipeError, match="--stages names dpo"):
         runner.check_stage_selection(recipe, ["dpo"])
+
+
+def test_an_unfinished_stage_after_a_rerun_stage_is_set_aside_not_resumed(recipe, stage_inputs):
+    decide_all(recipe)
+    (recipe.stage_dir("sft") / runner.COMPLETE).unlink()  # sft was stopped mid-way: checkpoints, no COMPLETE
+    assert decide_all(recipe) == {"synth": "skip", "shard": "skip", "sft": "run"}  # resumable
+    (recipe.stage_dir("sft") / runner.COMPLETE).unlink()
+    stage_inputs["shard"]["x"] = 21  # the shards are rebuilt: the unfinished sft trained on the old ones
+    assert decide_all(recipe) == {"synth": "skip", "shard": "rerun", "sft": "rerun"}
