@@ -92,7 +92,7 @@ def test_resume_in_a_new_process_with_two_ranks(manifest, tmp_path, workers):
 import json, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-from test_loader import tiny_processor, take
+from test_loader import fingerprint, tiny_processor, take
 from pipeline.data.loader import LoaderSettings, StreamingLoader
 rank, mode = int(sys.argv[1]), sys.argv[2]
 loader = StreamingLoader({str(manifest)!r}, tiny_processor(),
@@ -100,21 +100,26 @@ loader = StreamingLoader({str(manifest)!r}, tiny_processor(),
 if mode == "resume":
     loader.load_state_dict(json.loads(open(sys.argv[3]).read()))
     print(json.dumps(take(loader, 3)))
-else:
-    first = take(loader, 3)
+else:  # one uninterrupted iteration; the state is saved after its third batch
+    batches = iter(loader)
+    first = [fingerprint(next(batches)) for _ in range(3)]
     open(sys.argv[3], "w").write(json.dumps(loader.state_dict()))
-    print(json.dumps(first + take(loader, 3)))
+    rest = [fingerprint(next(batches)) for _ in range(3)]
+    batches.close()
+    print(json.dumps(first + rest))
 ''')
+    sequences = []
     for rank in (0, 1):
         state = tmp_path / f"state{rank}.json"
         run = lambda *args: json.loads(subprocess.run([sys.executable, str(script), str(rank), *args], check=True,
                                                       capture_output=True, text=True).stdout.splitlines()[-1])
         straight = run("straight", str(state))
-        assert run("resume", str(state)) == straight[3:]
-    assert straight  # rank 1 saw batches of its own
+        assert len(straight) == 6 and run("resume", str(state)) == straight[3:]
+        sequences.append(straight)
+    assert sequences[0] != sequences[1]  # each rank has batches of its own
 
 
-def test_corrupt_media_is_skipped_counted_and_bounded(manifest, tmp_path):
+def test_corrupt_media_is_skipped_counted_and_bounded(manifest, tmp_path, caplog):
     data = json.loads(manifest.read_text())
     bad_shard = tmp_path / "video" / "corrupt-000000.tar"
     bad_shard.parent.mkdir(parents=True)
@@ -131,8 +136,10 @@ def test_corrupt_media_is_skipped_counted_and_bounded(manifest, tmp_path):
 
     tolerant = StreamingLoader(tmp_path / "manifest.json", tiny_processor(),
                                LoaderSettings(micro_batch_size=2, weights={"video": 1.0}, shuffle_buffer=2))
-    take(tolerant, 12)
+    with caplog.at_level("WARNING", logger="pipeline.data.loader"):
+        take(tolerant, 12)
     assert sorted(tolerant.state_dict()["bad"]) == ["corrupt/0", "corrupt/1", "corrupt/2"]
+    assert all(f"skipping corrupt/{index}: " in caplog.text for index in range(3))  # logged with the sample key
     strict = StreamingLoader(tmp_path / "manifest.json", tiny_processor(),
                              LoaderSettings(micro_batch_size=2, weights={"video": 1.0}, shuffle_buffer=2,
                                             max_bad_fraction=0.05, bad_fraction_grace=10))

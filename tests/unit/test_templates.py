@@ -46,6 +46,15 @@ def test_tokenizer_chat_template_labels_replies_and_their_end_token():
     first = encoded.labels.index(labelled[0])
     assert encoded.input_ids[first - 1] == tokenizer.convert_tokens_to_ids("<|assistant|>")
     assert encoded.input_ids.count(IMAGE) == 1 and encoded.labels[encoded.input_ids.index(IMAGE)] == IGNORE_INDEX
+    # Exact layout and mask: <|user|>q<|end|><|assistant|>a<|end|>..., only each "a<|end|>" labelled.
+    user, assistant = tokenizer.convert_tokens_to_ids("<|user|>"), tokenizer.convert_tokens_to_ids("<|assistant|>")
+    first_prompt = [user, IMAGE] + ids(tokenizer, "\nWhat colour is the circle?") + [end, assistant]
+    first_answer = ids(tokenizer, "Red.") + [end]
+    second_prompt = [user] + ids(tokenizer, "Where does it go?") + [end, assistant]
+    second_answer = ids(tokenizer, "Left.") + [end]
+    assert encoded.input_ids == first_prompt + first_answer + second_prompt + second_answer
+    assert encoded.labels == ([IGNORE_INDEX] * len(first_prompt) + first_answer
+                              + [IGNORE_INDEX] * len(second_prompt) + second_answer)
 
 
 def test_bad_conversations_and_templates_are_reported():
