@@ -26,6 +26,8 @@ from ppllava import PPLLaVAForConditionalGeneration
 logger = logging.getLogger(__name__)
 
 CLIP_TOKENIZER_DIR = "clip_tokenizer"
+# A training stage's model directory without weights: config.json, tokenizer files, clip_tokenizer/.
+MODEL_DIR = "model"
 
 
 def load_tokenizers(recipe: Recipe):

@@ -107,7 +107,9 @@ class TrainableParts:
 
 
 @dataclass
-class SFTSection:
+class TrainingSection:
+    """Keys every training stage (sft, dpo) has: DeepSpeed, batch, schedule, logging, checkpoints."""
+
     zero_stage: Literal[0, 1, 2, 3] = 3
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     global_batch_size: int = 256
@@ -122,11 +124,48 @@ class SFTSection:
     max_steps: int | None = None
     optimizer: Literal["auto", "torch_adamw", "deepspeed_adam"] = "auto"
     offload_optimizer: bool = False
-    trainable: TrainableParts = field(default_factory=TrainableParts)
     log_every: int = 10
     save_every: int = 500
     keep_last: int = 2
     max_nonfinite_in_a_row: int = 5
+
+
+@dataclass
+class SFTSection(TrainingSection):
+    trainable: TrainableParts = field(default_factory=TrainableParts)
+
+
+@dataclass
+class DPOSection(TrainingSection):
+    """LLaVA-Hound-style DPO on video pairs (paper Table 9): the LLM trains, nothing else."""
+
+    global_batch_size: int = 64
+    lr: float = 5e-6
+    warmup_ratio: float = 0.1
+    epochs: float = 2.0
+    beta: float = 0.1
+    sft_weight: float = 0.0                 # weight of an extra NLL term on the chosen answers
+    reference: Literal["precomputed", "live"] = "precomputed"
+    init: str = "sft"                       # "sft": the SFT stage's final checkpoint; else a PPLLaVA directory
+
+
+@dataclass
+class ExportSection:
+    source_stage: Literal["auto", "sft", "dpo"] = "auto"   # auto: dpo when the recipe has it, else sft
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    max_shard_size: str = "5GB"
+    trust_remote_code: bool = False          # also copy the modeling code and write auto_map
+
+
+@dataclass
+class EvalSection:
+    multiple_choice: list[str] = field(default_factory=list)  # MVBench-style JSON files
+    open_ended: list[str] = field(default_factory=list)       # JSON files of {video|image, question}
+    media_root: str | None = None            # media paths are relative to it (default: each file's folder)
+    num_frames: int | None = None            # default: the model's
+    video_kernel: list[int] | None = None    # e.g. [4, 3, 3] with 64 frames (paper Table 8)
+    max_new_tokens: int = 64
+    limit: int | None = None                 # questions per file at most
 
 
 @dataclass
@@ -141,6 +180,9 @@ class Recipe:
     synth: SynthSettings | None = None
     shard: ShardSection | None = None
     sft: SFTSection | None = None
+    dpo: DPOSection | None = None
+    export: ExportSection | None = None
+    eval: EvalSection | None = None
     source: str = field(default="<recipe>", metadata={"internal": True})
 
     @property
@@ -154,23 +196,21 @@ class Recipe:
     def manifest_path(self) -> Path:
         return self.stage_dir("shard") / "manifest.json" if self.shard is not None else Path(self.data.manifest or "")
 
-    def batch_layout(self, world_size: int) -> tuple[int, int, int]:
-        """(micro batch, accumulation, world) whose product is sft.global_batch_size, or RecipeError."""
-        sft = self.sft
-        per_step = sft.micro_batch_size * world_size
-        accumulation = sft.gradient_accumulation_steps
+    def batch_layout(self, world_size: int, stage: str = "sft") -> tuple[int, int, int]:
+        """(micro batch, accumulation, world) whose product is <stage>.global_batch_size, or RecipeError."""
+        section = getattr(self, stage)
+        micro, accumulation, target = section.micro_batch_size, section.gradient_accumulation_steps, section.global_batch_size
         if accumulation is None:
-            if sft.global_batch_size % per_step:
-                raise RecipeError(f"{self.source}: sft.global_batch_size={sft.global_batch_size} is not divisible by "
-                                  f"sft.micro_batch_size x world size = {sft.micro_batch_size} x {world_size}; change "
-                                  f"one of them or set sft.gradient_accumulation_steps")
-            accumulation = sft.global_batch_size // per_step
-        if sft.micro_batch_size * accumulation * world_size != sft.global_batch_size:
-            raise RecipeError(f"{self.source}: sft.micro_batch_size x sft.gradient_accumulation_steps x world size = "
-                              f"{sft.micro_batch_size} x {accumulation} x {world_size} = "
-                              f"{sft.micro_batch_size * accumulation * world_size}, but sft.global_batch_size="
-                              f"{sft.global_batch_size}")
-        return sft.micro_batch_size, accumulation, world_size
+            if target % (micro * world_size):
+                raise RecipeError(f"{self.source}: {stage}.global_batch_size={target} is not divisible by "
+                                  f"{stage}.micro_batch_size x world size = {micro} x {world_size}; change one of "
+                                  f"them or set {stage}.gradient_accumulation_steps")
+            accumulation = target // (micro * world_size)
+        if micro * accumulation * world_size != target:
+            raise RecipeError(f"{self.source}: {stage}.micro_batch_size x {stage}.gradient_accumulation_steps x world "
+                              f"size = {micro} x {accumulation} x {world_size} = {micro * accumulation * world_size}, "
+                              f"but {stage}.global_batch_size={target}")
+        return micro, accumulation, world_size
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -268,10 +308,10 @@ def _build(cls: type, data: Any, path: str, source: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         dotted = f"{path}.{key}" if path else str(key)
+        if not path and key in NOT_YET_AVAILABLE:
+            raise RecipeError(f"{source}: {dotted}: the {key} stage is not available in this version yet; remove the "
+                              f"section (stages available: {', '.join(s for s in STAGE_ORDER if s not in NOT_YET_AVAILABLE)})")
         if key not in allowed:
-            if not path and key in NOT_YET_AVAILABLE:
-                raise RecipeError(f"{source}: {dotted}: the {key} stage is not available in this version yet; "
-                                  f"remove the section (stages available: {', '.join(s for s in STAGE_ORDER if s not in NOT_YET_AVAILABLE)})")
             close = [ALIASES[key]] if ALIASES.get(key) in allowed else difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise RecipeError(f"{source}: {dotted}: unknown key{hint}; allowed keys here: {', '.join(allowed)}")
@@ -407,8 +447,28 @@ def validate(recipe: Recipe, missing_paths: list[str] | None = None) -> None:
         _validate_sft(recipe, missing_paths)
 
 
+def _validate_training(recipe: Recipe, stage: str, missing: list[str] | None) -> None:
+    """Checks every training stage (sft, dpo) shares: positive sizes, fractions, batch arithmetic."""
+    src, section = recipe.source, getattr(recipe, stage)
+    for key in ("global_batch_size", "micro_batch_size", "lr", "epochs", "log_every", "save_every", "keep_last",
+                "max_nonfinite_in_a_row"):
+        _positive(recipe, f"{stage}.{key}", getattr(section, key))
+    for key in ("gradient_accumulation_steps", "max_steps"):
+        if getattr(section, key) is not None:
+            _positive(recipe, f"{stage}.{key}", getattr(section, key))
+    _positive(recipe, f"{stage}.gradient_clipping", section.gradient_clipping, allow_zero=True)
+    _positive(recipe, f"{stage}.weight_decay", section.weight_decay, allow_zero=True)
+    if not 0 <= section.warmup_ratio < 1:
+        raise RecipeError(f"{src}: {stage}.warmup_ratio: expected a fraction in [0, 1), got {section.warmup_ratio}")
+    if not 0 <= section.min_lr_ratio <= 1:
+        raise RecipeError(f"{src}: {stage}.min_lr_ratio: expected a fraction in [0, 1], got {section.min_lr_ratio}")
+    if section.offload_optimizer and section.zero_stage < 2:
+        raise RecipeError(f"{src}: {stage}.offload_optimizer: needs {stage}.zero_stage 2 or 3, got {section.zero_stage}")
+    recipe.batch_layout(recipe.cluster.world_size, stage)
+
+
 def _validate_sft(recipe: Recipe, missing: list[str] | None) -> None:
-    src, sft, model = recipe.source, recipe.sft, recipe.model
+    model = recipe.model
     if recipe.shard is None:
         _existing(recipe, "data.manifest", recipe.data.manifest, "manifest.json from a shard stage (no shard section "
                   "here)", missing)
@@ -417,23 +477,9 @@ def _validate_sft(recipe: Recipe, missing: list[str] | None) -> None:
         _existing(recipe, "model.clip_path", model.clip_path, "CLIP checkpoint directory", missing)
     elif model.source == "pretrained":
         _existing(recipe, "model.pretrained_path", model.pretrained_path, "PPLLaVA model directory", missing)
-    for key in ("global_batch_size", "micro_batch_size", "lr", "epochs", "log_every", "save_every", "keep_last",
-                "max_nonfinite_in_a_row"):
-        _positive(recipe, f"sft.{key}", getattr(sft, key))
-    for key in ("gradient_accumulation_steps", "max_steps"):
-        if getattr(sft, key) is not None:
-            _positive(recipe, f"sft.{key}", getattr(sft, key))
-    _positive(recipe, "sft.gradient_clipping", sft.gradient_clipping, allow_zero=True)
-    _positive(recipe, "sft.weight_decay", sft.weight_decay, allow_zero=True)
-    if not 0 <= sft.warmup_ratio < 1:
-        raise RecipeError(f"{src}: sft.warmup_ratio: expected a fraction in [0, 1), got {sft.warmup_ratio}")
-    if not 0 <= sft.min_lr_ratio <= 1:
-        raise RecipeError(f"{src}: sft.min_lr_ratio: expected a fraction in [0, 1], got {sft.min_lr_ratio}")
-    if sft.offload_optimizer and sft.zero_stage < 2:
-        raise RecipeError(f"{src}: sft.offload_optimizer: needs sft.zero_stage 2 or 3, got {sft.zero_stage}")
-    if not any(dataclasses.asdict(sft.trainable).values()):
-        raise RecipeError(f"{src}: sft.trainable: at least one part must train")
-    recipe.batch_layout(recipe.cluster.world_size)
+    _validate_training(recipe, "sft", missing)
+    if not any(dataclasses.asdict(recipe.sft.trainable).values()):
+        raise RecipeError(f"{recipe.source}: sft.trainable: at least one part must train")
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:

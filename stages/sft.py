@@ -13,7 +13,8 @@
                                                    (after a signal: exit code 3, "requeue me")
 
 Global batch = micro batch x accumulation x world size = sft.global_batch_size (paper: 256).
-Outputs: run_dir/sft/checkpoints/step_N (+ latest), metrics.jsonl, tensorboard/, tokenizer/.
+Outputs: run_dir/sft/checkpoints/step_N (+ latest), metrics.jsonl, tensorboard/, model/ (config.json and
+tokenizers: the model directory without its weights, which live in the checkpoints).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from pipeline.checkpoint import (CheckpointError, latest_checkpoint, load_checkp
                                  restore_rng_state, rng_state, save_checkpoint, set_aside_later_checkpoints)
 from pipeline.data.loader import TRAIN_MODALITIES, LoaderSettings, StreamingLoader
 from pipeline.metrics import MetricsLog
-from pipeline.model_setup import build_model, build_processor, count_parameters, load_tokenizers, save_tokenizers
+from pipeline.model_setup import (MODEL_DIR, build_model, build_processor, count_parameters, load_tokenizers,
+                                  save_tokenizers)
 from pipeline.recipe import Recipe, RecipeError, differences
 from pipeline.runner import StageContext, StageFailed, StoppedForRequeue
 
@@ -209,7 +211,10 @@ def run(context: StageContext) -> dict:
 
     metrics = MetricsLog(context.directory, enabled=dist.is_main, resume_step=start_step)
     if dist.is_main:
-        save_tokenizers(tokenizer, clip_tokenizer, context.directory / "tokenizer")
+        # The model directory without its weights: what export (and a DPO stage starting here) needs
+        # besides a checkpoint to rebuild the model.
+        save_tokenizers(tokenizer, clip_tokenizer, context.directory / MODEL_DIR)
+        config.save_pretrained(context.directory / MODEL_DIR)
 
     def checkpoint(step: int, last_metrics: dict) -> Path:
         state = {"step": step, "total_steps": total_steps, "world_size": world, "inputs": current_inputs,

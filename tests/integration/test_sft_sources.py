@@ -39,7 +39,7 @@ def test_sft_from_llava_next_and_clip_checkpoints(tmp_path, manifest):
     history = read_metrics(tmp_path / "run" / "sft" / "metrics.jsonl")
     assert [m["step"] for m in history] == [1, 2, 3] and all(0 < m["loss"] < 20 for m in history)
     assert "converted" in result.stderr
-    assert (tmp_path / "run/sft/tokenizer/clip_tokenizer/tokenizer.json").exists()
+    assert (tmp_path / "run/sft/model/clip_tokenizer/tokenizer.json").exists()
 
 
 def write_pretrained(directory, poison: bool = False) -> None:

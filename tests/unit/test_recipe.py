@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, run_pipeline, write_recipe
-from pipeline.recipe import Recipe, RecipeError, differences, load_recipe, parse_recipe, validate
+from pipeline.recipe import NOT_YET_AVAILABLE, Recipe, RecipeError, differences, load_recipe, parse_recipe, validate
 
 pytestmark = pytest.mark.unit
 
@@ -148,7 +148,7 @@ def recipe_keys(cls=Recipe, prefix=""):
     mappings dotted (trainable.vision)."""
     hints = typing.get_type_hints(cls)
     for item in dataclasses.fields(cls):
-        if item.metadata.get("internal"):
+        if item.metadata.get("internal") or (cls is Recipe and item.name in NOT_YET_AVAILABLE):
             continue
         yield prefix + item.name
         nested = [o for o in (hints[item.name], *typing.get_args(hints[item.name])) if dataclasses.is_dataclass(o)]
