@@ -12,6 +12,7 @@ train from the result with `source: pretrained`.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 CLIP_TOKENIZER_DIR = "clip_tokenizer"
 # A training stage's model directory without weights: config.json, tokenizer files, clip_tokenizer/.
 MODEL_DIR = "model"
+PROCESSOR_CONFIG = "processor_config.json"
 
 
 def load_tokenizers(recipe: Recipe):
@@ -78,6 +80,24 @@ def build_model(recipe: Recipe, tokenizer, attn_implementation: str) -> PPLLaVAF
 def build_processor(recipe: Recipe, config, tokenizer, clip_tokenizer, training: bool = True) -> SampleProcessor:
     settings = ProcessorSettings(template=recipe.data.template, max_length=recipe.data.max_length, training=training)
     return SampleProcessor(config, tokenizer, clip_tokenizer, settings, video_decoder=decoder(recipe.data.decoder))
+
+
+def save_processor_config(recipe: Recipe, config, directory: Path) -> None:
+    """processor_config.json: how inputs were prepared in training (chat template, context, frames,
+    kernels), so inference prepares them the same way."""
+    settings = {"template": recipe.data.template, "max_length": recipe.data.max_length,
+                "num_frames": config.num_frames, "video_kernel": list(config.video_kernel),
+                "image_kernel": list(config.image_kernel), "multi_image_kernel": list(config.multi_image_kernel),
+                "clip_context_length": config.clip_context_length}
+    (directory / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=1))
+
+
+def load_processor_settings(directory: Path) -> ProcessorSettings:
+    """Inference settings (eval-mode frame sampling, prompt-only CLIP text) of a model directory."""
+    path = Path(directory) / PROCESSOR_CONFIG
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    return ProcessorSettings(template=saved.get("template", "vicuna_v1"), max_length=saved.get("max_length", 1024),
+                             training=False)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -159,6 +159,7 @@ class ExportSection:
 
 @dataclass
 class EvalSection:
+    model_path: str | None = None            # default: the export stage's directory
     multiple_choice: list[str] = field(default_factory=list)  # MVBench-style JSON files
     open_ended: list[str] = field(default_factory=list)       # JSON files of {video|image, question}
     media_root: str | None = None            # media paths are relative to it (default: each file's folder)

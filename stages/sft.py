@@ -37,7 +37,7 @@ from pipeline.checkpoint import (CheckpointError, latest_checkpoint, load_checkp
 from pipeline.data.loader import TRAIN_MODALITIES, LoaderSettings, StreamingLoader
 from pipeline.metrics import MetricsLog
 from pipeline.model_setup import (MODEL_DIR, build_model, build_processor, count_parameters, load_tokenizers,
-                                  save_tokenizers)
+                                  save_processor_config, save_tokenizers)
 from pipeline.recipe import Recipe, RecipeError, differences
 from pipeline.runner import StageContext, StageFailed, StoppedForRequeue
 
@@ -215,6 +215,7 @@ def run(context: StageContext) -> dict:
         # besides a checkpoint to rebuild the model.
         save_tokenizers(tokenizer, clip_tokenizer, context.directory / MODEL_DIR)
         config.save_pretrained(context.directory / MODEL_DIR)
+        save_processor_config(recipe, config, context.directory / MODEL_DIR)
 
     def checkpoint(step: int, last_metrics: dict) -> Path:
         state = {"step": step, "total_steps": total_steps, "world_size": world, "inputs": current_inputs,
