@@ -200,9 +200,14 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         clip_attention_mask: torch.Tensor | None = None,
         pool_kernels: torch.LongTensor | None = None,
         image_sizes: torch.LongTensor | None = None,
+        visual_rows: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """LM forward; with ``pixel_values`` the pooled visual tokens fill the image-token slots.
+
+        ``visual_rows`` [rows] says which visual sample fills each row of ``input_ids`` (default:
+        row i takes sample i). DPO passes [0..B-1, 0..B-1]: the chosen and the rejected answer of a
+        pair share one vision pass and one pooling.
 
         Visual inputs are only needed on the prefill step of ``generate`` (transformers drops
         ``pixel_values`` afterwards, and without them the call is a plain LM step).
@@ -217,6 +222,8 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
             if has_pixels:
                 visual = self.visual_tokens(pixel_values, frame_counts, modalities, clip_input_ids, clip_attention_mask,
                                             pool_kernels, image_sizes)
+                if visual_rows is not None:
+                    visual = [visual[index] for index in visual_rows.tolist()]
                 inputs_embeds = self._splice_visual_tokens(input_ids, inputs_embeds, placeholders, visual)
             elif bool(placeholders.any()) and kwargs.get("cache") is None:
                 raise ValueError("input_ids contain image tokens but no pixel_values were given")

@@ -61,6 +61,12 @@ class SampleProcessor:
     settings: ProcessorSettings = field(default_factory=ProcessorSettings)
     video_decoder: VideoDecoder | None = None
 
+    parse = staticmethod(Sample.from_json)  # a shard record's JSON -> the record this processor takes
+
+    def collate(self, samples: list["ProcessedSample"]) -> "Batch":
+        return collate(samples, self.tokenizer.pad_token_id, self.clip_tokenizer.pad_token_id,
+                       self.config.image_token_index)
+
     def __post_init__(self) -> None:
         clip_eos = self.config.clip_text_config.eos_token_id
         if self.clip_tokenizer.eos_token_id != clip_eos:
@@ -91,8 +97,12 @@ class SampleProcessor:
         return [self.clip_tokenizer.bos_token_id] + text_ids[:limit] + [self.clip_tokenizer.eos_token_id]
 
     def __call__(self, sample: Sample, media: list[bytes], epoch: int = 0) -> ProcessedSample:
-        modality = MODALITY_IDS[sample.modality]
         pixel_values, image_size = self.pixels(sample, media, epoch)
+        return self.encode(sample, pixel_values, image_size)
+
+    def encode(self, sample: Sample, pixel_values: torch.Tensor, image_size) -> ProcessedSample:
+        """The text side of a sample whose pixels are already prepared."""
+        modality = MODALITY_IDS[sample.modality]
         image_token = self.config.image_token_index
         encoded = encode(sample.turns, self.tokenizer, image_token, self.settings.template)
         counts = (placeholder_token_counts(self.config, modality, pixel_values.shape[0], image_size=image_size)

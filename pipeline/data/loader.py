@@ -27,13 +27,15 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.collate import Batch, SampleProcessor, SampleTooLong, collate
+from pipeline.data.collate import Batch, SampleProcessor, SampleTooLong
 from pipeline.data.media import MediaError
 from pipeline.data.records import Sample
 
 logger = logging.getLogger(__name__)
 
 TRAIN_MODALITIES = ("video", "image", "multi_image")
+# Shard streams a loader can draw from: the SFT modalities, and DPO's preference pairs.
+STREAMS = TRAIN_MODALITIES + ("dpo",)
 
 
 class LoaderError(RuntimeError):
@@ -133,11 +135,11 @@ class InterleavedStream(IterableDataset):
         manifest = json.loads(Path(manifest_path).read_text())
         self.processor, self.settings = processor, settings
         self.rank, self.world_size, self.start_batch, self.known_bad = rank, world_size, start_batch, known_bad
-        self.shards = {m: [s for s in manifest["shards"] if s["modality"] == m] for m in TRAIN_MODALITIES}
+        self.shards = {m: [s for s in manifest["shards"] if s["modality"] == m] for m in STREAMS}
         self.weights = {m: float(w) for m, w in settings.weights.items() if w > 0 and self.shards.get(m)}
-        unknown = set(settings.weights) - set(TRAIN_MODALITIES)
+        unknown = set(settings.weights) - set(STREAMS)
         if unknown:
-            raise LoaderError(f"mixture weights name unknown modalities {sorted(unknown)}; expected {TRAIN_MODALITIES}")
+            raise LoaderError(f"mixture weights name unknown modalities {sorted(unknown)}; expected {STREAMS}")
         if not self.weights:
             raise LoaderError(f"{manifest_path}: no shards for any modality with a positive weight {settings.weights}")
 
@@ -169,7 +171,7 @@ class InterleavedStream(IterableDataset):
         for modality in plan:
             while True:
                 epoch, record = streams[modality].next()
-                sample = Sample.from_json(json.loads(record["json"]))
+                sample = self.processor.parse(json.loads(record["json"]))
                 if sample.key in self.known_bad:
                     skipped.append(sample.key)
                     continue
@@ -183,9 +185,7 @@ class InterleavedStream(IterableDataset):
                     skipped.append(sample.key)
         if replay:
             return None
-        tokenizer = self.processor.tokenizer
-        batch = collate(processed, tokenizer.pad_token_id, self.processor.clip_tokenizer.pad_token_id,
-                        self.processor.config.image_token_index)
+        batch = self.processor.collate(processed)
         batch.skipped = skipped
         return batch
 
@@ -203,7 +203,7 @@ class StreamingLoader:
         self.rank, self.world_size = rank, world_size
         self.batches, self.used, self.bad = 0, 0, []
         manifest = json.loads(Path(manifest_path).read_text())
-        samples = sum(manifest["counts"].get(m, 0) for m in TRAIN_MODALITIES)
+        samples = sum(manifest["counts"].get(m, 0) for m, weight in settings.weights.items() if weight > 0)
         self.batches_per_epoch = settings.batches_per_epoch or max(1, samples // (settings.micro_batch_size * world_size))
 
     def state_dict(self) -> dict:

@@ -60,6 +60,8 @@ class PreferencePair:
         return {"key": self.key, "video": self.video, "prompt": self.prompt, "chosen": self.chosen,
                 "rejected": self.rejected, "dataset": self.dataset}
 
+    modality = "video"  # LLaVA-Hound pairs are video-only (a card of format dpo must say so)
+
     @classmethod
     def from_json(cls, data: dict) -> "PreferencePair":
         return cls(data["key"], data["video"], data["prompt"], data["chosen"], data["rejected"], data.get("dataset", ""))

@@ -1,0 +1,290 @@
+"""What every training stage (sft, dpo) shares; each stage keeps its own loop.
+
+    stage_inputs        the recipe keys a training stage's fingerprint covers
+    schedule_length     optimizer steps from epochs and samples, capped by max_steps
+    engine_settings     the DeepSpeed engine's settings from a training section
+    TrainingRun         the bookkeeping around a loop: resume (engine, scheduler, loader, RNG),
+                        the non-finite guard, per-step logging (tqdm, metrics.jsonl, TensorBoard),
+                        checkpoints (every save_every, at the end, and after SIGTERM/SIGUSR1 with
+                        the requeue exit), and the stage's summary
+
+A loop reads, top to bottom:
+
+    run = TrainingRun(context, engine, scheduler, loader, total_steps)
+    for step in range(run.start(), total_steps):
+        ... forward; if not run.finite(loss, batch.keys, step): continue; backward; engine.step;
+            run.window.add(batch) ...
+        run.end_step(step + 1, step_loss, lr)
+    return run.finish()
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from backends.deepspeed_engine import EngineSettings
+from backends.distributed import sum_across_ranks
+from pipeline.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_trainer_state,
+                                 remove_partial, restore_rng_state, rng_state, save_checkpoint,
+                                 set_aside_later_checkpoints)
+from pipeline.metrics import MetricsLog
+from pipeline.recipe import Recipe, RecipeError, TrainingSection, differences
+from pipeline.runner import StageContext, StageFailed, StoppedForRequeue
+
+logger = logging.getLogger(__name__)
+
+# Keys that do not change what is trained: never part of the fingerprint, free to change on resume
+# (recomputing activations gives the same gradients, so it may be switched on after an OOM).
+RUNTIME_KEYS = ("log_every", "save_every", "keep_last", "max_nonfinite_in_a_row")
+RUNTIME_MODEL_KEYS = ("gradient_checkpointing",)
+# Keys a resumed run may change: the schedule continues from the checkpoint's step with the new values.
+SCHEDULE_KEYS = ("lr", "max_steps", "epochs")
+
+
+def stage_inputs(recipe: Recipe, stage: str, world_size: int) -> dict:
+    section, model = asdict(getattr(recipe, stage)), asdict(recipe.model)
+    for key in RUNTIME_KEYS:
+        section.pop(key)
+    for key in RUNTIME_MODEL_KEYS:
+        model.pop(key)
+    data = asdict(recipe.data)
+    for key in ("cards", "variables"):  # reach training through the shard stage's fingerprint
+        data.pop(key)
+    found = {"seed": recipe.seed, "model": model, "data": data, stage: section, "world_size": world_size}
+    if recipe.shard is None:  # shards made elsewhere: their manifest is this stage's data input
+        found["manifest_sha256"] = hashlib.sha256(Path(recipe.data.manifest).read_bytes()).hexdigest()
+    return found
+
+
+def schedule_length(recipe: Recipe, stage: str, samples: int) -> int:
+    """Optimizer steps: ceil(epochs x samples / global batch), capped by max_steps."""
+    section = getattr(recipe, stage)
+    per_epoch = samples // section.global_batch_size
+    if per_epoch == 0:
+        raise RecipeError(f"{recipe.source}: {stage}.global_batch_size={section.global_batch_size} exceeds the "
+                          f"{samples} training samples in {recipe.manifest_path}: not one optimizer step per epoch")
+    total = math.ceil(section.epochs * per_epoch)
+    return min(total, section.max_steps) if section.max_steps else total
+
+
+def engine_settings(section: TrainingSection, micro: int, accumulation: int, total_steps: int) -> EngineSettings:
+    return EngineSettings(zero_stage=section.zero_stage, precision=section.precision, micro_batch_size=micro,
+                          gradient_accumulation_steps=accumulation, gradient_clipping=section.gradient_clipping,
+                          lr=section.lr, weight_decay=section.weight_decay, warmup_ratio=section.warmup_ratio,
+                          min_lr_ratio=section.min_lr_ratio, total_steps=total_steps, optimizer=section.optimizer,
+                          offload_optimizer=section.offload_optimizer)
+
+
+@dataclass
+class Window:
+    """What happened since the last log line, on this rank (reduced over ranks when logged).
+    ``sums`` holds stage-specific per-micro-batch values (DPO rewards...), logged as means."""
+
+    start: float = field(default_factory=time.perf_counter)
+    losses: list[float] = field(default_factory=list)
+    samples: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    micro_batches: int = 0
+    visual: dict[str, list[int]] = field(default_factory=dict)
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def add(self, batch, **values: float) -> None:
+        self.samples += len(batch.keys)
+        self.tokens += int(batch.inputs["attention_mask"].sum())
+        self.truncated += batch.truncated
+        self.micro_batches += 1
+        for modality, counts in batch.visual_tokens.items():
+            self.visual.setdefault(modality, []).extend(counts)
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+
+
+class TrainingRun:
+    def __init__(self, context: StageContext, engine, scheduler, loader, total_steps: int) -> None:
+        self.context, self.engine, self.scheduler, self.loader = context, engine, scheduler, loader
+        self.section: TrainingSection = getattr(context.recipe, context.stage)
+        self.total_steps, self.world = total_steps, context.dist.world_size
+        self.device = context.backend.device(context.dist.local_rank)
+        self.checkpoints = context.directory / "checkpoints"
+        self.nonfinite_skipped = self.in_a_row = 0
+        self.first_loss: float | None = None
+        self.last: dict = {}
+        self.saved_at: Path | None = None
+        self.window = Window()
+        self.metrics: MetricsLog | None = None
+        self.progress = None
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the step about to run."""
+        return self.scheduler.get_last_lr()[0]
+
+    # -- start ------------------------------------------------------------------------------------
+    def start(self) -> int:
+        """Open the logs and restore from --resume (refusing a checkpoint of other training); returns
+        the first step to run."""
+        context, dist = self.context, self.context.dist
+        if dist.is_main:
+            remove_partial(self.checkpoints)
+        context.barrier()
+        start = 0
+        resume_from = self._resume_point()
+        if resume_from is not None:
+            trainer_state = read_trainer_state(resume_from, self.world)
+            self._check_same_training(trainer_state["inputs"], resume_from)  # before minutes of loading
+            if dist.is_main:
+                set_aside_later_checkpoints(self.checkpoints, resume_from)
+            context.barrier()
+            rank_state = load_checkpoint(self.engine, resume_from, dist.rank)
+            self._set_peak_lr(self.section.lr)  # the recipe's (a resumed run may change it)
+            self.loader.load_state_dict(rank_state["loader"])
+            restore_rng_state(rank_state["rng"], context.backend.device_module())
+            start, self.nonfinite_skipped = trainer_state["step"], trainer_state["nonfinite_skipped"]
+            self.first_loss = trainer_state.get("first_loss")
+            if dist.is_main:
+                logger.info("resumed from %s at step %d", resume_from, start)
+        self.metrics = MetricsLog(context.directory, enabled=dist.is_main, resume_step=start)
+        self.progress = tqdm(total=self.total_steps, initial=start, desc=context.stage, unit="step",
+                             disable=not dist.is_main, dynamic_ncols=True)
+        self.window = Window()
+        return start
+
+    def _resume_point(self) -> Path | None:
+        resume, checkpoints = self.context.resume, self.checkpoints
+        if resume is None:
+            found = latest_checkpoint(checkpoints)
+            if found is not None:
+                raise CheckpointError(f"{self.context.directory} holds checkpoints of an unfinished run (latest: "
+                                      f"{found.name}); pass --resume auto to continue it, or move the directory away "
+                                      f"to start over")
+            return None
+        if resume == "auto":
+            found = latest_checkpoint(checkpoints)
+            if found is None:
+                logger.info("--resume auto: no checkpoint in %s yet; starting from step 0", checkpoints)
+            return found
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise CheckpointError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
+        return path
+
+    def _check_same_training(self, saved_inputs: dict, path: Path) -> None:
+        """The checkpoint's stage inputs (upstream fingerprint included) against this run's."""
+        stage = self.context.stage
+        allowed = tuple(f"{stage}.{key}" for key in SCHEDULE_KEYS)
+        changed = differences(saved_inputs, self.context.inputs)
+        refused = [key for key in changed if key not in allowed]
+        if "upstream" in refused:
+            raise CheckpointError(f"{path} was trained on the output of an earlier stage that has changed since (the "
+                                  f"shards were rebuilt, or another manifest is named): it cannot continue on other "
+                                  f"data. Move {path.parent.parent} away to train from scratch")
+        if refused:
+            free = allowed + tuple(f"{stage}.{key}" for key in RUNTIME_KEYS) + ("model.gradient_checkpointing",)
+            raise CheckpointError(f"{path} was written by a run with different settings: {', '.join(refused)}. Revert "
+                                  f"them to resume, or start a new run_dir (keys that may change on resume: "
+                                  f"{', '.join(free)})")
+        if changed:
+            logger.warning("resuming with changed %s: the schedule continues from the checkpoint's step with the new "
+                           "values", ", ".join(changed))
+
+    def _set_peak_lr(self, lr: float) -> None:
+        """Rescale the restored schedule to peak ``lr`` from the current step on."""
+        scheduler = self.scheduler
+        if all(base == lr for base in scheduler.base_lrs):
+            return
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+        for group in scheduler.optimizer.param_groups:
+            group["lr"] = lr * factor
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+    # -- inside the loop ---------------------------------------------------------------------------
+    def finite(self, loss: torch.Tensor, keys: list[str], step: int) -> bool:
+        """Whether the loss is finite on every rank; a micro-batch where it is not gets no backward
+        (the optimizer never sees it), is counted, and the run stops after N in a row."""
+        finite = sum_across_ranks([float(torch.isfinite(loss.detach()).all())], self.device)[0] == self.world
+        if finite:
+            self.in_a_row = 0
+            return True
+        self.in_a_row, self.nonfinite_skipped = self.in_a_row + 1, self.nonfinite_skipped + 1
+        logger.warning("step %d: non-finite loss on some rank, micro-batch %s skipped (%d in a row)", step + 1, keys,
+                       self.in_a_row)
+        if self.in_a_row >= self.section.max_nonfinite_in_a_row:
+            raise StageFailed(f"{self.in_a_row} non-finite losses in a row ({self.context.stage}.max_nonfinite_in_a_row); "
+                              f"the last good checkpoint is {latest_checkpoint(self.checkpoints)}")
+        return False
+
+    def end_step(self, done: int, step_loss: float, lr: float) -> None:
+        """After optimizer step ``done``: log, checkpoint, and stop for requeue after a signal."""
+        section = self.section
+        step_loss, stop_votes = sum_across_ranks([step_loss, float(self.context.stop.received is not None)],
+                                                 self.device)
+        self.window.losses.append(step_loss / self.world)
+        self.first_loss = self.window.losses[-1] if self.first_loss is None else self.first_loss
+        self.progress.update(1)
+        if done % section.log_every == 0 or done == self.total_steps or stop_votes:
+            self.last = self._log_values(lr)
+            self.metrics.write(done, self.last)
+            self.progress.set_postfix(loss=f"{self.last['loss']:.4f}", lr=f"{lr:.2e}")
+            self.window = Window()
+        if stop_votes:
+            self._checkpoint(done)
+            self._close()
+            raise StoppedForRequeue(f"stopped by a signal after step {done}; checkpointed, exit for requeue")
+        if done % section.save_every == 0 or done == self.total_steps:
+            self.saved_at = self._checkpoint(done)
+
+    def _log_values(self, lr: float) -> dict:
+        window, names = self.window, sorted(self.window.sums)
+        reduced = sum_across_ranks([window.samples, window.tokens, window.truncated, len(self.loader.bad),
+                                    window.micro_batches, *(window.sums[n] for n in names)], self.device)
+        samples, tokens, truncated, bad, micro_batches = reduced[:5]
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        grad_norm = self.engine.get_global_grad_norm()
+        values = {
+            "loss": sum(window.losses) / len(window.losses),
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "samples_per_s": samples / elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "loader_skipped": int(bad),
+            "truncated": int(truncated),
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
+        values.update({name: total / max(micro_batches, 1) for name, total in zip(names, reduced[5:])})
+        for modality, counts in window.visual.items():  # rank 0's samples: the mix is the same on every rank
+            values[f"visual_tokens/{modality}"] = sum(counts) / len(counts)
+        values.update({f"memory/{k}": round(v, 3) for k, v in self.context.backend.memory_stats().items()})
+        return values
+
+    def _checkpoint(self, step: int) -> Path:
+        context, dist = self.context, self.context.dist
+        state = {"step": step, "total_steps": self.total_steps, "world_size": self.world, "inputs": context.inputs,
+                 "fingerprint": context.fingerprint, "nonfinite_skipped": self.nonfinite_skipped,
+                 "first_loss": self.first_loss, "last_metrics": self.last}
+        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state(context.backend.device_module())}
+        return save_checkpoint(self.engine, self.checkpoints, step, state, rank_state, context.recipe.to_yaml(),
+                               dist.rank, self.section.keep_last, context.barrier)
+
+    # -- after the loop ------------------------------------------------------------------------------
+    def _close(self) -> None:
+        self.progress.close()
+        self.metrics.close()
+
+    def finish(self) -> dict:
+        """The stage's summary, once the loop has run to ``total_steps``."""
+        self._close()
+        saved_at = self.saved_at or latest_checkpoint(self.checkpoints)  # resumed at the very end: nothing to train
+        last_loss = self.last.get("loss", float("nan"))
+        first = float("nan") if self.first_loss is None else self.first_loss
+        return {"steps": self.total_steps, "loss": f"{first:.4f} -> {last_loss:.4f}", "checkpoint": str(saved_at),
+                "metrics": str(self.metrics.path)}
