@@ -173,3 +173,23 @@ def build_engine(model: torch.nn.Module, backend: Backend, settings: EngineSetti
     logger.info("DeepSpeed ZeRO-%d, %s, %s, %d trainable parameters", settings.zero_stage, dtype,
                 type(optimizer).__name__, trainable)
     return engine, optimizer, scheduler
+
+
+def build_frozen_model(model: torch.nn.Module, backend: Backend, settings: EngineSettings, local_rank: int = 0):
+    """A model that only runs forward next to a trained one (DPO's reference), in the same dtype.
+
+    Under ZeRO-3 it is a DeepSpeed engine without optimizer: its parameters stay partitioned and
+    are gathered module by module like the trained model's, so the reference never holds a full
+    copy per rank (construct it in ``model_init_context`` as well). Otherwise it is the module
+    itself on the device. Either way nothing in it requires grad.
+    """
+    model.requires_grad_(False)
+    model.eval()
+    dtype = backend.resolve_dtype(settings.precision, local_rank)
+    if settings.zero_stage != 3:
+        return model.to(device=backend.device(local_rank), dtype=dtype)
+    config = deepspeed_config(settings, dtype)
+    config.pop("gradient_clipping")
+    engine, *_ = deepspeed_module().initialize(model=model, config=config, dist_init_required=False)
+    engine.eval()
+    return engine

@@ -33,7 +33,7 @@ import yaml
 from pipeline.data.synthetic import SynthSettings
 
 STAGE_ORDER = ("synth", "shard", "sft", "dpo", "export", "eval")
-NOT_YET_AVAILABLE = ("dpo", "export", "eval")
+NOT_YET_AVAILABLE = ("export", "eval")
 MODALITIES = ("video", "image", "multi_image")
 
 
@@ -446,6 +446,8 @@ def validate(recipe: Recipe, missing_paths: list[str] | None = None) -> None:
             _positive(recipe, f"shard.{key}", getattr(recipe.shard, key))
     if recipe.sft is not None:
         _validate_sft(recipe, missing_paths)
+    if recipe.dpo is not None:
+        _validate_dpo(recipe, missing_paths)
 
 
 def _validate_training(recipe: Recipe, stage: str, missing: list[str] | None) -> None:
@@ -481,6 +483,21 @@ def _validate_sft(recipe: Recipe, missing: list[str] | None) -> None:
     _validate_training(recipe, "sft", missing)
     if not any(dataclasses.asdict(recipe.sft.trainable).values()):
         raise RecipeError(f"{recipe.source}: sft.trainable: at least one part must train")
+
+
+def _validate_dpo(recipe: Recipe, missing: list[str] | None) -> None:
+    dpo = recipe.dpo
+    if recipe.shard is None:
+        _existing(recipe, "data.manifest", recipe.data.manifest, "manifest.json with dpo shards", missing)
+    if dpo.init == "sft":
+        if recipe.sft is None:
+            raise RecipeError(f"{recipe.source}: dpo.init: 'sft' starts from this recipe's SFT stage, but the recipe has "
+                              f"no sft section; name a PPLLaVA model directory instead")
+    else:
+        _existing(recipe, "dpo.init", dpo.init, "PPLLaVA model directory (or 'sft')", missing)
+    _positive(recipe, "dpo.beta", dpo.beta)
+    _positive(recipe, "dpo.sft_weight", dpo.sft_weight, allow_zero=True)
+    _validate_training(recipe, "dpo", missing)
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -56,7 +56,7 @@ class LoaderSettings:
     batches_per_epoch: int | None = None  # epoch length per rank; None: samples / (batch * world)
 
 
-def _read_tar(path: Path) -> Iterator[dict[str, bytes]]:
+def read_tar(path: Path) -> Iterator[dict[str, bytes]]:
     """Samples of one tar: members grouped by key (the name up to the first dot), as bytes."""
     current: dict[str, bytes] = {}
     key = None
@@ -87,11 +87,11 @@ class _ModalityStream:
         random.Random(f"{self.settings.seed}/{self.modality}/{epoch}").shuffle(order)
         if len(order) >= self.slots:
             for shard in order[self.slot :: self.slots]:
-                yield from _read_tar(self.root / shard["path"])
+                yield from read_tar(self.root / shard["path"])
         else:
             index = 0
             for shard in order:
-                for record in _read_tar(self.root / shard["path"]):
+                for record in read_tar(self.root / shard["path"]):
                     if index % self.slots == self.slot:
                         yield record
                     index += 1
@@ -116,7 +116,7 @@ class _ModalityStream:
         return next(self.records)
 
 
-def _media(record: dict[str, bytes], sample: Sample) -> list[bytes]:
+def media_members(record: dict[str, bytes], sample: Sample) -> list[bytes]:
     """Media members in order: images of a multi-image set, or a video's pre-extracted frames."""
     if sample.modality == "multi_image":
         return [record[s] for s in sorted((s for s in record if s.split(".")[0].isdigit()), key=lambda s: int(s.split(".")[0]))]
@@ -178,7 +178,7 @@ class InterleavedStream(IterableDataset):
                 if replay:
                     break
                 try:
-                    processed.append(self.processor(sample, _media(record, sample), epoch))
+                    processed.append(self.processor(sample, media_members(record, sample), epoch))
                     break
                 except (MediaError, SampleTooLong) as error:
                     logger.warning("skipping %s: %s", sample.key, error)

@@ -88,8 +88,9 @@ def test_overrides_are_type_checked_and_cannot_invent_stages(tmp_path):
         parse_recipe(minimal(tmp_path), ["shard.processes=4"])
     with pytest.raises(RecipeError, match="not of the form key=value"):
         parse_recipe(minimal(tmp_path), ["sft.lr"])
-    with pytest.raises(RecipeError, match="the dpo stage is not available in this version yet"):
-        parse_recipe({**minimal(tmp_path), "dpo": {}})
+    for stage in NOT_YET_AVAILABLE:
+        with pytest.raises(RecipeError, match=f"the {stage} stage is not available in this version yet"):
+            parse_recipe({**minimal(tmp_path), stage: {}})
 
 
 def test_run_dir_and_environment_variables_are_interpolated(tmp_path, monkeypatch):

@@ -1,0 +1,255 @@
+"""DPO stage: LLaVA-Hound-style preference tuning on video pairs (paper §3.3, Table 9).
+
+    start model   the SFT stage's final checkpoint, consolidated once into run_dir/dpo/init/
+                  (dpo.init: sft), or a PPLLaVA directory (dpo.init: PATH)
+    policy        the start model in a DeepSpeed engine; only the LLM trains (vision tower,
+                  projector and CLIP text frozen)
+    reference     the start model, frozen: either its log-probs of every pair computed in one
+                  pass before training and stored in run_dir/dpo/reference_logps.json
+                  (dpo.reference: precomputed, the default: no second model in memory), or a
+                  second copy run beside the policy (live; under ZeRO-3 an optimizer-less engine)
+    data          the `dpo` shards: per pair one video (frames at segment middles, the same every
+                  epoch), CLIP text = the prompt, chosen and rejected answers in ONE forward of
+                  2B rows that share the B videos' visual tokens (visual_rows)
+    for step in [start, total):
+        until `accumulation` good micro-batches:
+            logp_pi = policy(chosen + rejected);  logp_ref = lookup or reference forward
+            loss = sigmoid DPO (beta) [+ sft_weight x NLL of the chosen answers]
+            finite on every rank? backward, engine.step : skip, count
+        log rewards/*, logps/* (TRL's names); checkpoint; requeue on a signal — as SFT does
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+
+from backends.deepspeed_engine import build_engine, build_frozen_model, model_init_context
+from pipeline.atomic import write_text_atomically
+from pipeline.checkpoint import latest_checkpoint
+from pipeline.consolidate import consolidated_model, copy_model_files
+from pipeline.data.collate import SampleProcessor
+from pipeline.data.loader import LoaderSettings, StreamingLoader, media_members, read_tar
+from pipeline.data.media import decoder
+from pipeline.data.pairs import PairProcessor
+from pipeline.model_setup import CLIP_TOKENIZER_DIR, MODEL_DIR, count_parameters, load_processor_settings
+from pipeline.preference import dpo_loss, sequence_logps
+from pipeline.recipe import Recipe, RecipeError
+from pipeline.runner import StageContext, StageFailed
+from pipeline.training import TrainingRun, engine_settings, schedule_length, stage_inputs
+from ppllava import PPLLaVAForConditionalGeneration
+
+logger = logging.getLogger(__name__)
+
+DISTRIBUTED = True
+TRAINING = True
+REFERENCE_FILE = "reference_logps.json"
+
+
+def inputs(recipe: Recipe, world_size: int) -> dict:
+    found = stage_inputs(recipe, "dpo", world_size)
+    if recipe.dpo.init != "sft":  # a model directory: its config and weights index name the model
+        found["init_config"] = (Path(recipe.dpo.init) / "config.json").read_text()
+    return found
+
+
+def _start_model(context: StageContext) -> Path:
+    """The directory the policy (and the reference) start from."""
+    recipe = context.recipe
+    if recipe.dpo.init != "sft":
+        return Path(recipe.dpo.init)
+    init = context.directory / "init"
+    if context.dist.is_main and not (init / "config.json").is_file():
+        sft_dir = recipe.stage_dir("sft")
+        step_dir = latest_checkpoint(sft_dir / "checkpoints")
+        if step_dir is None:
+            raise StageFailed(f"dpo.init: sft, but {sft_dir / 'checkpoints'} holds no checkpoint")
+        logger.info("dpo: consolidating %s into %s", step_dir, init)
+        partial = init.with_name("init.tmp")
+        model = consolidated_model(step_dir, sft_dir / MODEL_DIR)
+        model.save_pretrained(partial)
+        copy_model_files(sft_dir / MODEL_DIR, partial)
+        partial.rename(init)
+    context.barrier()
+    return init
+
+
+def _load(init: Path, attn: str) -> PPLLaVAForConditionalGeneration:
+    return PPLLaVAForConditionalGeneration.from_pretrained(str(init), attn_implementation=attn)
+
+
+def _pair_logps(model, batch, device) -> torch.Tensor:
+    """Summed answer log-probs of the 2B rows (chosen then rejected) of a pair batch."""
+    inputs = {k: v.to(device) for k, v in batch.inputs.items() if k != "labels"}
+    logits = model(**inputs).logits
+    return sequence_logps(logits, batch.inputs["labels"].to(device))[0]
+
+
+def _precompute_reference(context: StageContext, engine, processor: PairProcessor, micro: int) -> dict:
+    """Reference log-probs of every pair, by the start model (the policy before its first step).
+
+    Each rank takes every world-th dpo shard; all ranks run the same number of forwards (ZeRO-3
+    gathers parameters collectively), the short ones repeating a pair whose result is dropped.
+    """
+    recipe, dist, device = context.recipe, context.dist, context.backend.device(context.dist.local_rank)
+    manifest = json.loads(recipe.manifest_path.read_text())
+    shards = sorted((s for s in manifest["shards"] if s["modality"] == "dpo"), key=lambda s: s["path"])
+    records = [record for shard in shards[dist.rank::dist.world_size]
+               for record in read_tar(recipe.manifest_path.parent / shard["path"])]
+    if not records:  # more ranks than shards: work on a copy of the first pair, dropped below
+        records = [next(read_tar(recipe.manifest_path.parent / shards[0]["path"]))]
+    own = len(records) if dist.rank < len(shards) else 0
+    batches = -(-len(records) // micro)
+    if torch_dist.is_initialized() and dist.world_size > 1:
+        most = torch.tensor([batches], device=device)
+        torch_dist.all_reduce(most, op=torch_dist.ReduceOp.MAX)
+        batches = int(most)
+    found: dict[str, list[float]] = {}
+    engine.eval()
+    with torch.no_grad():
+        for index in range(batches):
+            chunk = records[index * micro:(index + 1) * micro] or records[-1:]
+            pairs = [processor.parse(json.loads(record["json"])) for record in chunk]
+            batch = processor.collate([processor(pair, media_members(record, pair)) for pair, record in zip(pairs, chunk)])
+            logps = _pair_logps(engine, batch, device).float().cpu()
+            for row, pair in enumerate(pairs):
+                if index * micro + row < own:
+                    found[pair.key] = [float(logps[row]), float(logps[row + len(pairs)])]
+    gathered = [found]
+    if torch_dist.is_initialized() and dist.world_size > 1:
+        gathered = [None] * dist.world_size
+        torch_dist.all_gather_object(gathered, found)
+    return {key: value for part in gathered for key, value in part.items()}
+
+
+def run(context: StageContext) -> dict:
+    recipe, backend, dist = context.recipe, context.backend, context.dist
+    dpo, device = recipe.dpo, backend.device(dist.local_rank)
+    micro, accumulation, world = recipe.batch_layout(dist.world_size, "dpo")
+    pairs = json.loads(recipe.manifest_path.read_text())["counts"].get("dpo", 0)
+    if pairs == 0:
+        raise RecipeError(f"{recipe.source}: the dpo stage found no preference pairs in {recipe.manifest_path}: "
+                          f"add a dataset card of format dpo to data.cards")
+    total_steps = schedule_length(recipe, "dpo", pairs)
+
+    # Build: start model, policy engine, reference, loader.
+    init = _start_model(context)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(init))
+    clip_tokenizer = AutoTokenizer.from_pretrained(str(init / CLIP_TOKENIZER_DIR))
+    settings = engine_settings(dpo, micro, accumulation, total_steps)
+    attn = recipe.model.attn_implementation or backend.attn_implementation
+    with model_init_context(settings, backend.resolve_dtype(dpo.precision, dist.local_rank)):
+        model = _load(init, attn)
+    model.set_trainable_parts(vision=False, projector=False, clip_text=False, llm=True)
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine, _, scheduler = build_engine(model, backend, settings, dist.local_rank)
+    processor_settings = load_processor_settings(init)
+    processor_settings.max_length = recipe.data.max_length
+    processor = PairProcessor(SampleProcessor(model.config, tokenizer, clip_tokenizer, processor_settings,
+                                              video_decoder=decoder(recipe.data.decoder)))
+    loader = StreamingLoader(recipe.manifest_path, processor,
+                             LoaderSettings(micro_batch_size=micro, weights={"dpo": 1.0},
+                                            shuffle_buffer=recipe.data.shuffle_buffer, seed=recipe.seed,
+                                            num_workers=recipe.data.num_workers,
+                                            max_bad_fraction=recipe.data.max_bad_fraction),
+                             rank=dist.rank, world_size=world)
+    if dist.is_main:  # the weightless model directory export reads beside this stage's checkpoints
+        model.config.save_pretrained(context.directory / MODEL_DIR)
+        copy_model_files(init, context.directory / MODEL_DIR)
+    parameters, trainable = count_parameters(model)
+    if dist.is_main:
+        logger.info("dpo: %d steps of %d pairs (micro %d x accumulation %d x world %d) over %d pairs, beta %g, "
+                    "reference %s; %.1fM parameters, %.1fM trainable", total_steps, micro * accumulation * world,
+                    micro, accumulation, world, pairs, dpo.beta, dpo.reference, parameters / 1e6, trainable / 1e6)
+
+    reference, reference_logps, reference_digest = None, {}, ""
+    if dpo.reference == "live":
+        with model_init_context(settings, backend.resolve_dtype(dpo.precision, dist.local_rank)):
+            reference = build_frozen_model(_load(init, attn), backend, settings, dist.local_rank)
+        reference_digest = _digest(reference)
+    else:
+        path = context.directory / REFERENCE_FILE
+        if not path.is_file():  # once per run: a resumed run finds it (the policy has moved on)
+            found = _precompute_reference(context, engine, processor, micro)
+            if dist.is_main:
+                write_text_atomically(path, json.dumps(found))
+                logger.info("dpo: reference log-probs of %d pairs written to %s", len(found), path)
+            context.barrier()
+        reference_logps = json.loads(path.read_text())
+
+    def reference_pair_logps(batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if reference is not None:
+            with torch.no_grad():
+                logps = _pair_logps(reference, batch, device)
+            return logps[:len(batch.keys)], logps[len(batch.keys):]
+        missing = [key for key in batch.keys if key not in reference_logps]
+        if missing:
+            raise StageFailed(f"{REFERENCE_FILE} has no reference log-probs for {missing[:3]}: it was computed for "
+                              f"other shards; delete it to compute it again")
+        values = torch.tensor([reference_logps[key] for key in batch.keys], device=device)
+        return values[:, 0], values[:, 1]
+
+    if context.dry_run:
+        batch = next(iter(loader))
+        logps = _pair_logps(engine, batch, device)
+        loss, _ = dpo_loss(logps[:len(batch.keys)], logps[len(batch.keys):], *reference_pair_logps(batch), dpo.beta)
+        engine.backward(loss)
+        if dist.is_main:
+            print(f"dry run: dpo loss {float(loss):.4f} on {len(batch.keys)} pairs; memory {backend.memory_stats()}",
+                  flush=True)
+        return {}
+
+    # The loop.
+    run = TrainingRun(context, engine, scheduler, loader, total_steps)
+    first_step = run.start()  # restores engine, scheduler, loader position and RNG with --resume
+    engine.train()
+    batches = iter(loader)
+    for step in range(first_step, total_steps):
+        lr = run.lr
+        step_loss, good = 0.0, 0
+        while good < accumulation:
+            batch = next(batches)
+            pairs_here = len(batch.keys)
+            inputs = {k: v.to(device) for k, v in batch.inputs.items() if k != "labels"}
+            labels = batch.inputs["labels"].to(device)
+            policy_logps, token_counts = sequence_logps(engine(**inputs).logits, labels)
+            reference_chosen, reference_rejected = reference_pair_logps(batch)
+            loss, values = dpo_loss(policy_logps[:pairs_here], policy_logps[pairs_here:], reference_chosen,
+                                    reference_rejected, dpo.beta)
+            if dpo.sft_weight:  # NLL per token of the chosen answers
+                chosen_nll = -(policy_logps[:pairs_here].sum() / token_counts[:pairs_here].sum().clamp(min=1))
+                loss = loss + dpo.sft_weight * chosen_nll
+                values["sft_nll"] = float(chosen_nll.detach())
+            if not run.finite(loss, batch.keys, step):
+                continue  # another micro-batch takes its place
+            engine.backward(loss)
+            engine.step()  # the optimizer steps on the last micro-batch of the accumulation
+            step_loss += float(loss.detach()) / accumulation
+            good += 1
+            run.window.add(batch, **values)
+        run.end_step(step + 1, step_loss, lr)
+    summary = run.finish()
+    if reference is not None:
+        if _digest(reference) != reference_digest:
+            raise StageFailed("the frozen reference model's parameters changed during training")
+        summary["reference"] = f"live, unchanged (sha256 of rank {dist.rank}'s parameters {reference_digest[:16]})"
+    return summary
+
+
+def _digest(module: torch.nn.Module) -> str:
+    """sha256 of this rank's parameter bytes (its partitions under ZeRO-3)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, parameter in module.named_parameters():
+        local = getattr(parameter, "ds_tensor", parameter).detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(local.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,94 @@
+"""The DPO stage end to end on synthetic video pairs: SFT -> DPO through `python -m pipeline run`,
+only the LLM trains, precomputed and live references agree, ZeRO-3 with a live reference, exact
+resume with the SFT stage's machinery."""
+
+import json
+import signal
+
+import pytest
+import torch
+
+from conftest import pipeline_env, run_pipeline, small_shards, training_recipe, write_recipe
+from pipeline.checkpoint import FAULT_ENV
+from pipeline.consolidate import consolidated_model
+from pipeline.metrics import read_metrics
+from ppllava import PPLLaVAForConditionalGeneration
+
+pytestmark = pytest.mark.integration
+
+TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected")
+
+
+def dpo_section(**overrides) -> dict:
+    section = {"zero_stage": 2, "precision": "fp32", "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3,
+               "epochs": 2, "max_steps": 3, "log_every": 1, "save_every": 100, "beta": 0.1}
+    section.update(overrides)
+    return section
+
+
+@pytest.fixture(scope="module")
+def sft_then_dpo(tmp_path_factory):
+    """SFT for 2 steps, then DPO (precomputed reference) for 3 steps, in one recipe."""
+    root = tmp_path_factory.mktemp("dpo")
+    manifest = small_shards(root, dpo_pairs=8)
+    recipe = training_recipe(root / "run", manifest, max_steps=2)
+    recipe["dpo"] = dpo_section()
+    result = run_pipeline("run", str(write_recipe(root / "recipe.yaml", recipe)))
+    assert result.returncode == 0, result.stderr[-6000:]
+    return root, manifest, result
+
+
+def test_dpo_trains_the_llm_only_from_the_sft_checkpoint(sft_then_dpo):
+    root, _, result = sft_then_dpo
+    run_dir = root / "run"
+    history = read_metrics(run_dir / "dpo" / "metrics.jsonl")
+    assert [m["step"] for m in history] == [1, 2, 3]
+    for name in TRL_METRICS:
+        assert name in history[0], name
+    assert 0 <= history[-1]["rewards/accuracies"] <= 1
+    # step 1 runs the start model: the policy equals the reference, so every reward is 0 and the
+    # loss is log 2 (up to batch-padding numerics)
+    assert history[0]["loss"] == pytest.approx(0.6931, abs=1e-3) and abs(history[0]["rewards/margins"]) < 1e-3
+    reference = json.loads((run_dir / "dpo" / "reference_logps.json").read_text())
+    assert len(reference) == 8 and all(len(v) == 2 and v[0] < 0 and v[1] < 0 for v in reference.values())
+    assert "stage dpo: done" in result.stderr
+
+    start = PPLLaVAForConditionalGeneration.from_pretrained(run_dir / "dpo" / "init").state_dict()
+    trained = consolidated_model(run_dir / "dpo" / "checkpoints" / "step_3", run_dir / "dpo" / "model").state_dict()
+    changed = {name for name in start if not torch.equal(start[name], trained[name])}
+    assert changed and all(name.startswith("language_model.") for name in changed), sorted(changed)[:5]
+    sft = consolidated_model(run_dir / "sft" / "checkpoints" / "step_2", run_dir / "sft" / "model").state_dict()
+    assert all(torch.equal(sft[name], start[name]) for name in start), "dpo/init is the SFT stage's final model"
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_a_live_reference_gives_the_precomputed_losses_and_stays_frozen(sft_then_dpo, tmp_path, zero_stage):
+    root, manifest, _ = sft_then_dpo
+    precomputed = read_metrics(root / "run" / "dpo" / "metrics.jsonl")
+    recipe = training_recipe(tmp_path / "run", manifest)
+    recipe.pop("sft")
+    recipe["dpo"] = dpo_section(reference="live", init=str(root / "run" / "dpo" / "init"), zero_stage=zero_stage)
+    result = run_pipeline("run", str(write_recipe(tmp_path / "recipe.yaml", recipe)))
+    assert result.returncode == 0, result.stderr[-6000:]
+    live = read_metrics(tmp_path / "run" / "dpo" / "metrics.jsonl")
+    assert [m["loss"] for m in live] == pytest.approx([m["loss"] for m in precomputed], abs=2e-4)
+    assert "reference: live, unchanged" in result.stdout
+    assert not (tmp_path / "run" / "dpo" / "reference_logps.json").exists()
+
+
+def test_dpo_resumes_exactly_after_a_kill(sft_then_dpo, tmp_path):
+    root, manifest, _ = sft_then_dpo
+    straight = read_metrics(root / "run" / "dpo" / "metrics.jsonl")
+    recipe = training_recipe(tmp_path / "run", manifest)
+    recipe.pop("sft")
+    recipe["dpo"] = dpo_section(init=str(root / "run" / "dpo" / "init"), save_every=1)
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    killed = run_pipeline("run", str(path), env=pipeline_env(**{FAULT_ENV: "before_rename:2"}))
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_pipeline("run", str(path), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert "resumed from" in resumed.stderr and "step 1" in resumed.stderr
+    after = read_metrics(tmp_path / "run" / "dpo" / "metrics.jsonl")
+    assert [m["step"] for m in after] == [1, 2, 3]
+    assert [m["loss"] for m in after] == pytest.approx([m["loss"] for m in straight], abs=1e-6)
