@@ -4,6 +4,7 @@
     validate RECIPE [key=value ...]     check a recipe without touching a device, model or data
     status RUN_DIR                      stages done, latest checkpoints, last metrics
     synth OUT_DIR                       write synthetic videos, images, multi-image sets, cards
+    chat MODEL_DIR [--video V | --image I ...] QUESTION    answer a question, streaming it
 
 Exit codes: 0 done; 2 bad recipe or input; 3 stopped by a signal after a checkpoint (requeue);
 anything else a failure.
@@ -54,10 +55,11 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"note: {note}; `run` needs it")
     print(f"{args.recipe}: valid. stages: {', '.join(recipe.stages)}; run_dir: {recipe.run_dir}; "
           f"backend: {recipe.backend}")
-    if recipe.sft is not None:
-        micro, accumulation, world = recipe.batch_layout(recipe.cluster.world_size)
-        print(f"sft global batch: micro {micro} x accumulation {accumulation} x world {world} "
-              f"({recipe.cluster.nodes} node(s) x {recipe.cluster.procs_per_node}) = {micro * accumulation * world}")
+    for stage in ("sft", "dpo"):
+        if getattr(recipe, stage) is not None:
+            micro, accumulation, world = recipe.batch_layout(recipe.cluster.world_size, stage)
+            print(f"{stage} global batch: micro {micro} x accumulation {accumulation} x world {world} "
+                  f"({recipe.cluster.nodes} node(s) x {recipe.cluster.procs_per_node}) = {micro * accumulation * world}")
     return EXIT_OK
 
 
@@ -137,6 +139,40 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _chat(args: argparse.Namespace) -> int:
+    """One question about a video, an image or several images, answered token by token on stdout
+    (loading and the visual token count go to stderr)."""
+    import backends
+    from backends import BackendUnavailable
+    from pipeline.data.media import MediaError
+    from pipeline.inference import InferenceError, Question, load_model_dir
+
+    try:
+        if not args.question.strip():
+            raise InferenceError("the question is empty")
+        question = Question.from_media(args.question, videos=args.video or (), images=args.image or ())
+        missing = [str(p) for p in question.media if not p.is_file()]
+        if missing:  # before the model loads
+            raise InferenceError(f"media file not found: {', '.join(missing)}")
+        backend = backends.select(args.backend)
+        precision = "fp32" if backend.device_type == "cpu" else "bf16"
+        model = load_model_dir(args.model_dir, args.frames, args.video_kernel, device=backend.device(0),
+                               dtype=backend.resolve_dtype(precision), attn_implementation=backend.attn_implementation)
+        inputs = model.prompt_inputs(question)
+        visual = int((inputs["input_ids"] == model.image_token).sum())
+        shape = f", video kernel {'x'.join(map(str, model.config.video_kernel))}" if question.modality == "video" else ""
+        print(f"{question.modality}: {inputs['pixel_values'].shape[0]} frames{shape} -> {visual} visual tokens",
+              file=sys.stderr, flush=True)
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        model.generate(question, args.max_new_tokens, streamer=streamer, inputs=inputs)
+    except (InferenceError, MediaError, BackendUnavailable) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="PPLLaVA training pipeline")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +205,28 @@ def build_parser() -> argparse.ArgumentParser:
         synth.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=int,
                            default=getattr(defaults, field.name), help=f"default {getattr(defaults, field.name)}")
     synth.set_defaults(handler=_synth)
+
+    chat = commands.add_parser(
+        "chat", help="ask a model directory about a video or images, the answer streamed to stdout",
+        description="Answer one question about a video, an image, or several images (one multi-image sample) with a "
+                    "model directory (the export stage's output, or eval.model_path's kind), greedy, streamed token "
+                    "by token. Frames are sampled at segment middles; the question alone guides the pooling.",
+        epilog="example: python -m pipeline chat runs/demo_cpu/export --video clip.mp4 --frames 64 --video-kernel 4 3 3 "
+               "\"Which way does the red circle move?\"")
+    chat.add_argument("model_dir", help="model directory: config.json, weights, tokenizer, clip_tokenizer/, "
+                                        "processor_config.json")
+    chat.add_argument("question", help="the question (put it in quotes)")
+    media = chat.add_mutually_exclusive_group()
+    media.add_argument("--video", action="append", metavar="PATH", help="a video file")
+    media.add_argument("--image", action="append", metavar="PATH", help="an image file; repeat for a multi-image question")
+    chat.add_argument("--frames", type=int, metavar="N", help="frames sampled from the video (default: the model's)")
+    chat.add_argument("--video-kernel", type=int, nargs=3, metavar=("T", "H", "W"),
+                      help="video pooling kernel = stride, e.g. 4 3 3 with --frames 64 (paper Table 8; default: the "
+                           "model's)")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    chat.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "npu"),
+                      help="device family (default auto: npu, then cuda, then cpu)")
+    chat.set_defaults(handler=_chat)
     return parser
 
 

@@ -1,12 +1,18 @@
 """A training checkpoint (ZeRO-sharded, any world size) -> one full model on CPU.
 
 DeepSpeed's own offline reader (``zero_to_fp32``) merges the fp32 master weights of every rank,
-the frozen parameters and the buffers; the model skeleton comes from the stage's weightless
-model directory (config.json). Loading is strict: a missing or unexpected tensor is an error.
+the frozen parameters and the buffers (ZeRO 1-3; a ZeRO-0 checkpoint has no partitioned optimizer,
+its module state holds every weight in the training precision); the model skeleton comes from the
+stage's weightless model directory (config.json). Loading is strict: a missing or unexpected
+tensor is an error naming every one. The model is built in ``dtype`` as ``from_pretrained`` builds
+it (RoPE's ``inv_freq`` stays fp32, which ``.to(bf16)`` would round), so that a saved and reloaded
+copy computes the same logits bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import shutil
 from pathlib import Path
@@ -20,16 +26,43 @@ from ppllava import PPLLaVAConfig, PPLLaVAForConditionalGeneration
 logger = logging.getLogger(__name__)
 
 
-def consolidated_model(step_dir: Path, model_dir: Path, dtype: torch.dtype = torch.float32) -> PPLLaVAForConditionalGeneration:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's model, full size, on CPU, whatever world size wrote it."""
+    deepspeed_dir = Path(step_dir) / DEEPSPEED_TAG
+    if any(deepspeed_dir.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DEEPSPEED_TAG)
-    model = PPLLaVAForConditionalGeneration(PPLLaVAConfig.from_pretrained(str(model_dir)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints every step of its work
+            return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DEEPSPEED_TAG)
+    module_states = deepspeed_dir / "mp_rank_00_model_states.pt"
+    if not module_states.is_file():
+        raise ValueError(f"{deepspeed_dir} holds no DeepSpeed checkpoint (no optimizer shards, no {module_states.name})")
+    return torch.load(module_states, map_location="cpu", weights_only=False)["module"]
+
+
+def model_from_state_dict(state: dict[str, torch.Tensor], model_dir: Path,
+                          dtype: torch.dtype = torch.float32) -> PPLLaVAForConditionalGeneration:
+    from transformers.initialization import no_init_weights
+
+    config = PPLLaVAConfig.from_pretrained(str(model_dir))
+    with no_init_weights():  # every weight comes from the checkpoint
+        model = PPLLaVAForConditionalGeneration._from_config(config, dtype=dtype)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"{step_dir} does not fit the model of {model_dir}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    return model.to(dtype).eval()
+        raise ValueError(f"the weights do not fit the model of {model_dir}: missing {missing}, unexpected {unexpected}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:  # shapes
+        raise ValueError(f"the weights do not fit the model of {model_dir}: {error}") from None
+    return model.eval()
+
+
+def consolidated_model(step_dir: Path, model_dir: Path, dtype: torch.dtype = torch.float32) -> PPLLaVAForConditionalGeneration:
+    try:
+        return model_from_state_dict(consolidated_state_dict(step_dir), model_dir, dtype)
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(f"{step_dir}: {error}") from None
 
 
 def copy_model_files(source: Path, target: Path) -> None:

@@ -33,7 +33,6 @@ import yaml
 from pipeline.data.synthetic import SynthSettings
 
 STAGE_ORDER = ("synth", "shard", "sft", "dpo", "export", "eval")
-NOT_YET_AVAILABLE = ("export", "eval")
 MODALITIES = ("video", "image", "multi_image")
 
 
@@ -194,6 +193,13 @@ class Recipe:
         return Path(self.run_dir) / stage
 
     @property
+    def export_source(self) -> str:
+        """The training stage whose final checkpoint the export stage reads (export.source_stage)."""
+        if self.export is not None and self.export.source_stage != "auto":
+            return self.export.source_stage
+        return "dpo" if self.dpo is not None else "sft"
+
+    @property
     def manifest_path(self) -> Path:
         return self.stage_dir("shard") / "manifest.json" if self.shard is not None else Path(self.data.manifest or "")
 
@@ -309,9 +315,6 @@ def _build(cls: type, data: Any, path: str, source: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         dotted = f"{path}.{key}" if path else str(key)
-        if not path and key in NOT_YET_AVAILABLE:
-            raise RecipeError(f"{source}: {dotted}: the {key} stage is not available in this version yet; remove the "
-                              f"section (stages available: {', '.join(s for s in STAGE_ORDER if s not in NOT_YET_AVAILABLE)})")
         if key not in allowed:
             close = [ALIASES[key]] if ALIASES.get(key) in allowed else difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -448,6 +451,21 @@ def validate(recipe: Recipe, missing_paths: list[str] | None = None) -> None:
         _validate_sft(recipe, missing_paths)
     if recipe.dpo is not None:
         _validate_dpo(recipe, missing_paths)
+    if recipe.eval is not None:
+        _validate_eval(recipe, missing_paths)
+    if recipe.export is not None:
+        _validate_export(recipe)
+
+
+def _validate_export(recipe: Recipe) -> None:
+    section, src = recipe.export, recipe.source
+    source = recipe.export_source
+    if getattr(recipe, source) is None:
+        raise RecipeError(f"{src}: export.source_stage: exports the {source} stage's final checkpoint, but the recipe "
+                          f"has no {source} section (keep it; `--stages export` runs only the export)")
+    if not re.fullmatch(r"\d+[KMG]i?B", section.max_shard_size, flags=re.IGNORECASE):
+        raise RecipeError(f"{src}: export.max_shard_size: expected a size like 5GB, 500MB or 2GiB, "
+                          f"got {section.max_shard_size!r}")
 
 
 def _validate_training(recipe: Recipe, stage: str, missing: list[str] | None) -> None:
@@ -483,6 +501,34 @@ def _validate_sft(recipe: Recipe, missing: list[str] | None) -> None:
     _validate_training(recipe, "sft", missing)
     if not any(dataclasses.asdict(recipe.sft.trainable).values()):
         raise RecipeError(f"{recipe.source}: sft.trainable: at least one part must train")
+
+
+def _validate_eval(recipe: Recipe, missing: list[str] | None) -> None:
+    src, section = recipe.source, recipe.eval
+    if not section.multiple_choice and not section.open_ended:
+        raise RecipeError(f"{src}: eval: give at least one question file in eval.multiple_choice or eval.open_ended")
+    for key in ("num_frames", "limit"):
+        if getattr(section, key) is not None:
+            _positive(recipe, f"eval.{key}", getattr(section, key))
+    _positive(recipe, "eval.max_new_tokens", section.max_new_tokens)
+    if section.video_kernel is not None and (len(section.video_kernel) != 3 or min(section.video_kernel) < 1):
+        raise RecipeError(f"{src}: eval.video_kernel: expected three positive integers (t, h, w), got {section.video_kernel}")
+    synth_dir = os.path.normpath(recipe.stage_dir("synth")) if recipe.synth is not None else None
+    for key in ("multiple_choice", "open_ended"):
+        for index, path in enumerate(getattr(section, key)):
+            if synth_dir is None or not os.path.normpath(path).startswith(synth_dir):  # else this run writes it
+                _existing(recipe, f"eval.{key}[{index}]", path, "JSON file of questions", missing)
+    written_here = synth_dir is not None and os.path.normpath(section.media_root or "").startswith(synth_dir)
+    if section.media_root is not None and not written_here:
+        _existing(recipe, "eval.media_root", section.media_root, "directory of the questions' media", missing)
+    if section.model_path is not None:
+        _existing(recipe, "eval.model_path", section.model_path, "model directory (an export)", missing)
+    elif recipe.export is None and not recipe.stage_dir("export").is_dir():
+        message = (f"{src}: eval.model_path: not set, and there is no export section in the recipe nor an export in "
+                   f"{recipe.stage_dir('export')}; set it to a model directory")
+        if missing is None:
+            raise RecipeError(message)
+        missing.append(message)
 
 
 def _validate_dpo(recipe: Recipe, missing: list[str] | None) -> None:

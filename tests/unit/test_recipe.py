@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, run_pipeline, write_recipe
-from pipeline.recipe import NOT_YET_AVAILABLE, Recipe, RecipeError, differences, load_recipe, parse_recipe, validate
+from pipeline.recipe import Recipe, RecipeError, differences, load_recipe, parse_recipe, validate
 
 pytestmark = pytest.mark.unit
 
@@ -88,9 +88,6 @@ def test_overrides_are_type_checked_and_cannot_invent_stages(tmp_path):
         parse_recipe(minimal(tmp_path), ["shard.processes=4"])
     with pytest.raises(RecipeError, match="not of the form key=value"):
         parse_recipe(minimal(tmp_path), ["sft.lr"])
-    for stage in NOT_YET_AVAILABLE:
-        with pytest.raises(RecipeError, match=f"the {stage} stage is not available in this version yet"):
-            parse_recipe({**minimal(tmp_path), stage: {}})
 
 
 def test_run_dir_and_environment_variables_are_interpolated(tmp_path, monkeypatch):
@@ -149,7 +146,7 @@ def recipe_keys(cls=Recipe, prefix=""):
     mappings dotted (trainable.vision)."""
     hints = typing.get_type_hints(cls)
     for item in dataclasses.fields(cls):
-        if item.metadata.get("internal") or (cls is Recipe and item.name in NOT_YET_AVAILABLE):
+        if item.metadata.get("internal"):
             continue
         yield prefix + item.name
         nested = [o for o in (hints[item.name], *typing.get_args(hints[item.name])) if dataclasses.is_dataclass(o)]
@@ -161,3 +158,13 @@ def test_every_recipe_key_is_documented():
     documented = (REPO_ROOT / "docs" / "recipes.md").read_text()
     assert len(list(recipe_keys())) > 60
     assert sorted({key for key in recipe_keys() if f"`{key}`" not in documented}) == []
+
+
+@pytest.mark.parametrize("name, layout", [("dpo_gpu", "micro 1 x accumulation 4 x world 16"),
+                                          ("dpo_npu", "micro 1 x accumulation 2 x world 32")])
+def test_dpo_recipes_carry_the_paper_settings(name, layout):
+    result = run_pipeline("validate", f"recipes/{name}.yaml", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"dpo global batch: {layout} " in result.stdout and result.stdout.rstrip().endswith("= 64")
+    dpo = load_recipe(REPO_ROOT / "recipes" / f"{name}.yaml").dpo
+    assert (dpo.lr, dpo.beta, dpo.epochs, dpo.zero_stage, dpo.precision) == (5e-6, 0.1, 2.0, 3, "bf16")
