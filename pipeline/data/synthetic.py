@@ -5,7 +5,7 @@ depends on what is asked (so prompt-guided pooling has a reason to look somewher
                   "What colour is the circle?" / "Which way does the red circle move?"
     images        JPEG with two or three still shapes: colour of a named shape, how many shapes
     multi-image   2-4 JPEGs with one shape each: "Which image contains the blue square?"
-    eval          multiple-choice video questions (A-D)
+    eval          multiple-choice questions (A-D) on held-out videos, options phrased like answers
     DPO pairs     video description, correct (chosen) vs wrong direction or colour (rejected)
 
 Annotations are written in the formats real data uses (VideoChat2 QA for video, LLaVA
@@ -152,19 +152,25 @@ def generate(out_dir: str | Path, settings: SynthSettings | None = None) -> dict
         name = f"videos/video_{index:04d}.mp4"
         (media / name).write_bytes(data)
         video_records.append({"video": name, "QA": _video_qa(rng, shapes)})
-        if index < settings.eval_questions:
-            target = rng.choice(shapes)
-            options = sorted(DIRECTIONS)
-            rng.shuffle(options)
-            letter = "ABCD"[options.index(target.direction)]
-            eval_records.append({"video": name, "question": f"Which way does the {target.describe()} move?",
-                                 "options": options, "answer": letter})
         if index < settings.dpo_pairs:
             target = rng.choice(shapes)
             wrong = rng.choice([d for d in sorted(DIRECTIONS) if d != target.direction])
             dpo_lines.append({"id": f"dpo_{index:04d}", "video": name, "prompt": f"Describe how the {target.kind} moves.",
                               "chosen": f"The {target.describe()} moves {target.direction}.",
                               "rejected": f"The {target.describe()} moves {wrong}."})
+
+    # Held-out videos for the multiple-choice questions; the options are phrased like the training
+    # answers, so a model is scored on what it was taught to say.
+    for index in range(settings.eval_questions):
+        data, shapes = _video(rng, settings)
+        name = f"videos/eval_{index:04d}.mp4"
+        (media / name).write_bytes(data)
+        target = rng.choice(shapes)
+        directions = sorted(DIRECTIONS)
+        rng.shuffle(directions)
+        eval_records.append({"video": name, "question": f"Which way does the {target.describe()} move?",
+                             "options": [f"It moves {d}." for d in directions],
+                             "answer": "ABCD"[directions.index(target.direction)]})
 
     image_records = []
     for index in range(settings.images):

@@ -1,5 +1,5 @@
-"""`python -m pipeline run recipes/demo_cpu.yaml`: synth -> shard -> sft end to end on CPU, the
-files it leaves, a loss that falls, and a second run that trains nothing."""
+"""`python -m pipeline run recipes/demo_cpu.yaml`: synth -> shard -> sft -> dpo -> export -> eval end
+to end on CPU, the files it leaves, a loss that falls, and a second run that trains nothing."""
 
 import json
 
@@ -40,6 +40,11 @@ def test_the_demo_leaves_the_expected_files(demo):
         f"sft/checkpoints/step_{steps}/recipe.yaml", f"sft/checkpoints/step_{steps}/rank_00000.pt",
         f"sft/checkpoints/step_{steps}/deepspeed/mp_rank_00_model_states.pt",
         "sft/checkpoints/step_40/trainer_state.json",  # save_every 20, keep_last 2: step_40 and the end
+        "dpo/COMPLETE", "dpo/metrics.jsonl", "dpo/reference_logps.json", "dpo/init/model.safetensors",
+        "dpo/checkpoints/latest", "dpo/checkpoints/step_4/trainer_state.json",
+        "export/COMPLETE", "export/config.json", "export/model.safetensors", "export/README.md",
+        "export/generation_config.json", "export/processor_config.json", "export/clip_tokenizer/tokenizer.json",
+        "eval/COMPLETE", "eval/results.json", "eval/results.md",
     }
     assert expected <= files, sorted(expected - files)
     assert not any(f.startswith("sft/checkpoints/step_20/") for f in files), "keep_last 2 prunes older checkpoints"
@@ -69,6 +74,12 @@ def test_the_loss_falls_and_every_metric_is_logged(demo):
     assert history[0]["lr"] < history[2]["lr"] and history[-1]["lr"] < history[len(history) // 2]["lr"]  # warmup, cosine
     assert f"run demo_cpu finished: {run_dir}" in result.stdout
     assert f"loss: {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}" in result.stdout
+    # the run ends with the eval table and the export's path
+    assert "| **overall** | multiple choice | 8 |" in result.stdout and f"export {run_dir / 'export'}" in result.stdout
+    dpo = read_metrics(run_dir / "dpo" / "metrics.jsonl")
+    assert [m["step"] for m in dpo] == [1, 2, 3, 4] and all("rewards/margins" in m for m in dpo)
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert json.dumps(results).count('"questions": 8') >= 1
 
 
 def test_a_second_run_skips_every_stage_and_status_reports_the_run(demo):
@@ -78,7 +89,7 @@ def test_a_second_run_skips_every_stage_and_status_reports_the_run(demo):
     stamp = checkpoint.stat().st_mtime_ns
     again = run_pipeline("run", DEMO, f"run_dir={run_dir}", timeout=300)
     assert again.returncode == 0, again.stderr[-4000:]
-    for stage in ("synth", "shard", "sft"):
+    for stage in ("synth", "shard", "sft", "dpo", "export", "eval"):
         assert f"stage {stage}: skipped (complete, inputs unchanged" in again.stderr
         assert f"stage {stage}: starting" not in again.stderr
     assert (run_dir / "sft" / "metrics.jsonl").read_text() == metrics_before
@@ -90,12 +101,13 @@ def test_a_second_run_skips_every_stage_and_status_reports_the_run(demo):
     assert '"step": 48' in status.stdout
 
 
-def test_a_changed_training_key_reruns_sft_only_and_keeps_the_old_outputs(demo):
+def test_a_changed_training_key_reruns_sft_and_the_stages_after_it_and_keeps_the_old_outputs(demo):
     run_dir, _ = demo
     changed = run_pipeline("run", DEMO, f"run_dir={run_dir}", "sft.max_steps=3", timeout=300)
     assert changed.returncode == 0, changed.stderr[-4000:]
     assert "stage synth: skipped" in changed.stderr and "stage shard: skipped" in changed.stderr
-    assert "stage sft: starting" in changed.stderr
+    for stage in ("sft", "dpo", "export", "eval"):
+        assert f"stage {stage}: starting" in changed.stderr, stage
     kept = [p for p in run_dir.iterdir() if p.name.startswith("sft.replaced-")]
     assert len(kept) == 1 and (kept[0] / "checkpoints" / "step_48" / "trainer_state.json").exists()
     assert [m["step"] for m in read_metrics(run_dir / "sft" / "metrics.jsonl")] == [1, 2, 3]

@@ -38,7 +38,7 @@ def world(tmp_path_factory):
     save_tokenizers(tokenizer, tokenizer, model_dir)
     save_processor_config(Recipe(name="tiny", run_dir=str(root)), config, model_dir)
     questions = json.loads((root / "synth" / "eval_multiple_choice.json").read_text())
-    open_ended = [{"video": q["video"], "question": q["question"], "answer": f"It moves {q['options'][0]}."}
+    open_ended = [{"video": q["video"], "question": q["question"], "answer": q["options"][0]}
                   for q in questions[:3]] + [{"image": "images/image_0000.jpg", "question": "What colour is the circle?"}]
     (root / "open_qa.json").write_text(json.dumps(open_ended))
     return {"root": root, "model": model_dir, "media": root / "synth" / "media", "questions": questions,
