@@ -103,3 +103,14 @@ def verify_checksums(directory: Path) -> None:
             problems.append(f"{name} is corrupted (its sha256 differs from the one recorded at export)")
     if problems:
         raise ModelFilesError(f"{directory}: " + "; ".join(problems) + "; export the model again or restore the files")
+
+
+def directory_fingerprint(directory: Path) -> dict:
+    """What a model directory's contents are, cheaply: its SHA256SUMS (an export's) when present,
+    else every file's size and modification time. A stage reading the directory re-runs when it
+    changes (a re-export, a re-conversion)."""
+    directory = Path(directory)
+    if (directory / CHECKSUMS).is_file():
+        return {CHECKSUMS: (directory / CHECKSUMS).read_text()}
+    return {str(p.relative_to(directory)): [p.stat().st_size, p.stat().st_mtime_ns]
+            for p in sorted(directory.rglob("*")) if p.is_file()}

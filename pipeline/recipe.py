@@ -166,6 +166,7 @@ class EvalSection:
     video_kernel: list[int] | None = None    # e.g. [4, 3, 3] with 64 frames (paper Table 8)
     max_new_tokens: int = 64
     limit: int | None = None                 # questions per file at most
+    baseline: bool = False                   # also score the untrained start model on the same questions
 
 
 @dataclass

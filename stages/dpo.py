@@ -23,23 +23,25 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
 
 from backends.deepspeed_engine import build_engine, build_frozen_model, model_init_context
-from pipeline.atomic import write_text_atomically
+from pipeline.atomic import fsync_rename, fsync_tree, write_text_atomically
 from pipeline.checkpoint import latest_checkpoint
 from pipeline.consolidate import consolidated_model, copy_model_files
-from pipeline.data.collate import SampleProcessor
+from pipeline.data.collate import SampleProcessor, SampleTooLong
 from pipeline.data.loader import LoaderSettings, StreamingLoader, media_members, read_tar
-from pipeline.data.media import decoder
+from pipeline.data.media import MediaError, decoder
 from pipeline.data.pairs import PairProcessor
+from pipeline.model_check import directory_fingerprint
 from pipeline.model_setup import CLIP_TOKENIZER_DIR, MODEL_DIR, count_parameters, load_processor_settings
 from pipeline.preference import dpo_loss, sequence_logps
 from pipeline.recipe import Recipe, RecipeError
-from pipeline.runner import StageContext, StageFailed
+from pipeline.runner import StageContext, StageFailed, fingerprint_of
 from pipeline.training import TrainingRun, engine_settings, schedule_length, stage_inputs
 from ppllava import PPLLaVAForConditionalGeneration
 
@@ -52,8 +54,8 @@ REFERENCE_FILE = "reference_logps.json"
 
 def inputs(recipe: Recipe, world_size: int) -> dict:
     found = stage_inputs(recipe, "dpo", world_size)
-    if recipe.dpo.init != "sft":  # a model directory: its config and weights index name the model
-        found["init_config"] = (Path(recipe.dpo.init) / "config.json").read_text()
+    if recipe.dpo.init != "sft":  # a model directory: a re-export re-runs the stage
+        found["init_files"] = directory_fingerprint(Path(recipe.dpo.init))
     return found
 
 
@@ -70,16 +72,21 @@ def _start_model(context: StageContext) -> Path:
             raise StageFailed(f"dpo.init: sft, but {sft_dir / 'checkpoints'} holds no checkpoint")
         logger.info("dpo: consolidating %s into %s", step_dir, init)
         partial = init.with_name("init.tmp")
+        if partial.exists():  # left by a killed run
+            shutil.rmtree(partial)
         model = consolidated_model(step_dir, sft_dir / MODEL_DIR)
         model.save_pretrained(partial)
         copy_model_files(sft_dir / MODEL_DIR, partial)
-        partial.rename(init)
+        fsync_tree(partial)
+        fsync_rename(partial, init)
     context.barrier()
     return init
 
 
 def _load(init: Path, attn: str) -> PPLLaVAForConditionalGeneration:
-    return PPLLaVAForConditionalGeneration.from_pretrained(str(init), attn_implementation=attn)
+    # fp32 whatever the directory holds (a bf16 export): DeepSpeed casts to the training precision,
+    # and fp32 master weights must not start from a silent downcast.
+    return PPLLaVAForConditionalGeneration.from_pretrained(str(init), attn_implementation=attn, dtype=torch.float32)
 
 
 def _pair_logps(model, batch, device) -> torch.Tensor:
@@ -92,38 +99,63 @@ def _pair_logps(model, batch, device) -> torch.Tensor:
 def _precompute_reference(context: StageContext, engine, processor: PairProcessor, micro: int) -> dict:
     """Reference log-probs of every pair, by the start model (the policy before its first step).
 
-    Each rank takes every world-th dpo shard; all ranks run the same number of forwards (ZeRO-3
-    gathers parameters collectively), the short ones repeating a pair whose result is dropped.
+    Each rank streams every world-th dpo shard. All ranks run the same number of forwards (ZeRO-3
+    gathers parameters collectively): the counts come from the manifest, and a rank with fewer
+    pairs repeats its last batch, whose results are dropped. A pair that cannot be decoded is
+    skipped, as the training loader skips it.
     """
     recipe, dist, device = context.recipe, context.dist, context.backend.device(context.dist.local_rank)
+    root = recipe.manifest_path.parent
     manifest = json.loads(recipe.manifest_path.read_text())
     shards = sorted((s for s in manifest["shards"] if s["modality"] == "dpo"), key=lambda s: s["path"])
-    records = [record for shard in shards[dist.rank::dist.world_size]
-               for record in read_tar(recipe.manifest_path.parent / shard["path"])]
-    if not records:  # more ranks than shards: work on a copy of the first pair, dropped below
-        records = [next(read_tar(recipe.manifest_path.parent / shards[0]["path"]))]
-    own = len(records) if dist.rank < len(shards) else 0
-    batches = -(-len(records) // micro)
+    mine = shards[dist.rank::dist.world_size]
+    batches = -(-sum(s["samples"] for s in mine) // micro)
     if torch_dist.is_initialized() and dist.world_size > 1:
         most = torch.tensor([batches], device=device)
         torch_dist.all_reduce(most, op=torch_dist.ReduceOp.MAX)
         batches = int(most)
+
+    def prepared():
+        for shard in mine or shards[:1]:  # no shard of its own: work on the first one, results dropped
+            for record in read_tar(root / shard["path"]):
+                pair = processor.parse(json.loads(record["json"]))
+                try:
+                    yield pair, processor(pair, media_members(record, pair))
+                except (MediaError, SampleTooLong) as error:
+                    logger.warning("reference pass: skipping %s: %s", pair.key, error)
+
     found: dict[str, list[float]] = {}
+    stream, last = prepared(), None
     engine.eval()
     with torch.no_grad():
-        for index in range(batches):
-            chunk = records[index * micro:(index + 1) * micro] or records[-1:]
-            pairs = [processor.parse(json.loads(record["json"])) for record in chunk]
-            batch = processor.collate([processor(pair, media_members(record, pair)) for pair, record in zip(pairs, chunk)])
-            logps = _pair_logps(engine, batch, device).float().cpu()
-            for row, pair in enumerate(pairs):
-                if index * micro + row < own:
-                    found[pair.key] = [float(logps[row]), float(logps[row + len(pairs)])]
+        for _ in range(batches):
+            chunk = [item for _, item in zip(range(micro), stream)]
+            counted = bool(chunk) and bool(mine)
+            chunk = chunk or last  # this rank ran out: repeat, drop the results
+            last = chunk
+            logps = _pair_logps(engine, processor.collate([processed for _, processed in chunk]), device).float().cpu()
+            for row, (pair, _) in enumerate(chunk):
+                if not counted:
+                    continue
+                if pair.key in found:
+                    raise StageFailed(f"two preference pairs share the key {pair.key}: give every record a unique id")
+                found[pair.key] = [float(logps[row]), float(logps[row + len(chunk)])]
     gathered = [found]
     if torch_dist.is_initialized() and dist.world_size > 1:
         gathered = [None] * dist.world_size
         torch_dist.all_gather_object(gathered, found)
-    return {key: value for part in gathered for key, value in part.items()}
+    merged: dict[str, list[float]] = {}
+    for part in gathered:
+        duplicated = set(merged) & set(part)
+        if duplicated:
+            raise StageFailed(f"two preference pairs share the key {sorted(duplicated)[0]}: give every record a unique id")
+        merged.update(part)
+    return merged
+
+
+def _reference_inputs(context: StageContext) -> str:
+    """What the reference log-probs depend on: the start model and the data, not the schedule."""
+    return fingerprint_of({key: value for key, value in context.inputs.items() if key not in ("dpo", "world_size")})
 
 
 def run(context: StageContext) -> dict:
@@ -169,20 +201,23 @@ def run(context: StageContext) -> dict:
                     "reference %s; %.1fM parameters, %.1fM trainable", total_steps, micro * accumulation * world,
                     micro, accumulation, world, pairs, dpo.beta, dpo.reference, parameters / 1e6, trainable / 1e6)
 
+    if context.dry_run:  # the policy is the start model: it is its own reference for one batch
+        batch = next(iter(loader))
+        logps = _pair_logps(engine, batch, device)
+        half = len(batch.keys)
+        loss, _ = dpo_loss(logps[:half], logps[half:], logps[:half].detach(), logps[half:].detach(), dpo.beta)
+        engine.backward(loss)
+        if dist.is_main:
+            print(f"dry run: dpo loss {float(loss):.4f} on {half} pairs; memory {backend.memory_stats()}", flush=True)
+        return {}
+
     reference, reference_logps, reference_digest = None, {}, ""
     if dpo.reference == "live":
         with model_init_context(settings, backend.resolve_dtype(dpo.precision, dist.local_rank)):
             reference = build_frozen_model(_load(init, attn), backend, settings, dist.local_rank)
         reference_digest = _digest(reference)
     else:
-        path = context.directory / REFERENCE_FILE
-        if not path.is_file():  # once per run: a resumed run finds it (the policy has moved on)
-            found = _precompute_reference(context, engine, processor, micro)
-            if dist.is_main:
-                write_text_atomically(path, json.dumps(found))
-                logger.info("dpo: reference log-probs of %d pairs written to %s", len(found), path)
-            context.barrier()
-        reference_logps = json.loads(path.read_text())
+        reference_logps = _stored_reference(context, engine, processor, micro)
 
     def reference_pair_logps(batch) -> tuple[torch.Tensor, torch.Tensor]:
         if reference is not None:
@@ -195,16 +230,6 @@ def run(context: StageContext) -> dict:
                               f"other shards; delete it to compute it again")
         values = torch.tensor([reference_logps[key] for key in batch.keys], device=device)
         return values[:, 0], values[:, 1]
-
-    if context.dry_run:
-        batch = next(iter(loader))
-        logps = _pair_logps(engine, batch, device)
-        loss, _ = dpo_loss(logps[:len(batch.keys)], logps[len(batch.keys):], *reference_pair_logps(batch), dpo.beta)
-        engine.backward(loss)
-        if dist.is_main:
-            print(f"dry run: dpo loss {float(loss):.4f} on {len(batch.keys)} pairs; memory {backend.memory_stats()}",
-                  flush=True)
-        return {}
 
     # The loop.
     run = TrainingRun(context, engine, scheduler, loader, total_steps)
@@ -241,6 +266,25 @@ def run(context: StageContext) -> dict:
             raise StageFailed("the frozen reference model's parameters changed during training")
         summary["reference"] = f"live, unchanged (sha256 of rank {dist.rank}'s parameters {reference_digest[:16]})"
     return summary
+
+
+def _stored_reference(context: StageContext, engine, processor: PairProcessor, micro: int) -> dict:
+    """run_dir/dpo/reference_logps.json, computed once per start model and data: a resumed run
+    finds it (its policy has moved on), a changed start model or data recomputes it. Rank 0
+    decides for all, so ranks never disagree about entering the collective pass."""
+    path, expected = context.directory / REFERENCE_FILE, _reference_inputs(context)
+    valid = [False]
+    if context.dist.is_main and path.is_file():
+        valid = [json.loads(path.read_text()).get("inputs") == expected]
+    if torch_dist.is_initialized() and context.dist.world_size > 1:
+        torch_dist.broadcast_object_list(valid, src=0)
+    if not valid[0]:
+        found = _precompute_reference(context, engine, processor, micro)
+        if context.dist.is_main:
+            write_text_atomically(path, json.dumps({"inputs": expected, "logps": found}))
+            logger.info("dpo: reference log-probs of %d pairs written to %s", len(found), path)
+        context.barrier()
+    return json.loads(path.read_text())["logps"]
 
 
 def _digest(module: torch.nn.Module) -> str:

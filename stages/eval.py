@@ -30,12 +30,15 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from pipeline.atomic import write_text_atomically
 from pipeline.data.media import MediaError
 from pipeline.data.records import RecordError
-from pipeline.inference import InferenceError, Question, load_model_dir
+from pipeline.inference import InferenceError, InferenceModel, Question, load_model_dir
+from pipeline.model_check import CHECKSUMS, ModelFilesError, directory_fingerprint, verify_checksums
+from pipeline.model_setup import build_model
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.runner import StageContext, StoppedForRequeue
 
@@ -73,7 +76,7 @@ def model_directory(recipe: Recipe) -> Path:
 
 def inputs(recipe: Recipe, world_size: int) -> dict:
     """The eval section, the sha256 of every question file (changed questions re-run the stage)
-    and the model directory's file list with sizes and times (a re-exported model re-runs it)."""
+    and the model directory's contents (a re-exported model re-runs it)."""
     files = {}
     for kind in KINDS:
         for index, name in enumerate(getattr(recipe.eval, kind)):
@@ -85,9 +88,8 @@ def inputs(recipe: Recipe, world_size: int) -> dict:
     if not (directory / "config.json").is_file():
         raise RecipeError(f"{recipe.source}: eval: the model directory {directory} has no config.json (set "
                           f"eval.model_path, or run the export stage first)")
-    model_files = {str(p.relative_to(directory)): [p.stat().st_size, p.stat().st_mtime_ns]
-                   for p in sorted(directory.rglob("*")) if p.is_file()}
-    return {"eval": asdict(recipe.eval), "files_sha256": files, "model_dir": str(directory), "model_files": model_files}
+    return {"eval": asdict(recipe.eval), "files_sha256": files, "model_dir": str(directory),
+            "model_files": directory_fingerprint(directory)}
 
 
 # -- reading the question files ---------------------------------------------------------------------
@@ -191,6 +193,11 @@ def run(context: StageContext) -> dict:
 
     backend = context.backend
     on_device = backend.device_type != "cpu"
+    if (model_directory(recipe) / CHECKSUMS).is_file():  # an export: a corrupted shard would load silently
+        try:
+            verify_checksums(model_directory(recipe))
+        except ModelFilesError as error:
+            raise RecipeError(f"{recipe.source}: eval: {error}") from None
     model = load_model_dir(model_directory(recipe), section.num_frames, section.video_kernel,
                            device=backend.device(context.dist.local_rank),
                            dtype=backend.resolve_dtype("bf16" if on_device else "fp32", context.dist.local_rank),
@@ -200,32 +207,7 @@ def run(context: StageContext) -> dict:
                "multiple_choice": {}, "open_ended": {}}
     progress = tqdm(total=sum(len(task.items) for task in tasks), desc="eval", unit="question", dynamic_ncols=True)
     for task in tasks:
-        lines, correct, correct_by_sum = [], 0, 0
-        for item in task.items:
-            if context.stop.received:
-                raise StoppedForRequeue(f"{context.stop.received} received during eval; the stage starts over next run")
-            progress.set_postfix_str(task.name)
-            media = {k: item.record[k] for k in ("video", "image") if k in item.record}
-            try:
-                if task.kind == "open_ended":
-                    prediction = model.generate(item.question, section.max_new_tokens)
-                else:
-                    scores = model.answer_loglikelihoods(item.question, item.options)
-            except (MediaError, InferenceError) as error:  # undecodable media, a prompt too long
-                raise RecipeError(f"{recipe.source}: eval.{task.kind}: {task.path}, record {item.index}: {error}") from None
-            if task.kind == "open_ended":
-                lines.append({"index": item.index, **media, "question": item.question.text, "prediction": prediction,
-                              "reference": item.answer})
-            else:
-                chosen = max(range(len(scores)), key=lambda i: scores[i].mean)
-                by_sum = max(range(len(scores)), key=lambda i: scores[i].total)
-                correct += chosen == item.answer
-                correct_by_sum += by_sum == item.answer
-                lines.append({"index": item.index, **media, "question": item.question.text, "options": item.options,
-                              "answer": LETTERS[item.answer], "prediction": LETTERS[chosen],
-                              "correct": chosen == item.answer, "logprob_mean": [s.mean for s in scores],
-                              "logprob_sum": [s.total for s in scores]})
-            progress.update(1)
+        lines, correct, correct_by_sum = _answer(model, task, context, progress)
         count = len(task.items)
         if task.kind == "open_ended":
             write_text_atomically(out / f"{task.name}.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
@@ -238,11 +220,19 @@ def run(context: StageContext) -> dict:
     progress.close()
 
     choice = results["multiple_choice"]
+    if section.baseline and choice:  # the same questions, asked of the model training started from
+        untrained = _untrained(context, model)
+        for task in (task for task in tasks if task.kind == "multiple_choice"):
+            _, correct, _ = _answer(untrained, task, context, None)
+            choice[task.name]["untrained_accuracy"] = correct / len(task.items)
     if choice:
         questions = sum(t["questions"] for t in choice.values())
         right = sum(t["correct"] for t in choice.values())
         results["overall"] = {"questions": questions, "correct": right, "accuracy": right / questions,
                               "mean_task_accuracy": sum(t["accuracy"] for t in choice.values()) / len(choice)}
+        if section.baseline:
+            results["overall"]["untrained_accuracy"] = sum(
+                t["untrained_accuracy"] * t["questions"] for t in choice.values()) / questions
     table = results_table(results)
     write_text_atomically(out / "results.json", json.dumps(results, indent=1))
     write_text_atomically(out / "results.md", table + "\n")
@@ -251,19 +241,75 @@ def run(context: StageContext) -> dict:
     summary = {"results": str(out / "results.json")}
     if choice:
         summary.update(accuracy=round(results["overall"]["accuracy"], 4), questions=results["overall"]["questions"])
+        if section.baseline:
+            summary["untrained accuracy"] = round(results["overall"]["untrained_accuracy"], 4)
     if results["open_ended"]:
         summary["open-ended answers"] = sum(t["questions"] for t in results["open_ended"].values())
     return summary
 
 
+def _answer(model: InferenceModel, task: Task, context: StageContext, progress) -> tuple[list[dict], int, int]:
+    """Every question of a task: (result lines, correct by mean, correct by sum)."""
+    recipe, section = context.recipe, context.recipe.eval
+    lines, correct, correct_by_sum = [], 0, 0
+    for item in task.items:
+        if context.stop.received:
+            raise StoppedForRequeue(f"{context.stop.received} received during eval; the stage starts over next run")
+        media = {k: item.record[k] for k in ("video", "image") if k in item.record}
+        try:
+            if task.kind == "open_ended":
+                prediction = model.generate(item.question, section.max_new_tokens)
+            else:
+                scores = model.answer_loglikelihoods(item.question, item.options)
+        except (MediaError, InferenceError) as error:  # undecodable media, a prompt too long
+            raise RecipeError(f"{recipe.source}: eval.{task.kind}: {task.path}, record {item.index}: {error}") from None
+        if task.kind == "open_ended":
+            lines.append({"index": item.index, **media, "question": item.question.text, "prediction": prediction,
+                          "reference": item.answer})
+        else:
+            chosen = max(range(len(scores)), key=lambda i: scores[i].mean)
+            by_sum = max(range(len(scores)), key=lambda i: scores[i].total)
+            correct += chosen == item.answer
+            correct_by_sum += by_sum == item.answer
+            lines.append({"index": item.index, **media, "question": item.question.text, "options": item.options,
+                          "answer": LETTERS[item.answer], "prediction": LETTERS[chosen],
+                          "correct": chosen == item.answer, "logprob_mean": [s.mean for s in scores],
+                          "logprob_sum": [s.total for s in scores]})
+        if progress is not None:
+            progress.set_postfix_str(task.name)
+            progress.update(1)
+    return lines, correct, correct_by_sum
+
+
+def _untrained(context: StageContext, trained: InferenceModel) -> InferenceModel:
+    """The model training started from, built as the recipe's `model` section builds it (weights
+    initialised with the recipe's seed where they are not loaded), with the trained model's
+    tokenizers, processor and frame / kernel settings."""
+    recipe = context.recipe
+    torch.manual_seed(recipe.seed)
+    start = build_model(recipe, trained.tokenizer, context.backend.attn_implementation)
+    start.config.num_frames = trained.config.num_frames
+    start.config.video_kernel, start.config.video_stride = trained.config.video_kernel, trained.config.video_stride
+    start = start.to(device=trained.device, dtype=next(trained.model.parameters()).dtype).eval()
+    return InferenceModel(start, trained.tokenizer, trained.clip_tokenizer, trained.processor, Path("untrained"))
+
+
 def results_table(results: dict) -> str:
-    """The per-task table (markdown: printed, and saved as results.md)."""
-    rows = ["| task | kind | questions | accuracy |", "|---|---|---:|---:|"]
+    """The per-task table (markdown: printed, and saved as results.md); with a baseline, the
+    untrained model's accuracy on the same questions stands beside the trained one's."""
+    baseline = "untrained_accuracy" in results.get("overall", {})
+    rows = ["| task | kind | questions | accuracy |" + (" untrained |" if baseline else ""),
+            "|---|---|---:|---:|" + ("---:|" if baseline else "")]
+
+    def row(name: str, kind: str, entry: dict) -> str:
+        line = f"| {name} | {kind} | {entry['questions']} | {100 * entry['accuracy']:.1f} % |"
+        return line + (f" {100 * entry['untrained_accuracy']:.1f} % |" if baseline else "")
+
     for name, task in results["multiple_choice"].items():
-        rows.append(f"| {name} | multiple choice | {task['questions']} | {100 * task['accuracy']:.1f} % |")
+        rows.append(row(name, "multiple choice", task))
     if "overall" in results:
-        overall = results["overall"]
-        rows.append(f"| **overall** | multiple choice | {overall['questions']} | {100 * overall['accuracy']:.1f} % |")
+        rows.append(row("**overall**", "multiple choice", results["overall"]))
     for name, task in results["open_ended"].items():
-        rows.append(f"| {name} | open-ended | {task['questions']} | answers in {task['answers']} |")
+        rows.append(f"| {name} | open-ended | {task['questions']} | answers in {task['answers']} |"
+                    + (" |" if baseline else ""))
     return "\n".join(rows)

@@ -75,11 +75,12 @@ def test_the_loss_falls_and_every_metric_is_logged(demo):
     assert f"run demo_cpu finished: {run_dir}" in result.stdout
     assert f"loss: {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}" in result.stdout
     # the run ends with the eval table and the export's path
+    assert "| task | kind | questions | accuracy | untrained |" in result.stdout
     assert "| **overall** | multiple choice | 8 |" in result.stdout and f"export {run_dir / 'export'}" in result.stdout
     dpo = read_metrics(run_dir / "dpo" / "metrics.jsonl")
     assert [m["step"] for m in dpo] == [1, 2, 3, 4] and all("rewards/margins" in m for m in dpo)
-    results = json.loads((run_dir / "eval" / "results.json").read_text())
-    assert json.dumps(results).count('"questions": 8') >= 1
+    overall = json.loads((run_dir / "eval" / "results.json").read_text())["overall"]
+    assert overall["questions"] == 8 and 0 <= overall["accuracy"] <= 1 and 0 <= overall["untrained_accuracy"] <= 1
 
 
 def test_a_second_run_skips_every_stage_and_status_reports_the_run(demo):

@@ -47,14 +47,18 @@ def test_dpo_loss_and_metrics_equal_a_hand_computation():
 
     from pipeline.preference import dpo_loss
 
-    policy_chosen, policy_rejected = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -18.0])
-    reference_chosen, reference_rejected = torch.tensor([-11.0, -19.0]), torch.tensor([-11.0, -19.0])
+    policy_chosen, policy_rejected = torch.tensor([-10.0, -20.0]), torch.tensor([-14.0, -19.0])
+    reference_chosen, reference_rejected = torch.tensor([-11.0, -19.0]), torch.tensor([-12.0, -20.0])
     loss, metrics = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=0.1)
-    # pair 0: logits = (-10 + 12) - (-11 + 11) = 2; pair 1: (-20 + 18) - 0 = -2
-    expected = (-math.log(1 / (1 + math.exp(-0.2))) - math.log(1 / (1 + math.exp(0.2)))) / 2
+    # pair 0: logits = (-10 + 14) - (-11 + 12) = 3; pair 1: (-20 + 19) - (-19 + 20) = -2
+    expected = (math.log(1 + math.exp(-0.3)) + math.log(1 + math.exp(0.2))) / 2
     assert float(loss) == pytest.approx(expected, abs=1e-6)
-    assert metrics["rewards/chosen"] == pytest.approx((0.1 * 1 + 0.1 * -1) / 2)
-    assert metrics["rewards/rejected"] == pytest.approx((0.1 * -1 + 0.1 * 1) / 2)
-    assert metrics["rewards/accuracies"] == pytest.approx(0.5)  # pair 0 prefers chosen, pair 1 does not
-    assert metrics["rewards/margins"] == pytest.approx((0.2 + -0.2) / 2)
-    assert metrics["logps/chosen"] == pytest.approx(-15.0) and metrics["logps/rejected"] == pytest.approx(-15.0)
+    # rewards: chosen 0.1 * (1, -1); rejected 0.1 * (-2, 1)
+    assert metrics["rewards/chosen"] == pytest.approx(0.0)
+    assert metrics["rewards/rejected"] == pytest.approx(-0.05)
+    assert metrics["rewards/accuracies"] == pytest.approx(0.5)  # pair 0 prefers chosen (0.1 > -0.2), pair 1 not
+    assert metrics["rewards/margins"] == pytest.approx((0.3 + -0.2) / 2)
+    assert metrics["logps/chosen"] == pytest.approx(-15.0) and metrics["logps/rejected"] == pytest.approx(-16.5)
+    # swapping chosen and rejected changes the loss: the test knows which is which
+    swapped, _ = dpo_loss(policy_rejected, policy_chosen, reference_rejected, reference_chosen, beta=0.1)
+    assert float(swapped) != pytest.approx(float(loss), abs=1e-3)
