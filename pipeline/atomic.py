@@ -1,4 +1,5 @@
-"""Durable, all-or-nothing file writes: a file or directory is complete under its final name.
+"""Durable, all-or-nothing file writes (a file or directory is complete under its final name),
+and file digests.
 
 Write under a temporary name, fsync the data, rename (atomic on POSIX file systems), then fsync
 the parent directory so the rename itself survives a crash.
@@ -6,8 +7,18 @@ the parent directory so the rename itself survives a crash.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+
+def sha256_of(path: Path) -> str:
+    """A file's sha256, read in 1 MiB blocks (model shards and tars do not fit in memory twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_directory(directory: Path) -> None:

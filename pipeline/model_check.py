@@ -12,10 +12,11 @@ an export records its files' sha256 and whoever loads it can check them first.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
+
+from pipeline.atomic import sha256_of
 
 from ppllava import IMAGE, MULTI_IMAGE, VIDEO, PPLLaVAConfig
 from ppllava.processing import expand_image_placeholders, image_grid, placeholder_token_counts
@@ -71,18 +72,10 @@ def probe_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor] | None 
     return model(**(inputs or probe_inputs(model.config))).logits
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_checksums(directory: Path) -> Path:
     directory = Path(directory)
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in (CHECKSUMS, "COMPLETE"))
-    lines = [f"{_sha256(path)}  {path.relative_to(directory).as_posix()}\n" for path in files]
+    lines = [f"{sha256_of(path)}  {path.relative_to(directory).as_posix()}\n" for path in files]
     (directory / CHECKSUMS).write_text("".join(lines))
     return directory / CHECKSUMS
 
@@ -99,7 +92,7 @@ def verify_checksums(directory: Path) -> None:
         path = directory / name
         if not path.is_file():
             problems.append(f"{name} is missing")
-        elif _sha256(path) != digest:
+        elif sha256_of(path) != digest:
             problems.append(f"{name} is corrupted (its sha256 differs from the one recorded at export)")
     if problems:
         raise ModelFilesError(f"{directory}: " + "; ".join(problems) + "; export the model again or restore the files")

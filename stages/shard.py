@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.atomic import fsync_rename, write_text_atomically
+from pipeline.atomic import fsync_rename, sha256_of, write_text_atomically
 from pipeline.data.cards import CardError, DatasetCard, load_card
 from pipeline.data.media import MediaError, PyAVDecoder, read_image, read_video
 from pipeline.data.records import PreferencePair, RecordError, Sample
@@ -63,21 +63,13 @@ class ShardSettings:
             raise ValueError("shard.cards is empty: name at least one dataset card")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def source_fingerprint(card: DatasetCard) -> dict:
     """What the output depends on: the card, the annotation bytes, every media file's size and mtime."""
     media = hashlib.sha256()
     for path in sorted(p for p in card.media_root.rglob("*") if p.is_file()):
         stat = path.stat()
         media.update(f"{path.relative_to(card.media_root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return {"card_sha256": _sha256(card.source), "annotation_sha256": _sha256(card.annotation),
+    return {"card_sha256": sha256_of(card.source), "annotation_sha256": sha256_of(card.annotation),
             "media_fingerprint": media.hexdigest()}
 
 
@@ -138,7 +130,7 @@ def shard_unit(card_path: str, unit: int, settings: ShardSettings, fingerprint: 
             final = temporary.with_suffix("")  # drop ".tmp"
             fsync_rename(temporary, final)
             shards.append({"path": str(final.relative_to(output)), "modality": writer_modality, "dataset": card.name,
-                           "samples": writer.count, "bytes": final.stat().st_size, "sha256": _sha256(final)})
+                           "samples": writer.count, "bytes": final.stat().st_size, "sha256": sha256_of(final)})
         return post
 
     for offset, record in enumerate(records):
