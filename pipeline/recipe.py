@@ -81,6 +81,15 @@ class ClusterSection:
     nodes: int = 1
     procs_per_node: int = 1
     dist_timeout_minutes: float = 30.0
+    # `python -m pipeline launch` only (the batch script's header and environment; docs/cluster.md):
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None                 # SLURM time limit, e.g. 2-00:00:00
+    gpus_per_node: int | None = None        # cuda: default procs_per_node; npu/cpu: none asked for
+    cpus_per_task: int | None = None
+    signal_seconds: int = 900               # SIGUSR1 this long before the time limit; torchrun's shutdown timeout
+    setup: list[str] = field(default_factory=list)         # shell lines run before the job step
+    extra_sbatch: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. --exclusive
 
     @property
     def world_size(self) -> int:

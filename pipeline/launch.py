@@ -1,0 +1,267 @@
+"""`python -m pipeline launch RECIPE --scheduler slurm|torchrun`: a cluster job for a recipe.
+
+    launch recipes/sft_gpu.yaml --scheduler slurm --out job.sh [--submit]
+        -> a batch script: SBATCH header from the recipe's cluster section (and --nodes,
+           --procs-per-node, --partition, --time, --account), the backend's environment,
+           MASTER_ADDR / MASTER_PORT, one `srun` task per device running
+           `python -m pipeline run RECIPE --resume auto`, and exit code 3 -> `scontrol requeue`
+    launch recipes/sft_gpu.yaml --scheduler torchrun [--master-addr HOST]
+        -> the environment exports and one `torchrun` line per node, printed
+
+The recipe is validated first (paths missing on this machine are only notes, as in `validate`),
+with the job's node and process counts, so a batch layout that does not divide the global batch
+fails here rather than after the job waited in the queue. Why srun rather than torchrun on SLURM,
+and which signal goes where: docs/cluster.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.recipe import Recipe, RecipeError, load_recipe, validate
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+REQUEUE_CODE = 3
+TORCHRUN_PORT = 29500
+MASTER_PLACEHOLDER = '"${MASTER_ADDR:?export MASTER_ADDR=<hostname of node 0> first}"'
+_SAFE_WORD = r"[A-Za-z0-9_.,:@%/+=-]+"
+
+
+@dataclass
+class LaunchOptions:
+    scheduler: str                      # "slurm" or "torchrun"
+    backend: str | None = None          # default: the recipe's
+    master_addr: str | None = None      # torchrun only; default: a placeholder the shell refuses to run with
+    master_port: int = TORCHRUN_PORT    # torchrun only (SLURM: derived from the job id)
+    workdir: str | None = None          # SBATCH --chdir; default: the current directory
+    command: str = ""                   # the launch command, quoted in the script's first lines
+    overrides: list[str] = field(default_factory=list)  # key=value passed on to `run`
+    stages: list[str] | None = None     # `run --stages`
+
+
+def cluster_overrides(args: argparse.Namespace) -> list[str]:
+    """--backend / --nodes / --procs-per-node as recipe overrides: validated like the file and passed on to `run`, so
+    the runs see the world size the job has. (--partition, --time, --account only shape the header and are
+    set on the recipe as given: YAML would read a time of 1:00:00 as the number 3600.)"""
+    pairs = [("backend", args.backend), ("cluster.nodes", args.nodes), ("cluster.procs_per_node", args.procs_per_node)]
+    return [f"{key}={value}" for key, value in pairs if value is not None]
+
+
+def check_job(recipe: Recipe, backend: str, stages: list[str] | None = None) -> list[str]:
+    """Errors for a job the recipe cannot run as; returns the batch layout lines (one per training stage)."""
+    src, cluster = recipe.source, recipe.cluster
+    if backend not in ("cuda", "npu", "cpu"):
+        raise RecipeError(f"{src}: backend: {backend!r}; a cluster job needs a named backend (cuda or npu): set "
+                          f"`backend` in the recipe or pass --backend")
+    for key in ("gpus_per_node", "cpus_per_task", "signal_seconds"):
+        value = getattr(cluster, key)
+        if value is not None and value <= 0:
+            raise RecipeError(f"{src}: cluster.{key}: must be > 0, got {value}")
+    if backend == "cuda" and cluster.gpus_per_node is not None and cluster.gpus_per_node < cluster.procs_per_node:
+        raise RecipeError(f"{src}: cluster.gpus_per_node={cluster.gpus_per_node} is fewer than cluster.procs_per_node="
+                          f"{cluster.procs_per_node}: one process per GPU")
+    for key in ("partition", "account", "time"):
+        value = getattr(cluster, key)
+        if value is not None and not _is_word(value):
+            raise RecipeError(f"{src}: cluster.{key}: {value!r} is not a SLURM {key} (letters, digits, _ . , : - only)")
+    for index, option in enumerate(cluster.extra_sbatch):
+        if not option.startswith("-") or "\n" in option:
+            raise RecipeError(f"{src}: cluster.extra_sbatch[{index}]: expected one sbatch option like --exclusive, "
+                              f"got {option!r}")
+    for index, line in enumerate(cluster.setup):
+        if "\n" in line:
+            raise RecipeError(f"{src}: cluster.setup[{index}]: one shell line per item")
+    for stage in stages or ():
+        if stage not in recipe.stages:
+            raise RecipeError(f"{src}: --stages: {stage!r} is not one of this recipe's stages ({', '.join(recipe.stages)})")
+    layout = []
+    for stage in ("sft", "dpo"):
+        if getattr(recipe, stage) is not None and (not stages or stage in stages):
+            micro, accumulation, world = recipe.batch_layout(cluster.world_size, stage)
+            layout.append(f"{stage} global batch: micro {micro} x accumulation {accumulation} x world {world} "
+                          f"({cluster.nodes} node(s) x {cluster.procs_per_node}) = {micro * accumulation * world}")
+    return layout
+
+
+def _is_word(value: str) -> bool:
+    return re.fullmatch(_SAFE_WORD, value) is not None
+
+
+def _double_quoted(value: str) -> str:
+    return '"' + "".join("\\" + c if c in '"$`\\' else c for c in value) + '"'
+
+
+def env_defaults(backend: str) -> dict[str, str]:
+    """DS_ACCELERATOR and the backend row's environment defaults (backends/*.py)."""
+    from backends import BACKENDS  # imports torch: only once the recipe is valid
+
+    row = BACKENDS[backend]
+    return {"DS_ACCELERATOR": row.deepspeed_accelerator, **row.env_defaults}
+
+
+def env_lines(backend: str) -> list[str]:
+    lines = [f"# The {backend} backend's environment (backends/{backend}.py); a value already set is kept."]
+    for key, value in env_defaults(backend).items():
+        lines.append(f'export {key}="${{{key}:-{_double_quoted(value)[1:-1]}}}"')
+    return lines
+
+
+def run_command(recipe_path: str, overrides: list[str], stages: list[str] | None = None) -> str:
+    selection = ["--stages", ",".join(stages)] if stages else []
+    return " ".join(shlex.quote(word) for word in ["python", "-m", "pipeline", "run", recipe_path, *selection,
+                                                   "--resume", "auto", *overrides])
+
+
+def slurm_script(recipe: Recipe, recipe_path: str, options: LaunchOptions) -> str:
+    cluster, backend = recipe.cluster, options.backend or recipe.backend
+    workdir = options.workdir or str(Path.cwd())
+    header = [f"--job-name={recipe.name}", f"--nodes={cluster.nodes}", f"--ntasks-per-node={cluster.procs_per_node}"]
+    if backend == "cuda":
+        header.append(f"--gpus-per-node={cluster.gpus_per_node or cluster.procs_per_node}")
+    if cluster.cpus_per_task:
+        header.append(f"--cpus-per-task={cluster.cpus_per_task}")
+    for key in ("partition", "account", "time"):
+        if getattr(cluster, key) is not None:
+            header.append(f"--{key}={getattr(cluster, key)}")
+    header += [f"--output={Path(recipe.run_dir) / 'logs'}/%x-%j.out", "--open-mode=append", f"--chdir={workdir}",
+               f"--signal=USR1@{cluster.signal_seconds}", "--requeue", *cluster.extra_sbatch]
+    srun = ["srun", f"--nodes={cluster.nodes}", f"--ntasks-per-node={cluster.procs_per_node}"]
+    if cluster.cpus_per_task:  # srun does not inherit sbatch's --cpus-per-task (SLURM >= 22.05)
+        srun.append(f"--cpus-per-task={cluster.cpus_per_task}")
+    lines = [
+        "#!/bin/bash",
+        f"# {options.command or 'python -m pipeline launch ' + recipe_path + ' --scheduler slurm'}",
+        f"# {recipe.name}: {cluster.nodes} node(s) x {cluster.procs_per_node} {backend} processes, one srun task per "
+        f"device. Submit with: sbatch THIS_FILE",
+        "# A requeued job runs this script again; `run --resume auto` continues from the newest checkpoint.",
+        *[f"#SBATCH {option}" for option in header],
+        "",
+        "set -eu",
+        "",
+        "# SIGUSR1 (--signal, before the time limit) goes to the job step's tasks: every rank checkpoints and",
+        "# exits 3. SIGTERM (pre-emption, scancel) reaches the ranks too; the batch shell only notes it and",
+        "# waits for the step, so the exit code below is still handled.",
+        "trap 'echo \"batch shell: SIGTERM; waiting for the ranks to checkpoint\" >&2' TERM",
+        "",
+    ]
+    if cluster.setup:  # environment scripts (CANN's set_env.sh) often read unset variables: no `set -u` there
+        lines += ["# cluster.setup", "set +u", "# shellcheck disable=SC1090,SC1091", "{",
+                  *[f"    {line}" for line in cluster.setup], "}", "set -u", ""]
+    lines += env_lines(backend)
+    lines += [
+        "",
+        "# Rendezvous: the first host of the allocation; a port derived from the job id (the same on every rank).",
+        'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        "export MASTER_ADDR",
+        'export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"',
+        'echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s), '
+        'master $MASTER_ADDR:$MASTER_PORT" >&2',
+        "",
+        "code=0",
+        " ".join(srun) + " " + run_command(recipe_path, options.overrides, options.stages) + ' || code="$?"',
+        "",
+        f'if [ "$code" -eq {REQUEUE_CODE} ]; then',
+        '    echo "stopped after a checkpoint (exit code 3): requeueing job $SLURM_JOB_ID" >&2',
+        '    scontrol requeue "$SLURM_JOB_ID" || echo "scontrol requeue failed: submit this script again" >&2',
+        "fi",
+        'exit "$code"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def torchrun_lines(recipe: Recipe, recipe_path: str, options: LaunchOptions) -> str:
+    cluster, backend = recipe.cluster, options.backend or recipe.backend
+    host = shlex.quote(options.master_addr) if options.master_addr else MASTER_PLACEHOLDER
+    endpoint = f"{host}:{options.master_port}" if options.master_addr else f"{host[:-1]}:{options.master_port}\""
+    lines = [f"# {options.command or 'python -m pipeline launch ' + recipe_path + ' --scheduler torchrun'}",
+             f"# {recipe.name}: run the exports, then node K's torchrun line, on each of the {cluster.nodes} node(s).",
+             "# torchrun exits 1 (not 3) after a checkpoint on SIGTERM/SIGUSR1: rerun the same line to resume."]
+    if not options.master_addr:
+        lines.append("# MASTER_ADDR is not given (--master-addr): export MASTER_ADDR=<hostname of node 0> on every "
+                     "node first")
+    lines += env_lines(backend)
+    for rank in range(cluster.nodes):
+        words = ["torchrun", "--nnodes", str(cluster.nodes), "--nproc-per-node", str(cluster.procs_per_node),
+                 "--node-rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                 "--rdzv-id", shlex.quote(recipe.name),
+                 "--rdzv-conf", f"join_timeout={int(cluster.dist_timeout_minutes * 60)}",
+                 "--max-restarts", "0", "--signals-to-handle", "SIGTERM,SIGUSR1",
+                 "--shutdown-timeout", str(cluster.signal_seconds),
+                 "-m", run_command(recipe_path, options.overrides, options.stages).removeprefix("python -m ")]
+        lines.append(" ".join(words) + f"    # node {rank}")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML (see docs/recipes.md)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys (passed on to `run`)")
+    parser.add_argument("--scheduler", required=True, choices=("slurm", "torchrun"),
+                        help="slurm: write a batch script (srun, one task per device); torchrun: print one torchrun "
+                             "line per node")
+    parser.add_argument("--nodes", type=int, help="default: cluster.nodes")
+    parser.add_argument("--procs-per-node", type=int, help="processes (devices) per node; default: cluster.procs_per_node")
+    parser.add_argument("--partition", help="default: cluster.partition")
+    parser.add_argument("--time", help="SLURM time limit, e.g. 2-00:00:00; default: cluster.time")
+    parser.add_argument("--account", help="default: cluster.account")
+    parser.add_argument("--backend", choices=("cuda", "npu", "cpu"),
+                        help="default: the recipe's backend (cpu: e.g. a sharding job on CPU nodes)")
+    parser.add_argument("--stages", help="comma-separated subset of the recipe's stages the job runs (`run --stages`)")
+    parser.add_argument("--master-addr", help="torchrun: hostname of node 0 (default: $MASTER_ADDR, which must be set)")
+    parser.add_argument("--master-port", type=int, default=TORCHRUN_PORT, help="torchrun: rendezvous port (29500)")
+    parser.add_argument("--out", help="slurm: write the script here (default: print it)")
+    parser.add_argument("--submit", action="store_true", help="slurm: submit the script with sbatch")
+
+
+def launch(args: argparse.Namespace) -> int:
+    overrides = [*args.overrides, *cluster_overrides(args)]
+    recipe = load_recipe(args.recipe, overrides)
+    notes: list[str] = []
+    validate(recipe, missing_paths=notes)
+    for key in ("partition", "time", "account"):
+        if getattr(args, key) is not None:
+            setattr(recipe.cluster, key, getattr(args, key))
+    backend = args.backend or recipe.backend
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    layout = check_job(recipe, backend, stages)
+    for note in notes:
+        print(f"note: {note}; `run` needs it", file=sys.stderr)
+    for line in layout:
+        print(line, file=sys.stderr)
+    options = LaunchOptions(scheduler=args.scheduler, backend=backend, master_addr=args.master_addr,
+                            master_port=args.master_port, overrides=overrides, stages=stages,
+                            command=shlex.join(["python", "-m", "pipeline", "launch", *sys.argv[2:]])
+                            if sys.argv[1:2] == ["launch"] else "")
+    if args.scheduler == "torchrun":
+        if args.submit or args.out:
+            print("error: --out and --submit are for --scheduler slurm; torchrun lines are printed", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(torchrun_lines(recipe, args.recipe, options), end="")
+        return EXIT_OK
+    script = slurm_script(recipe, args.recipe, options)
+    if args.submit and shutil.which("sbatch") is None:
+        print("error: --submit: sbatch is not on PATH (run this on a SLURM login node, or write the script with --out "
+              "and submit it there with `sbatch FILE`)", file=sys.stderr)
+        return EXIT_FAILED
+    if not args.out and not args.submit:
+        print(script, end="")
+        return EXIT_OK
+    out = Path(args.out or Path(recipe.run_dir) / f"{recipe.name}.sbatch")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(script)
+    out.chmod(0o755)
+    # SLURM opens the log before the script runs and does not create its directory.
+    (Path(recipe.run_dir) / "logs").mkdir(parents=True, exist_ok=True)
+    print(f"wrote {out}", file=sys.stderr)
+    if args.submit:
+        result = subprocess.run(["sbatch", str(out)], check=False)
+        if result.returncode != 0:
+            print(f"error: sbatch {out} exited with {result.returncode}", file=sys.stderr)
+            return EXIT_FAILED
+    return EXIT_OK
