@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch.distributed as dist
 
 import backends
 from backends import Backend, DistributedContext
+from backends.distributed import sum_across_ranks
 from pipeline.atomic import write_text_atomically
 from pipeline.checkpoint import StopFlag
 from pipeline.recipe import Recipe, RecipeError
@@ -133,6 +135,24 @@ def decide_on_rank0(recipe: Recipe, stage: str, world_size: int, upstream: str, 
     return payload
 
 
+def check_shared_run_dir(run_dir: Path, context: DistributedContext, device) -> None:
+    """Every rank must see rank 0's run directory (checkpoints are completed by rank 0 from files
+    every rank wrote): rank 0 leaves a token there, every rank reads it, all agree or all stop."""
+    if not dist.is_initialized() or context.world_size == 1:
+        return
+    token = [uuid.uuid4().hex if context.is_main else None]
+    if context.is_main:
+        write_text_atomically(run_dir / ".rank0_token", token[0])
+    dist.broadcast_object_list(token, src=0)
+    marker = run_dir / ".rank0_token"
+    seen = marker.read_text() if marker.is_file() else None
+    agreeing = sum_across_ranks([float(seen == token[0])], device)[0]
+    if agreeing != context.world_size:
+        raise RecipeError(f"run_dir {run_dir} is not the same directory on every rank ({int(agreeing)} of "
+                          f"{context.world_size} ranks see rank 0's files there{'' if seen == token[0] else ', not this one'}): "
+                          f"put run_dir on storage every node shares")
+
+
 def _set_aside(directory: Path) -> None:
     """A stage whose inputs changed keeps its old outputs beside the new ones, never deleted."""
     kept = directory.with_name(f"{directory.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -156,6 +176,7 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, resume: str | None
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomically(run_dir / "recipe.yaml", f"# resolved from {recipe.source}\n" + recipe.to_yaml())
+    check_shared_run_dir(run_dir, context, backend.device(context.local_rank))
     summaries, skipped, upstream, upstream_changed = {}, [], "", False
     with StopFlag() as stop:
         for stage in recipe.stages:

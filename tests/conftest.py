@@ -91,10 +91,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def pipeline_env(**extra: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    """This environment without launcher variables of its own (a test's process is no rank), plus ``extra``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("DS_ACCELERATOR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
         env.pop(name, None)
-    return env
+    return {**env, **extra}
 
 
 def run_pipeline(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
