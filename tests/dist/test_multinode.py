@@ -2,12 +2,15 @@
 `python -m pipeline launch --scheduler torchrun` say (c10d rendezvous), training the tiny SFT
 with ZeRO-3; a rank killed while writing a checkpoint brings the whole job down with no
 half-written checkpoint named complete, and the job resumed continues with the same losses.
-Ranks that see different run directories refuse to start."""
+Tasks started as srun starts them (SLURM variables only) take SIGUSR1, checkpoint, exit 3 for
+requeue, and the requeued job continues with the same losses. Ranks that see different run
+directories refuse to start."""
 
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +90,43 @@ def test_ranks_seeing_different_run_directories_refuse_to_start(tmp_path, manife
     assert "is not the same directory on every rank (1 of 2 ranks see rank 0's files there" in outputs[0][1]
     assert "put run_dir on storage every node shares" in outputs[1][1]
     assert not os.path.exists(tmp_path / "node1" / "sft")
+
+
+def srun_like(recipe, port: int, *args) -> list[subprocess.Popen]:
+    """Two tasks as `srun --ntasks 2` starts them: SLURM's variables only, no torchrun."""
+    tasks = []
+    for rank in range(2):
+        env = pipeline_env(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_NODEID="0",
+                           SLURM_TASKS_PER_NODE="2", SLURM_JOB_NODELIST="127.0.0.1", SLURM_JOB_ID="4242",
+                           MASTER_PORT=str(port))
+        log = open(Path(recipe).parent / f"task{rank}-{port}.log", "w")  # a file: a full pipe would block the task
+        tasks.append(subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(recipe), "--resume", "auto", *args],
+                                      cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return tasks
+
+
+def test_sigusr1_to_the_ranks_checkpoints_exits_for_requeue_and_the_requeued_job_continues(tmp_path, manifest):
+    import signal
+
+    straight = two_node_recipe(tmp_path / "straight", manifest)
+    tasks = srun_like(straight, free_port(), "cluster.nodes=1", "cluster.procs_per_node=2")
+    assert [task.wait(timeout=400) for task in tasks] == [0, 0]
+    expected = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "straight/run/sft/metrics.jsonl")}
+
+    recipe = two_node_recipe(tmp_path / "job", manifest)
+    metrics = tmp_path / "job/run/sft/metrics.jsonl"
+    tasks = srun_like(recipe, free_port(), "cluster.nodes=1", "cluster.procs_per_node=2")
+    deadline = time.monotonic() + 300
+    while not read_metrics(metrics) and time.monotonic() < deadline:
+        assert all(task.poll() is None for task in tasks)
+        time.sleep(0.05)
+    for task in tasks:  # SLURM's --signal=USR1@... reaches every task of the step
+        task.send_signal(signal.SIGUSR1)
+    assert [task.wait(timeout=300) for task in tasks] == [3, 3], [p.read_text()[-3000:] for p in tmp_path.glob("job/*.log")]
+    stopped_at = int((tmp_path / "job/run/sft/checkpoints/latest").read_text().strip().split("_")[1])
+    assert 1 <= stopped_at < STEPS
+
+    tasks = srun_like(recipe, free_port(), "cluster.nodes=1", "cluster.procs_per_node=2")  # the requeued job
+    assert [task.wait(timeout=400) for task in tasks] == [0, 0]
+    after = {m["step"]: m["loss"] for m in read_metrics(metrics)}
+    assert [after[s] for s in range(1, STEPS + 1)] == pytest.approx([expected[s] for s in range(1, STEPS + 1)], abs=1e-6)
