@@ -10,8 +10,8 @@ Layout of one stage (``run_dir/<stage>/checkpoints/``):
     step_160.tmp/              being written (or left by a killed writer; removed on the next start)
     latest                     "step_120": written atomically after the rename
 
-Every rank writes into ``step_N.tmp``; after a barrier rank 0 fsyncs the tree, renames it to
-``step_N``, then replaces ``latest``. A process killed at any moment leaves ``latest`` naming a
+Every rank writes into ``step_N.tmp`` and fsyncs its files; after a barrier rank 0 adds the
+trainer state, fsyncs the tree, renames it to ``step_N``, then replaces ``latest``. A process killed at any moment leaves ``latest`` naming a
 complete checkpoint. Run directories are assumed to be on storage all ranks share.
 """
 

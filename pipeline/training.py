@@ -20,7 +20,6 @@ A loop reads, top to bottom:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -32,6 +31,7 @@ from tqdm import tqdm
 
 from backends.deepspeed_engine import EngineSettings
 from backends.distributed import sum_across_ranks
+from pipeline.atomic import sha256_of
 from pipeline.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_trainer_state,
                                  remove_partial, restore_rng_state, rng_state, save_checkpoint,
                                  set_aside_later_checkpoints)
@@ -60,7 +60,7 @@ def stage_inputs(recipe: Recipe, stage: str, world_size: int) -> dict:
         data.pop(key)
     found = {"seed": recipe.seed, "model": model, "data": data, stage: section, "world_size": world_size}
     if recipe.shard is None:  # shards made elsewhere: their manifest is this stage's data input
-        found["manifest_sha256"] = hashlib.sha256(Path(recipe.data.manifest).read_bytes()).hexdigest()
+        found["manifest_sha256"] = sha256_of(Path(recipe.data.manifest))
     return found
 
 

@@ -34,7 +34,7 @@ from pipeline.atomic import fsync_rename, fsync_tree, write_text_atomically
 from pipeline.checkpoint import latest_checkpoint
 from pipeline.consolidate import consolidated_model, copy_model_files
 from pipeline.data.collate import SampleProcessor, SampleTooLong
-from pipeline.data.loader import LoaderSettings, StreamingLoader, media_members, read_tar
+from pipeline.data.loader import LoaderSettings, StreamingLoader, manifest_samples, media_members, read_tar
 from pipeline.data.media import MediaError, decoder
 from pipeline.data.pairs import PairProcessor
 from pipeline.model_check import directory_fingerprint
@@ -162,7 +162,7 @@ def run(context: StageContext) -> dict:
     recipe, backend, dist = context.recipe, context.backend, context.dist
     dpo, device = recipe.dpo, backend.device(dist.local_rank)
     micro, accumulation, world = recipe.batch_layout(dist.world_size, "dpo")
-    pairs = json.loads(recipe.manifest_path.read_text())["counts"].get("dpo", 0)
+    pairs = manifest_samples(recipe.manifest_path, {"dpo": 1.0})
     if pairs == 0:
         raise RecipeError(f"{recipe.source}: the dpo stage found no preference pairs in {recipe.manifest_path}: "
                           f"add a dataset card of format dpo to data.cards")

@@ -24,7 +24,6 @@ compares options of different lengths on equal terms. Accuracy by the sum is rec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.atomic import write_text_atomically
+from pipeline.atomic import sha256_of, write_text_atomically
 from pipeline.data.media import MediaError
 from pipeline.data.records import RecordError
 from pipeline.inference import InferenceError, InferenceModel, Question, load_model_dir
@@ -83,7 +82,7 @@ def inputs(recipe: Recipe, world_size: int) -> dict:
             path = Path(name)
             if not path.is_file():
                 raise RecipeError(f"{recipe.source}: eval.{kind}[{index}]: {name} does not exist")
-            files[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+            files[name] = sha256_of(path)
     directory = model_directory(recipe)
     if not (directory / "config.json").is_file():
         raise RecipeError(f"{recipe.source}: eval: the model directory {directory} has no config.json (set "

@@ -19,12 +19,11 @@ tokenizers: the model directory without its weights, which live in the checkpoin
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict
 
 from backends.deepspeed_engine import build_engine, model_init_context
-from pipeline.data.loader import TRAIN_MODALITIES, LoaderSettings, StreamingLoader
+from pipeline.data.loader import TRAIN_MODALITIES, LoaderSettings, StreamingLoader, manifest_samples
 from pipeline.model_setup import (MODEL_DIR, build_model, build_processor, count_parameters, load_tokenizers,
                                   save_processor_config, save_tokenizers)
 from pipeline.recipe import Recipe
@@ -49,9 +48,8 @@ def run(context: StageContext) -> dict:
         logger.warning("the recipe's cluster section describes %d processes but %d were launched; gradient "
                        "accumulation adapts so the global batch stays %d", recipe.cluster.world_size, world,
                        sft.global_batch_size)
-    manifest = json.loads(recipe.manifest_path.read_text())
     weights = {m: w for m, w in recipe.data.weights.items() if m in TRAIN_MODALITIES}
-    samples = sum(manifest["counts"].get(m, 0) for m, w in weights.items() if w > 0)
+    samples = manifest_samples(recipe.manifest_path, weights)
     total_steps = schedule_length(recipe, "sft", samples)
 
     # Build: tokenizers, model, engine, loader.

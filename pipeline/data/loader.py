@@ -194,6 +194,12 @@ def _identity(batch):
     return batch
 
 
+def manifest_samples(manifest_path: str | Path, weights: dict[str, float]) -> int:
+    """Samples the streams with a positive mixture weight hold in a shard manifest (an epoch's worth)."""
+    counts = json.loads(Path(manifest_path).read_text())["counts"]
+    return sum(counts.get(stream, 0) for stream, weight in weights.items() if weight > 0)
+
+
 class StreamingLoader:
     """Iterate micro-batches for this rank; ``state_dict()`` / ``load_state_dict()`` resume exactly."""
 
@@ -202,8 +208,7 @@ class StreamingLoader:
         self.manifest_path, self.processor, self.settings = manifest_path, processor, settings
         self.rank, self.world_size = rank, world_size
         self.batches, self.used, self.bad = 0, 0, []
-        manifest = json.loads(Path(manifest_path).read_text())
-        samples = sum(manifest["counts"].get(m, 0) for m, weight in settings.weights.items() if weight > 0)
+        samples = manifest_samples(manifest_path, settings.weights)
         self.batches_per_epoch = settings.batches_per_epoch or max(1, samples // (settings.micro_batch_size * world_size))
 
     def state_dict(self) -> dict:
