@@ -10,9 +10,8 @@ depends on what is asked (so prompt-guided pooling has a reason to look somewher
 
 Annotations are written in the formats real data uses (VideoChat2 QA for video, LLaVA
 conversations for images, LLaVA-Hound JSONL for DPO), with dataset cards next to them.
-Everything is a function of the seed: annotations and JPEGs byte for byte, MP4 frames up to
-x264's lowest bits (its rate control follows the process's floating-point state, which importing
-torch changes; decoded frames differ by less than one grey level on average). ``broken`` adds truncated media files, referenced by the
+Everything is a function of the seed, byte for byte: annotations, JPEGs and MP4s (x264 with one
+thread and without macroblock-tree rate control, see ``encode_mp4``). ``broken`` adds truncated media files, referenced by the
 annotations like good ones, for robustness tests.
 """
 
@@ -100,8 +99,11 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        # One encoder thread: with frame threads x264's output also depends on thread timing.
-        stream.options = {"crf": "20", "preset": "veryfast", "threads": "1"}
+        # Byte-for-byte output for the same frames: one encoder thread (with frame threads the output
+        # depends on thread timing) and no macroblock-tree rate control (x264's mbtree reads
+        # uninitialised memory on frames this small, so the same frames encoded twice in one process
+        # gave different bytes for about one clip in seven).
+        stream.options = {"crf": "20", "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
         for array in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
                 container.mux(packet)
