@@ -160,15 +160,6 @@ def init_distributed(
     return context
 
 
-def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks with SUM / world size (ReduceOp.AVG is missing on some HCCL versions)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    total = value.detach().clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total / dist.get_world_size()
-
-
 def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sum of small per-rank numbers (counts, flags) in one collective."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

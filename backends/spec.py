@@ -33,10 +33,11 @@ class Backend:
     """One device family.
 
     probe: returns None when the backend is usable in this process, else the reason it is not.
-    device_module: the torch module with synchronize / manual_seed_all / memory functions
+    device_module: the torch module with set_device / manual_seed_all / RNG state / memory functions
         (``torch.cuda``, ``torch.npu``); None for CPU.
     bf16_check: ``local_rank -> (supported, device name)``.
     process_setup: one-time settings applied after selection (NPU: jit compile off).
+    inference_precision: the precision eval and chat load a model in.
     """
 
     name: str
@@ -50,6 +51,7 @@ class Backend:
     device_module: Callable[[], Any | None]
     bf16_check: Callable[[int], tuple[bool, str]]
     process_setup: Callable[[], None] = field(default=_no_setup)
+    inference_precision: str = "bf16"  # eval and chat (training takes the recipe's precision)
 
     def device(self, local_rank: int = 0) -> torch.device:
         return torch.device(self.device_type) if self.device_type == "cpu" else torch.device(self.device_type, local_rank)
@@ -58,11 +60,6 @@ class Backend:
         module = self.device_module()
         if module is not None:
             module.set_device(local_rank)
-
-    def synchronize(self) -> None:
-        module = self.device_module()
-        if module is not None:
-            module.synchronize()
 
     def manual_seed(self, seed: int) -> None:
         """Seed torch's CPU generator and every device generator of this backend."""

@@ -22,24 +22,25 @@ import time
 import traceback
 from dataclasses import fields
 from pathlib import Path
+from typing import NoReturn
 
 from pipeline.data.cards import CardError
 from pipeline.data.synthetic import SynthSettings, generate
+from pipeline.exit_codes import ExitCode
 from pipeline.recipe import RecipeError, load_recipe, validate
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REQUEUE = 0, 1, 2, 3
 
 
 def _synth(args: argparse.Namespace) -> int:
     settings = SynthSettings(**{f.name: getattr(args, f.name) for f in fields(SynthSettings)})
     if settings.size % 2:
         print(f"--size must be even (H.264 4:2:0), got {settings.size}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     start = time.perf_counter()
     counts = generate(args.out_dir, settings)
     summary = ", ".join(f"{value} {key.replace('_', ' ')}" for key, value in counts.items())
     print(f"wrote {summary} to {args.out_dir} in {time.perf_counter() - start:.1f}s (cards in {args.out_dir}/cards)")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _load(args: argparse.Namespace):
@@ -58,13 +59,13 @@ def _validate(args: argparse.Namespace) -> int:
           f"backend: {recipe.backend}")
     for stage in ("sft", "dpo"):
         if getattr(recipe, stage) is not None:
-            micro, accumulation, world = recipe.batch_layout(recipe.cluster.world_size, stage)
-            print(f"{stage} global batch: micro {micro} x accumulation {accumulation} x world {world} "
-                  f"({recipe.cluster.nodes} node(s) x {recipe.cluster.procs_per_node}) = {micro * accumulation * world}")
-    return EXIT_OK
+            print(recipe.batch_layout_line(stage))
+    return ExitCode.OK
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    """`run`: start one process per device of this node (returns the job's exit code), or, when a
+    launcher (torchrun, srun, ours) started this process, run here and exit."""
     recipe = _load(args)  # before any device, model or data work
     only = [s.strip() for s in args.stages.split(",")] if args.stages else None
     from pipeline.local_launch import launch_local, launched_by_a_launcher
@@ -76,8 +77,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         if recipe.cluster.nodes > 1:
             raise RecipeError(f"{recipe.source}: cluster.nodes={recipe.cluster.nodes}: a multi-node run is started "
                               f"on every node by torchrun or srun, not by `run` alone")
-        return launch_local(recipe.cluster.procs_per_node, argv, EXIT_REQUEUE)
+        return launch_local(recipe.cluster.procs_per_node, argv)
+    _run_here(recipe, only, args)
 
+
+def _run_here(recipe, only: list[str] | None, args: argparse.Namespace) -> NoReturn:
+    """Run the stages in this process (one rank of the job) and leave with its exit code."""
     import backends
     from backends import BackendUnavailable
     from pipeline.checkpoint import CheckpointError
@@ -86,19 +91,19 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
     try:
         run_recipe(recipe, only, args.resume, args.dry_run)
-        code = EXIT_OK
+        code = ExitCode.OK
     except StoppedForRequeue as stop:
         logging.getLogger("pipeline").warning("%s", stop)
-        code = EXIT_REQUEUE
+        code = ExitCode.REQUEUE
     except (RecipeError, CardError, CheckpointError, LoaderError, BackendUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
-        code = EXIT_BAD_INPUT
+        code = ExitCode.BAD_INPUT
     except StageFailed as error:
         print(f"error: {error}", file=sys.stderr)
-        code = EXIT_FAILED
+        code = ExitCode.FAILED
     except Exception:  # noqa: BLE001 - reported in full, then the same clean exit as every other path
         traceback.print_exc()
-        code = EXIT_FAILED
+        code = ExitCode.FAILED
     # Leave without interpreter finalisation: DeepSpeed's gloo threads can abort a clean exit.
     backends.exit_process(code)
 
@@ -118,7 +123,7 @@ def _status(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         print(f"error: {run_dir} is not a run directory", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     print(f"run directory {run_dir}" + (" (recipe: recipe.yaml)" if (run_dir / "recipe.yaml").exists() else ""))
     for stage in STAGE_ORDER:
         directory = run_dir / stage
@@ -143,7 +148,7 @@ def _status(args: argparse.Namespace) -> int:
         history = read_metrics(directory / "metrics.jsonl")
         if history:
             print(f"         last metrics: {json.dumps(history[-1])}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -162,9 +167,8 @@ def _chat(args: argparse.Namespace) -> int:
         if missing:  # before the model loads
             raise InferenceError(f"media file not found: {', '.join(missing)}")
         backend = backends.select(args.backend)
-        precision = "fp32" if backend.device_type == "cpu" else "bf16"
         model = load_model_dir(args.model_dir, args.frames, args.video_kernel, device=backend.device(0),
-                               dtype=backend.resolve_dtype(precision), attn_implementation=backend.attn_implementation)
+                               dtype=backend.resolve_dtype(backend.inference_precision), attn_implementation=backend.attn_implementation)
         inputs = model.prompt_inputs(question)
         visual = int((inputs["input_ids"] == model.image_token).sum())
         shape = f", video kernel {'x'.join(map(str, model.config.video_kernel))}" if question.modality == "video" else ""
@@ -176,8 +180,8 @@ def _chat(args: argparse.Namespace) -> int:
         model.generate(question, args.max_new_tokens, streamer=streamer, inputs=inputs)
     except (InferenceError, MediaError, BackendUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return EXIT_OK
+        return ExitCode.BAD_INPUT
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args, argv) if args.handler is _run else args.handler(args)
     except (RecipeError, CardError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -25,10 +25,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.exit_codes import ExitCode
 from pipeline.recipe import Recipe, RecipeError, load_recipe, validate
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-REQUEUE_CODE = 3
 TORCHRUN_PORT = 29500
 MASTER_PLACEHOLDER = '"${MASTER_ADDR:?export MASTER_ADDR=<hostname of node 0> first}"'
 _SAFE_WORD = r"[A-Za-z0-9_.,:@%/+=-]+"
@@ -84,9 +83,7 @@ def check_job(recipe: Recipe, backend: str, stages: list[str] | None = None) -> 
     layout = []
     for stage in ("sft", "dpo"):
         if getattr(recipe, stage) is not None and (not stages or stage in stages):
-            micro, accumulation, world = recipe.batch_layout(cluster.world_size, stage)
-            layout.append(f"{stage} global batch: micro {micro} x accumulation {accumulation} x world {world} "
-                          f"({cluster.nodes} node(s) x {cluster.procs_per_node}) = {micro * accumulation * world}")
+            layout.append(recipe.batch_layout_line(stage))
     return layout
 
 
@@ -167,7 +164,7 @@ def slurm_script(recipe: Recipe, recipe_path: str, options: LaunchOptions) -> st
         "code=0",
         " ".join(srun) + " " + run_command(recipe_path, options.overrides, options.stages) + ' || code="$?"',
         "",
-        f'if [ "$code" -eq {REQUEUE_CODE} ]; then',
+        f'if [ "$code" -eq {int(ExitCode.REQUEUE)} ]; then',
         '    echo "stopped after a checkpoint (exit code 3): requeueing job $SLURM_JOB_ID" >&2',
         '    scontrol requeue "$SLURM_JOB_ID" || echo "scontrol requeue failed: submit this script again" >&2',
         "fi",
@@ -241,17 +238,17 @@ def launch(args: argparse.Namespace) -> int:
     if args.scheduler == "torchrun":
         if args.submit or args.out:
             print("error: --out and --submit are for --scheduler slurm; torchrun lines are printed", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            return ExitCode.BAD_INPUT
         print(torchrun_lines(recipe, args.recipe, options), end="")
-        return EXIT_OK
+        return ExitCode.OK
     script = slurm_script(recipe, args.recipe, options)
     if args.submit and shutil.which("sbatch") is None:
         print("error: --submit: sbatch is not on PATH (run this on a SLURM login node, or write the script with --out "
               "and submit it there with `sbatch FILE`)", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitCode.FAILED
     if not args.out and not args.submit:
         print(script, end="")
-        return EXIT_OK
+        return ExitCode.OK
     out = Path(args.out or Path(recipe.run_dir) / f"{recipe.name}.sbatch")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(script)
@@ -263,5 +260,5 @@ def launch(args: argparse.Namespace) -> int:
         result = subprocess.run(["sbatch", str(out)], check=False)
         if result.returncode != 0:
             print(f"error: sbatch {out} exited with {result.returncode}", file=sys.stderr)
-            return EXIT_FAILED
-    return EXIT_OK
+            return ExitCode.FAILED
+    return ExitCode.OK

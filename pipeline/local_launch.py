@@ -21,6 +21,7 @@ import sys
 import time
 
 from backends.distributed import free_port
+from pipeline.exit_codes import ExitCode
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def launched_by_a_launcher(environ=os.environ) -> bool:
     return ("RANK" in environ and "WORLD_SIZE" in environ) or "SLURM_PROCID" in environ
 
 
-def launch_local(procs: int, argv: list[str], requeue_code: int) -> int:
+def launch_local(procs: int, argv: list[str]) -> int:
     """Run ``python -m pipeline *argv`` as ``procs`` ranks; returns the job's exit code."""
     port = free_port()
     workers = []
@@ -51,13 +52,13 @@ def launch_local(procs: int, argv: list[str], requeue_code: int) -> int:
     try:
         while True:
             codes = [worker.poll() for worker in workers]
-            failed = [code for code in codes if code not in (None, 0, requeue_code)]
+            failed = [code for code in codes if code not in (None, ExitCode.OK, ExitCode.REQUEUE)]
             if failed:
                 _stop(workers)
                 logger.error("a process exited with %d; stopped the others", failed[0])
                 return failed[0] if failed[0] > 0 else 128 - failed[0]  # killed by signal N: 128 + N, as a shell says
             if all(code is not None for code in codes):
-                return requeue_code if requeue_code in codes else 0
+                return ExitCode.REQUEUE if ExitCode.REQUEUE in codes else ExitCode.OK
             time.sleep(0.2)
     finally:
         for sig, handler in previous.items():

@@ -30,10 +30,10 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.data.records import VISUAL_MODALITIES
 from pipeline.data.synthetic import SynthSettings
 
 STAGE_ORDER = ("synth", "shard", "sft", "dpo", "export", "eval")
-MODALITIES = ("video", "image", "multi_image")
 
 
 # Names other trainers use (HF Trainer, torchtune, DeepSpeed) -> ours, for "did you mean".
@@ -228,6 +228,12 @@ class Recipe:
                               f"size = {micro} x {accumulation} x {world_size} = {micro * accumulation * world_size}, "
                               f"but {stage}.global_batch_size={target}")
         return micro, accumulation, world_size
+
+    def batch_layout_line(self, stage: str) -> str:
+        """The layout line `validate` and `launch` print for a training stage of this recipe's cluster."""
+        micro, accumulation, world = self.batch_layout(self.cluster.world_size, stage)
+        return (f"{stage} global batch: micro {micro} x accumulation {accumulation} x world {world} "
+                f"({self.cluster.nodes} node(s) x {self.cluster.procs_per_node}) = {micro * accumulation * world}")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -440,8 +446,8 @@ def validate(recipe: Recipe, missing_paths: list[str] | None = None) -> None:
     _positive(recipe, "cluster.dist_timeout_minutes", recipe.cluster.dist_timeout_minutes)
     data = recipe.data
     for modality, weight in data.weights.items():
-        if modality not in MODALITIES:
-            raise RecipeError(f"{src}: data.weights.{modality}: unknown modality; expected {', '.join(MODALITIES)}")
+        if modality not in VISUAL_MODALITIES:
+            raise RecipeError(f"{src}: data.weights.{modality}: unknown modality; expected {', '.join(VISUAL_MODALITIES)}")
         _positive(recipe, f"data.weights.{modality}", weight, allow_zero=True)
     for key in ("shuffle_buffer", "max_length"):
         _positive(recipe, f"data.{key}", getattr(data, key))

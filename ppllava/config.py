@@ -13,6 +13,8 @@ from ppllava.clip_text import extended_length
 # Modalities of a sample, as integer ids the collate and the model agree on.
 TEXT, IMAGE, MULTI_IMAGE, VIDEO = 0, 1, 2, 3
 MODALITY_NAMES = {TEXT: "text", IMAGE: "image", MULTI_IMAGE: "multi_image", VIDEO: "video"}
+# The label of a position the loss ignores (transformers' convention).
+IGNORE_INDEX = -100
 
 POOLING_MODES = ("weighted", "max", "separate", "multi_kernel")
 

@@ -20,11 +20,9 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ppllava.clip_text import ExtendedCLIPTextModel
-from ppllava.config import IMAGE, MULTI_IMAGE, MODALITY_NAMES, TEXT, VIDEO, PPLLaVAConfig
+from ppllava.config import IGNORE_INDEX, IMAGE, MULTI_IMAGE, MODALITY_NAMES, TEXT, VIDEO, PPLLaVAConfig
 from ppllava.pooling import pool_tokens, relevance
 from ppllava.processing import image_grid, unpadded_window
-
-IGNORE_INDEX = -100
 
 
 class PPLLaVAMultiModalProjector(nn.Module):

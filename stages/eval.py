@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.atomic import sha256_of, write_text_atomically
+from pipeline.data.cards import media_under_root
 from pipeline.data.media import MediaError
 from pipeline.data.records import RecordError
 from pipeline.inference import InferenceError, InferenceModel, Question, load_model_dir
@@ -111,9 +112,10 @@ def _media(record: dict, root: Path, file: str, where: str) -> Question:
                           f"got {value!r}")
     paths = []
     for name in names:
-        path = (root / name).resolve()
-        if Path(name).is_absolute() or not path.is_relative_to(root.resolve()):
-            raise RecordError(file, where, f"media path {name!r} must be relative to the media root {root} and stay in it")
+        try:
+            path = media_under_root(root, name)
+        except ValueError as error:
+            raise RecordError(file, where, str(error)) from None
         if not path.is_file():
             raise RecordError(file, where, f"media file {name!r} not found under {root}")
         paths.append(path)
@@ -191,7 +193,6 @@ def run(context: StageContext) -> dict:
                               f"named by file stem, so rename one")
 
     backend = context.backend
-    on_device = backend.device_type != "cpu"
     if (model_directory(recipe) / CHECKSUMS).is_file():  # an export: a corrupted shard would load silently
         try:
             verify_checksums(model_directory(recipe))
@@ -199,7 +200,7 @@ def run(context: StageContext) -> dict:
             raise RecipeError(f"{recipe.source}: eval: {error}") from None
     model = load_model_dir(model_directory(recipe), section.num_frames, section.video_kernel,
                            device=backend.device(context.dist.local_rank),
-                           dtype=backend.resolve_dtype("bf16" if on_device else "fp32", context.dist.local_rank),
+                           dtype=backend.resolve_dtype(backend.inference_precision, context.dist.local_rank),
                            attn_implementation=backend.attn_implementation, video_decoder=recipe.data.decoder)
     results = {"model": str(model.directory), "num_frames": model.num_frames,
                "video_kernel": list(model.config.video_kernel), "scoring": "mean log-prob per answer token",

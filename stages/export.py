@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import ppllava
+from backends import PRECISIONS
 from pipeline.atomic import fsync_rename, fsync_tree
 from pipeline.checkpoint import latest_checkpoint
 from pipeline.consolidate import consolidated_model
@@ -44,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 DISTRIBUTED = False  # rank 0 exports; the other ranks wait
 TRAINING = False
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MAX_NEW_TOKENS = 512  # generation_config.json default; generate(max_new_tokens=...) overrides it
 # Remote-code file names transformers' convention expects; the other ppllava modules keep theirs.
 REMOTE_NAMES = {"config": "configuration_ppllava", "modeling": "modeling_ppllava"}
@@ -166,7 +166,7 @@ def run(context: StageContext) -> dict:
         logger.warning("removing %s, left by an export that did not finish", temporary)
         shutil.rmtree(temporary)
     temporary.mkdir(parents=True)
-    dtype = DTYPES[settings.dtype]
+    dtype = PRECISIONS[settings.dtype]
     logger.info("export: consolidating %s (step %d) into %s weights", checkpoint, trainer_state["step"], settings.dtype)
     try:
         model = consolidated_model(checkpoint, source / MODEL_DIR, dtype)

@@ -23,7 +23,8 @@ import logging
 from dataclasses import asdict
 
 from backends.deepspeed_engine import build_engine, model_init_context
-from pipeline.data.loader import TRAIN_MODALITIES, LoaderSettings, StreamingLoader, manifest_samples
+from pipeline.data.loader import LoaderSettings, StreamingLoader, manifest_samples
+from pipeline.data.records import VISUAL_MODALITIES
 from pipeline.model_setup import (MODEL_DIR, build_model, build_processor, count_parameters, load_tokenizers,
                                   save_processor_config, save_tokenizers)
 from pipeline.recipe import Recipe
@@ -48,7 +49,7 @@ def run(context: StageContext) -> dict:
         logger.warning("the recipe's cluster section describes %d processes but %d were launched; gradient "
                        "accumulation adapts so the global batch stays %d", recipe.cluster.world_size, world,
                        sft.global_batch_size)
-    weights = {m: w for m, w in recipe.data.weights.items() if m in TRAIN_MODALITIES}
+    weights = {m: w for m, w in recipe.data.weights.items() if m in VISUAL_MODALITIES}
     samples = manifest_samples(recipe.manifest_path, weights)
     total_steps = schedule_length(recipe, "sft", samples)
 

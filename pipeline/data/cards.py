@@ -24,8 +24,10 @@ from typing import Mapping
 
 import yaml
 
+from pipeline.data.records import VISUAL_MODALITIES
+
 FORMATS = ("llava", "videochat2", "dpo")
-CARD_MODALITIES = ("image", "video", "multi_image", "mixed")
+CARD_MODALITIES = (*VISUAL_MODALITIES, "mixed")
 REQUIRED = ("name", "format", "annotation", "media_root", "modality")
 OPTIONAL = ("weight", "license", "description")
 
@@ -54,13 +56,24 @@ class DatasetCard:
 
     def media_path(self, relative: str) -> Path:
         """A media path of an annotation record, refused if it leaves the media root."""
-        candidate = Path(relative)
-        if candidate.is_absolute():
-            raise CardError(f"{self.name}: media path {relative!r} is absolute; paths must be relative to media_root")
-        resolved = (self.media_root / candidate).resolve()
-        if not resolved.is_relative_to(self.media_root.resolve()):
-            raise CardError(f"{self.name}: media path {relative!r} resolves outside media_root {self.media_root}")
-        return resolved
+        try:
+            return media_under_root(self.media_root, relative)
+        except ValueError as error:
+            raise CardError(f"{self.name}: {error}") from None
+
+
+def media_under_root(root: Path, relative: str) -> Path:
+    """``relative`` resolved under ``root``; ValueError when it is absolute or leaves ``root``
+    (through ``..`` or a link). Annotation files are untrusted data: a record may not make us read
+    a file outside the media root its card (or eval.media_root) names."""
+    if Path(relative).is_absolute():
+        raise ValueError(f"media path {relative!r} is absolute; it must be relative to the media root {root} and "
+                         f"stay in it")
+    resolved = (root / relative).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ValueError(f"media path {relative!r} resolves outside media_root {root}; it must be relative to the "
+                         f"media root and stay in it")
+    return resolved
 
 
 def _expand(value: str, variables: Mapping[str, str], card: Path, key: str) -> str:

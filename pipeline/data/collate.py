@@ -21,12 +21,13 @@ import torch
 from pipeline.data.media import VideoDecoder, read_image, read_video, sample_indices, sample_seed
 from pipeline.data.records import Sample
 from pipeline.data.templates import IGNORE_INDEX, clip_text, encode
-from ppllava import IMAGE, MULTI_IMAGE, TEXT, VIDEO, PPLLaVAConfig
+from ppllava import TEXT, PPLLaVAConfig
+from ppllava.config import MODALITY_NAMES
 from ppllava.processing import anyres_tiles, frames_to_pixels, placeholder_token_counts
 
 logger = logging.getLogger(__name__)
 
-MODALITY_IDS = {"text": TEXT, "image": IMAGE, "multi_image": MULTI_IMAGE, "video": VIDEO}
+MODALITY_IDS = {name: modality for modality, name in MODALITY_NAMES.items()}
 
 
 class SampleTooLong(ValueError):
@@ -163,14 +164,13 @@ def collate(samples: list[ProcessedSample], pad_token_id: int, clip_pad_token_id
     clip_input_ids = torch.full((rows, clip_length), clip_pad_token_id, dtype=torch.long)
     clip_attention_mask = torch.zeros((rows, clip_length), dtype=torch.long)
     visual_tokens: dict[str, list[int]] = {}
-    names = {value: name for name, value in MODALITY_IDS.items()}
     for row, sample in enumerate(samples):
         input_ids[row, : len(sample.input_ids)] = torch.tensor(sample.input_ids)
         labels[row, : len(sample.labels)] = torch.tensor(sample.labels)
         attention_mask[row, : len(sample.input_ids)] = 1
         clip_input_ids[row, : len(sample.clip_input_ids)] = torch.tensor(sample.clip_input_ids)
         clip_attention_mask[row, : len(sample.clip_input_ids)] = 1
-        visual_tokens.setdefault(names[sample.modality], []).append(sample.input_ids.count(image_token))
+        visual_tokens.setdefault(MODALITY_NAMES[sample.modality], []).append(sample.input_ids.count(image_token))
     inputs = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

@@ -29,13 +29,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.collate import Batch, SampleProcessor, SampleTooLong
 from pipeline.data.media import MediaError
-from pipeline.data.records import Sample
+from pipeline.data.records import VISUAL_MODALITIES, Sample
 
 logger = logging.getLogger(__name__)
 
-TRAIN_MODALITIES = ("video", "image", "multi_image")
 # Shard streams a loader can draw from: the SFT modalities, and DPO's preference pairs.
-STREAMS = TRAIN_MODALITIES + ("dpo",)
+STREAMS = VISUAL_MODALITIES + ("dpo",)
 
 
 class LoaderError(RuntimeError):
@@ -53,7 +52,6 @@ class LoaderSettings:
     max_bad_fraction: float = 0.01   # undecodable samples tolerated before the run stops...
     bad_fraction_grace: int = 100    # ...checked once this many samples were seen (one early bad
                                      # sample is not yet a fraction worth stopping for)
-    batches_per_epoch: int | None = None  # epoch length per rank; None: samples / (batch * world)
 
 
 def read_tar(path: Path) -> Iterator[dict[str, bytes]]:
@@ -208,8 +206,6 @@ class StreamingLoader:
         self.manifest_path, self.processor, self.settings = manifest_path, processor, settings
         self.rank, self.world_size = rank, world_size
         self.batches, self.used, self.bad = 0, 0, []
-        samples = manifest_samples(manifest_path, settings.weights)
-        self.batches_per_epoch = settings.batches_per_epoch or max(1, samples // (settings.micro_batch_size * world_size))
 
     def state_dict(self) -> dict:
         return {"batches": self.batches, "used": self.used, "bad": list(self.bad), "seed": self.settings.seed,

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Modality names as annotations, manifests and recipes write them (ppllava.config.MODALITY_NAMES
+# maps the model's integer ids to the same names).
 MODALITIES = ("text", "image", "multi_image", "video")
+# The visual modalities SFT mixes: data.weights keys, shard streams.
+VISUAL_MODALITIES = ("video", "image", "multi_image")
 IMAGE_PLACEHOLDER = "<image>"
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.data.records import IMAGE_PLACEHOLDER, Turn
+from ppllava.config import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 
 import backends  # noqa: E402
 from backends.deepspeed_engine import EngineSettings, build_engine, model_init_context  # noqa: E402
-from backends.distributed import mean_across_ranks  # noqa: E402
+from backends.distributed import sum_across_ranks  # noqa: E402
 from conftest import build_batch  # noqa: E402
 from ppllava import IMAGE, MULTI_IMAGE, VIDEO, PPLLaVAConfig, PPLLaVAForConditionalGeneration  # noqa: E402
 
@@ -68,7 +68,7 @@ def main() -> None:
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach().float() / args.accumulation
-        losses.append(float(mean_across_ranks(step_loss)))
+        losses.append(sum_across_ranks([float(step_loss)], torch.device("cpu"))[0] / context.world_size)
         lrs.append(scheduler.get_last_lr()[0])
     if args.save:
         engine.save_checkpoint(args.save, tag="final")

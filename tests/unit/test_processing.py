@@ -62,3 +62,11 @@ def test_placeholders_expand_in_order_and_mismatches_are_reported():
     assert expand_image_placeholders([1, 9, 5, 9, 2], [2, 3], image_token_index=9) == [1, 9, 9, 5, 9, 9, 9, 2]
     with pytest.raises(ValueError, match="1 image placeholders but its visual input needs 2"):
         expand_image_placeholders([1, 9, 2], [2, 3], image_token_index=9)
+
+
+def test_the_pipeline_and_the_model_name_the_same_modalities():
+    from pipeline.data.records import MODALITIES, VISUAL_MODALITIES
+    from ppllava.config import MODALITY_NAMES
+
+    assert sorted(MODALITIES) == sorted(MODALITY_NAMES.values())
+    assert set(VISUAL_MODALITIES) == set(MODALITIES) - {"text"}
