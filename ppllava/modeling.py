@@ -58,7 +58,35 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
                 module.logit_scale.fill_(self.config.logit_scale_init_value)
 
 
+def import_submodel_classes(config: PPLLaVAConfig) -> None:
+    """Import the vision tower's and the LLM's transformers modules now, before any ``zero.Init``.
+
+    A transformers modeling module imported for the first time inside ``deepspeed.zero.Init``
+    (ZeRO-3 construction) loses the ``__init__`` that the ``kernels`` package's
+    ``use_kernelized_func`` installs on its attention class: DeepSpeed wraps the class as it is
+    created, the decorator then wraps DeepSpeed's wrapper, and DeepSpeed's exit restores the
+    original it saved first. The model built inside works; the *next* one built in the process
+    (DPO's live reference, an export after ZeRO-3 training) fails with "'LlamaAttention' object
+    has no attribute '_kernel_funcs'". Resolving the auto classes imports the modules first.
+    """
+    AutoModel._model_mapping[type(config.vision_config)]
+    AutoModelForCausalLM._model_mapping[type(config.text_config)]
+
+
 class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
+    @classmethod
+    def _from_config(cls, config: PPLLaVAConfig, **kwargs):
+        import_submodel_classes(config)
+        return super()._from_config(config, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        config = kwargs.get("config")
+        if not isinstance(config, PPLLaVAConfig):
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path)
+        import_submodel_classes(config)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
     def __init__(self, config: PPLLaVAConfig) -> None:
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
