@@ -15,7 +15,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping, MutableMapping, NoReturn
+from typing import Any, Mapping, MutableMapping, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -160,13 +160,53 @@ def init_distributed(
     return context
 
 
+# Collectives. Each is a no-op (or the identity) for a lone process or before the process group
+# starts, so callers never test ``is_initialized() and world_size > 1`` themselves.
+
+def is_distributed() -> bool:
+    """More than one rank is running: collectives are needed."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
 def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sum of small per-rank numbers (counts, flags) in one collective."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not is_distributed():
         return [float(v) for v in values]
     total = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total.tolist()
+
+
+def max_across_ranks(value: int, device: torch.device) -> int:
+    """The largest of one integer per rank."""
+    if not is_distributed():
+        return value
+    most = torch.tensor([value], device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most)
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank; what the others pass is ignored."""
+    if not is_distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def teardown() -> None:

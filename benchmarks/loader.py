@@ -51,7 +51,7 @@ from pipeline.data.loader import LoaderSettings, StreamingLoader
 from pipeline.data.media import DecordDecoder, PyAVDecoder, read_video
 from pipeline.data.records import Sample
 from pipeline.data.synthetic import encode_jpeg, encode_mp4
-from pipeline.tiny import tiny_tokenizer
+from pipeline.model.tiny import tiny_tokenizer
 from ppllava import PPLLaVAConfig
 from stages.shard import ShardSettings, run_shard
 

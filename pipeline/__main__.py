@@ -116,6 +116,7 @@ def _launch(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from pipeline.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
+    from pipeline.layout import METRICS, RECIPE_FILE, checkpoints_dir
     from pipeline.metrics import read_metrics
     from pipeline.recipe import STAGE_ORDER
     from pipeline.runner import read_complete
@@ -124,7 +125,7 @@ def _status(args: argparse.Namespace) -> int:
     if not run_dir.is_dir():
         print(f"error: {run_dir} is not a run directory", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    print(f"run directory {run_dir}" + (" (recipe: recipe.yaml)" if (run_dir / "recipe.yaml").exists() else ""))
+    print(f"run directory {run_dir}" + (f" (recipe: {RECIPE_FILE})" if (run_dir / RECIPE_FILE).exists() else ""))
     for stage in STAGE_ORDER:
         directory = run_dir / stage
         if not directory.is_dir():
@@ -136,7 +137,7 @@ def _status(args: argparse.Namespace) -> int:
             continue
         state = f"complete ({done['finished']}, {done['wall_seconds']}s)" if done else "not complete"
         print(f"  {stage:<7}{state}")
-        checkpoints = directory / "checkpoints"
+        checkpoints = checkpoints_dir(directory)
         if checkpoints.is_dir():
             try:
                 latest = latest_checkpoint(checkpoints)
@@ -145,7 +146,7 @@ def _status(args: argparse.Namespace) -> int:
                 latest = None
             kept = ", ".join(p.name for p in complete_checkpoints(checkpoints))
             print(f"         latest checkpoint: {latest.name if latest else 'none'} (kept: {kept or 'none'})")
-        history = read_metrics(directory / "metrics.jsonl")
+        history = read_metrics(directory / METRICS)
         if history:
             print(f"         last metrics: {json.dumps(history[-1])}")
     return ExitCode.OK
@@ -157,7 +158,7 @@ def _chat(args: argparse.Namespace) -> int:
     import backends
     from backends import BackendUnavailable
     from pipeline.data.media import MediaError
-    from pipeline.inference import InferenceError, Question, load_model_dir
+    from pipeline.model.inference import InferenceError, Question, load_model_dir
 
     try:
         if not args.question.strip():

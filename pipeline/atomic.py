@@ -1,15 +1,27 @@
-"""Durable, all-or-nothing file writes (a file or directory is complete under its final name),
-and file digests.
+"""Durable, all-or-nothing writes (a file or directory is complete under its final name), outputs
+set aside rather than deleted, and file digests.
 
 Write under a temporary name, fsync the data, rename (atomic on POSIX file systems), then fsync
-the parent directory so the rename itself survives a crash.
+the parent directory so the rename itself survives a crash:
+
+    temporary = temporary_directory(final)     # final.tmp, emptied of a killed writer's leftovers
+    ... write into temporary ...
+    publish_directory(temporary, final)        # fsync every file, rename, fsync the parent
+
+Outputs a new run replaces are moved beside themselves with ``set_aside`` (``name.<why>-<time>``),
+never deleted: a user's earlier checkpoints or exports are theirs to remove.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import shutil
+import time
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def sha256_of(path: Path) -> str:
@@ -51,3 +63,36 @@ def write_text_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(text)
     fsync_rename(temporary, path)
+
+
+def temporary_directory(final: Path, writer: str = "a writer") -> Path:
+    """An empty ``<final>.tmp`` beside ``final``; one left by a killed ``writer`` is removed first."""
+    temporary = final.with_name(final.name + ".tmp")
+    if temporary.exists():
+        logger.warning("removing %s, left by %s that did not finish", temporary, writer)
+        shutil.rmtree(temporary)
+    temporary.mkdir(parents=True)
+    return temporary
+
+
+def publish_directory(temporary: Path, final: Path) -> None:
+    """fsync everything under ``temporary``, then give it its final name atomically."""
+    fsync_tree(temporary)
+    fsync_rename(temporary, final)
+
+
+def aside_path(path: Path, why: str) -> Path:
+    """``<name>.<why>-<YYYYmmdd-HHMMSS>`` beside ``path``, a name not taken yet."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, number = path.with_name(f"{path.name}.{why}-{stamp}"), 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}.{why}-{stamp}-{number}")
+    return candidate
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Move ``path`` to ``aside_path(path, why)``, kept, never deleted; returns where it went."""
+    kept = aside_path(path, why)
+    os.replace(path, kept)
+    return kept

@@ -23,18 +23,17 @@ import os
 import random
 import shutil
 import signal
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from pipeline.atomic import fsync_rename, fsync_tree, write_text_atomically
+from pipeline.atomic import aside_path, fsync_tree, publish_directory, temporary_directory, write_text_atomically
+from pipeline.layout import DEEPSPEED_TAG, LATEST, RECIPE_FILE, TRAINER_STATE, is_checkpoint
 
 logger = logging.getLogger(__name__)
 
-DEEPSPEED_TAG = "deepspeed"
 # Tests kill the writer at a chosen point ("before_rename:<step>") to prove atomicity; never set in
 # normal runs.
 FAULT_ENV = "PIPELINE_TEST_FAULT"
@@ -102,11 +101,11 @@ def complete_checkpoints(directory: Path) -> list[Path]:
 
 def latest_checkpoint(directory: Path) -> Path | None:
     """The checkpoint ``latest`` names (it is always complete), else None."""
-    pointer = directory / "latest"
+    pointer = directory / LATEST
     if not pointer.is_file():
         return None
     target = directory / pointer.read_text().strip()
-    if not (target / "trainer_state.json").is_file():
+    if not is_checkpoint(target):
         raise CheckpointError(f"{pointer} names {target.name}, which is missing or incomplete; the directory was "
                               f"modified by hand? Point `latest` at one of {[p.name for p in complete_checkpoints(directory)]}")
     return target
@@ -124,12 +123,9 @@ def save_checkpoint(engine, directory: Path, step: int, trainer_state: dict, ran
                     rank: int, keep_last: int, barrier: Callable[[], None]) -> Path:
     """Write ``step_<step>`` atomically on every rank; returns its final path."""
     final = directory / f"step_{step}"
-    temporary = directory / f"step_{step}.tmp"
+    temporary = final.with_name(final.name + ".tmp")
     if rank == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        if temporary.exists():
-            shutil.rmtree(temporary)
-        temporary.mkdir()
+        temporary_directory(final)
     barrier()
     engine.save_checkpoint(str(temporary), tag=DEEPSPEED_TAG, save_latest=False)
     torch.save(rank_state, temporary / f"rank_{rank:05d}.pt")
@@ -141,12 +137,11 @@ def save_checkpoint(engine, directory: Path, step: int, trainer_state: dict, ran
         if final.exists():
             raise CheckpointError(f"{final} already exists; checkpoints past the resume point should have been "
                                   f"set aside when the run resumed")
-        (temporary / "recipe.yaml").write_text(recipe_yaml)
-        (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        (temporary / RECIPE_FILE).write_text(recipe_yaml)
+        (temporary / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
         _fault(f"before_rename:{step}")
-        fsync_tree(temporary)
-        fsync_rename(temporary, final)
-        write_text_atomically(directory / "latest", final.name)
+        publish_directory(temporary, final)
+        write_text_atomically(directory / LATEST, final.name)
         older = [path for path in complete_checkpoints(directory) if path != final]
         for old in older[: max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old)
@@ -162,18 +157,18 @@ def set_aside_later_checkpoints(directory: Path, resume_from: Path) -> None:
     later = [path for path in complete_checkpoints(directory) if step_of(path) > step_of(resume_from)]
     if resume_from.parent.resolve() != directory.resolve() or not later:
         return
-    kept = directory.with_name(f"{directory.name}.abandoned-{time.strftime('%Y%m%d-%H%M%S')}")
+    kept = aside_path(directory, "abandoned")
     kept.mkdir()
     for path in later:
         os.replace(path, kept / path.name)
-    write_text_atomically(directory / "latest", resume_from.name)
+    write_text_atomically(directory / LATEST, resume_from.name)
     logger.warning("resuming from %s: the later checkpoints %s are kept in %s", resume_from.name,
                    [p.name for p in later], kept)
 
 
 def read_trainer_state(path: Path, world_size: int) -> dict:
     """The checkpoint's trainer state, refused when it was written by another number of processes."""
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    trainer_state = json.loads((path / TRAINER_STATE).read_text())
     if trainer_state["world_size"] != world_size:
         raise CheckpointError(
             f"{path} was written by {trainer_state['world_size']} processes but this run has {world_size}: the "

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from pipeline.atomic import write_text_atomically
+from pipeline.layout import METRICS
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 class MetricsLog:
     def __init__(self, directory: Path, enabled: bool, resume_step: int = 0) -> None:
         self.enabled = enabled
-        self.path = directory / "metrics.jsonl"
+        self.path = directory / METRICS
         self._tensorboard = None
         if not enabled:
             return

@@ -32,6 +32,7 @@ import yaml
 
 from pipeline.data.records import VISUAL_MODALITIES
 from pipeline.data.synthetic import SynthSettings
+from pipeline.layout import MANIFEST
 
 STAGE_ORDER = ("synth", "shard", "sft", "dpo", "export", "eval")
 
@@ -211,7 +212,7 @@ class Recipe:
 
     @property
     def manifest_path(self) -> Path:
-        return self.stage_dir("shard") / "manifest.json" if self.shard is not None else Path(self.data.manifest or "")
+        return self.stage_dir("shard") / MANIFEST if self.shard is not None else Path(self.data.manifest or "")
 
     def batch_layout(self, world_size: int, stage: str = "sft") -> tuple[int, int, int]:
         """(micro batch, accumulation, world) whose product is <stage>.global_batch_size, or RecipeError."""

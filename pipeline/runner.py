@@ -22,24 +22,20 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch.distributed as dist
-
 import backends
 from backends import Backend, DistributedContext
-from backends.distributed import sum_across_ranks
-from pipeline.atomic import write_text_atomically
+from backends.distributed import barrier, broadcast_from_rank0, is_distributed, sum_across_ranks
+from pipeline.atomic import set_aside, write_text_atomically
 from pipeline.checkpoint import StopFlag
+from pipeline.layout import COMPLETE, RECIPE_FILE
 from pipeline.recipe import Recipe, RecipeError
 
 logger = logging.getLogger(__name__)
-
-COMPLETE = "COMPLETE"
 
 
 class StageFailed(RuntimeError):
@@ -69,8 +65,7 @@ class StageContext:
         return self.recipe.stage_dir(self.stage)
 
     def barrier(self) -> None:
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
+        barrier()
 
 
 def stage_module(name: str):
@@ -120,16 +115,13 @@ def decide_on_rank0(recipe: Recipe, stage: str, world_size: int, upstream: str, 
                     only: list[str] | None, is_main: bool) -> tuple[str, dict, str]:
     """``decide`` on rank 0 only (fingerprinting a dataset walks every media file: once, not once
     per rank), broadcast to the others; an error there is raised on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return decide(recipe, stage, world_size, upstream, upstream_changed, only)
-    message: list = [None]
+    outcome = None
     if is_main:
         try:
-            message = [("ok", decide(recipe, stage, world_size, upstream, upstream_changed, only))]
+            outcome = ("ok", decide(recipe, stage, world_size, upstream, upstream_changed, only))
         except (RecipeError, ValueError) as error:  # CardError is a ValueError
-            message = [("error", error)]
-    dist.broadcast_object_list(message, src=0)
-    kind, payload = message[0]
+            outcome = ("error", error)
+    kind, payload = broadcast_from_rank0(outcome)
     if kind == "error":
         raise payload
     return payload
@@ -138,25 +130,24 @@ def decide_on_rank0(recipe: Recipe, stage: str, world_size: int, upstream: str, 
 def check_shared_run_dir(run_dir: Path, context: DistributedContext, device) -> None:
     """Every rank must see rank 0's run directory (checkpoints are completed by rank 0 from files
     every rank wrote): rank 0 leaves a token there, every rank reads it, all agree or all stop."""
-    if not dist.is_initialized() or context.world_size == 1:
+    if not is_distributed():
         return
-    token = [uuid.uuid4().hex if context.is_main else None]
+    token = uuid.uuid4().hex if context.is_main else None
     if context.is_main:
-        write_text_atomically(run_dir / ".rank0_token", token[0])
-    dist.broadcast_object_list(token, src=0)
+        write_text_atomically(run_dir / ".rank0_token", token)
+    token = broadcast_from_rank0(token)
     marker = run_dir / ".rank0_token"
     seen = marker.read_text() if marker.is_file() else None
-    agreeing = sum_across_ranks([float(seen == token[0])], device)[0]
+    agreeing = sum_across_ranks([float(seen == token)], device)[0]
     if agreeing != context.world_size:
         raise RecipeError(f"run_dir {run_dir} is not the same directory on every rank ({int(agreeing)} of "
-                          f"{context.world_size} ranks see rank 0's files there{'' if seen == token[0] else ', not this one'}): "
+                          f"{context.world_size} ranks see rank 0's files there{'' if seen == token else ', not this one'}): "
                           f"put run_dir on storage every node shares")
 
 
 def _set_aside(directory: Path) -> None:
     """A stage whose inputs changed keeps its old outputs beside the new ones, never deleted."""
-    kept = directory.with_name(f"{directory.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.replace(directory, kept)
+    kept = set_aside(directory, "replaced")
     logger.warning("%s: inputs changed since it completed; its previous outputs are kept in %s", directory.name, kept)
 
 
@@ -175,7 +166,7 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, resume: str | None
     run_dir = Path(recipe.run_dir)
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(run_dir / "recipe.yaml", f"# resolved from {recipe.source}\n" + recipe.to_yaml())
+        write_text_atomically(run_dir / RECIPE_FILE, f"# resolved from {recipe.source}\n" + recipe.to_yaml())
     check_shared_run_dir(run_dir, context, backend.device(context.local_rank))
     summaries, skipped, upstream, upstream_changed = {}, [], "", False
     with StopFlag() as stop:

@@ -35,6 +35,7 @@ from pipeline.atomic import sha256_of
 from pipeline.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_trainer_state,
                                  remove_partial, restore_rng_state, rng_state, save_checkpoint,
                                  set_aside_later_checkpoints)
+from pipeline.layout import checkpoints_dir, is_checkpoint
 from pipeline.metrics import MetricsLog
 from pipeline.recipe import Recipe, RecipeError, TrainingSection, differences
 from pipeline.runner import StageContext, StageFailed, StoppedForRequeue
@@ -114,7 +115,7 @@ class TrainingRun:
         self.section: TrainingSection = getattr(context.recipe, context.stage)
         self.total_steps, self.world = total_steps, context.dist.world_size
         self.device = context.backend.device(context.dist.local_rank)
-        self.checkpoints = context.directory / "checkpoints"
+        self.checkpoints = checkpoints_dir(context.directory)
         self.nonfinite_skipped = self.in_a_row = 0
         self.first_loss: float | None = None
         self.last: dict = {}
@@ -173,7 +174,7 @@ class TrainingRun:
                 logger.info("--resume auto: no checkpoint in %s yet; starting from step 0", checkpoints)
             return found
         path = Path(resume)
-        if not (path / "trainer_state.json").is_file():
+        if not is_checkpoint(path):
             raise CheckpointError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
         return path
 

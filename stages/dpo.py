@@ -23,22 +23,22 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 
 from backends.deepspeed_engine import build_engine, build_frozen_model, model_init_context
-from pipeline.atomic import fsync_rename, fsync_tree, write_text_atomically
+from backends.distributed import broadcast_from_rank0, gather_objects, max_across_ranks
+from pipeline.atomic import publish_directory, temporary_directory, write_text_atomically
 from pipeline.checkpoint import latest_checkpoint
-from pipeline.consolidate import consolidated_model, copy_model_files
 from pipeline.data.collate import SampleProcessor, SampleTooLong
 from pipeline.data.loader import LoaderSettings, StreamingLoader, manifest_samples, media_members, read_tar
 from pipeline.data.media import MediaError, decoder
 from pipeline.data.pairs import PairProcessor
-from pipeline.model_check import directory_fingerprint
-from pipeline.model_setup import CLIP_TOKENIZER_DIR, MODEL_DIR, count_parameters, load_processor_settings
+from pipeline.layout import CLIP_TOKENIZER_DIR, DPO_INIT, MODEL_DIR, REFERENCE_LOGPS, checkpoints_dir
+from pipeline.model.check import directory_fingerprint
+from pipeline.model.consolidate import consolidated_model, copy_model_files
+from pipeline.model.setup import count_parameters, load_processor_settings
 from pipeline.preference import dpo_loss, sequence_logps
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.runner import StageContext, StageFailed, fingerprint_of
@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 DISTRIBUTED = True
 TRAINING = True
-REFERENCE_FILE = "reference_logps.json"
 
 
 def inputs(recipe: Recipe, world_size: int) -> dict:
@@ -64,21 +63,18 @@ def _start_model(context: StageContext) -> Path:
     recipe = context.recipe
     if recipe.dpo.init != "sft":
         return Path(recipe.dpo.init)
-    init = context.directory / "init"
+    init = context.directory / DPO_INIT
     if context.dist.is_main and not (init / "config.json").is_file():
         sft_dir = recipe.stage_dir("sft")
-        step_dir = latest_checkpoint(sft_dir / "checkpoints")
+        step_dir = latest_checkpoint(checkpoints_dir(sft_dir))
         if step_dir is None:
             raise StageFailed(f"dpo.init: sft, but {sft_dir / 'checkpoints'} holds no checkpoint")
         logger.info("dpo: consolidating %s into %s", step_dir, init)
-        partial = init.with_name("init.tmp")
-        if partial.exists():  # left by a killed run
-            shutil.rmtree(partial)
+        partial = temporary_directory(init, "a consolidation")
         model = consolidated_model(step_dir, sft_dir / MODEL_DIR)
         model.save_pretrained(partial)
         copy_model_files(sft_dir / MODEL_DIR, partial)
-        fsync_tree(partial)
-        fsync_rename(partial, init)
+        publish_directory(partial, init)
     context.barrier()
     return init
 
@@ -109,11 +105,7 @@ def _precompute_reference(context: StageContext, engine, processor: PairProcesso
     manifest = json.loads(recipe.manifest_path.read_text())
     shards = sorted((s for s in manifest["shards"] if s["modality"] == "dpo"), key=lambda s: s["path"])
     mine = shards[dist.rank::dist.world_size]
-    batches = -(-sum(s["samples"] for s in mine) // micro)
-    if torch_dist.is_initialized() and dist.world_size > 1:
-        most = torch.tensor([batches], device=device)
-        torch_dist.all_reduce(most, op=torch_dist.ReduceOp.MAX)
-        batches = int(most)
+    batches = max_across_ranks(-(-sum(s["samples"] for s in mine) // micro), device)
 
     def prepared():
         for shard in mine or shards[:1]:  # no shard of its own: work on the first one, results dropped
@@ -140,12 +132,8 @@ def _precompute_reference(context: StageContext, engine, processor: PairProcesso
                 if pair.key in found:
                     raise StageFailed(f"two preference pairs share the key {pair.key}: give every record a unique id")
                 found[pair.key] = [float(logps[row]), float(logps[row + len(chunk)])]
-    gathered = [found]
-    if torch_dist.is_initialized() and dist.world_size > 1:
-        gathered = [None] * dist.world_size
-        torch_dist.all_gather_object(gathered, found)
     merged: dict[str, list[float]] = {}
-    for part in gathered:
+    for part in gather_objects(found):
         duplicated = set(merged) & set(part)
         if duplicated:
             raise StageFailed(f"two preference pairs share the key {sorted(duplicated)[0]}: give every record a unique id")
@@ -226,7 +214,7 @@ def run(context: StageContext) -> dict:
             return logps[:len(batch.keys)], logps[len(batch.keys):]
         missing = [key for key in batch.keys if key not in reference_logps]
         if missing:
-            raise StageFailed(f"{REFERENCE_FILE} has no reference log-probs for {missing[:3]}: it was computed for "
+            raise StageFailed(f"{REFERENCE_LOGPS} has no reference log-probs for {missing[:3]}: it was computed for "
                               f"other shards; delete it to compute it again")
         values = torch.tensor([reference_logps[key] for key in batch.keys], device=device)
         return values[:, 0], values[:, 1]
@@ -272,13 +260,9 @@ def _stored_reference(context: StageContext, engine, processor: PairProcessor, m
     """run_dir/dpo/reference_logps.json, computed once per start model and data: a resumed run
     finds it (its policy has moved on), a changed start model or data recomputes it. Rank 0
     decides for all, so ranks never disagree about entering the collective pass."""
-    path, expected = context.directory / REFERENCE_FILE, _reference_inputs(context)
-    valid = [False]
-    if context.dist.is_main and path.is_file():
-        valid = [json.loads(path.read_text()).get("inputs") == expected]
-    if torch_dist.is_initialized() and context.dist.world_size > 1:
-        torch_dist.broadcast_object_list(valid, src=0)
-    if not valid[0]:
+    path, expected = context.directory / REFERENCE_LOGPS, _reference_inputs(context)
+    valid = context.dist.is_main and path.is_file() and json.loads(path.read_text()).get("inputs") == expected
+    if not broadcast_from_rank0(valid):
         found = _precompute_reference(context, engine, processor, micro)
         if context.dist.is_main:
             write_text_atomically(path, json.dumps({"inputs": expected, "logps": found}))

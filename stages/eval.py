@@ -4,7 +4,7 @@
     check      every record of every file first: a malformed one stops the stage before the model
                loads, naming the file, the record index and the reason
     for each multiple-choice file (one task, named by the file's stem):
-        for each question: log-likelihood of every option as the answer (pipeline.inference),
+        for each question: log-likelihood of every option as the answer (pipeline.model.inference),
                            prediction = the highest mean log-prob per answer token
     for each open-ended file:
         for each question: greedy answer (eval.max_new_tokens)
@@ -36,9 +36,10 @@ from pipeline.atomic import sha256_of, write_text_atomically
 from pipeline.data.cards import media_under_root
 from pipeline.data.media import MediaError
 from pipeline.data.records import RecordError
-from pipeline.inference import InferenceError, InferenceModel, Question, load_model_dir
-from pipeline.model_check import CHECKSUMS, ModelFilesError, directory_fingerprint, verify_checksums
-from pipeline.model_setup import build_model
+from pipeline.layout import CHECKSUMS
+from pipeline.model.check import ModelFilesError, directory_fingerprint, verify_checksums
+from pipeline.model.inference import InferenceError, InferenceModel, Question, load_model_dir
+from pipeline.model.setup import build_model
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.runner import StageContext, StoppedForRequeue
 

@@ -2,7 +2,7 @@
 
     source     = export.source_stage (auto: dpo when the recipe has it, else sft)
     checkpoint = run_dir/<source>/checkpoints/latest: ZeRO-0/1/2/3, written by any number of ranks
-    model      = pipeline.consolidate: DeepSpeed's zero_to_fp32 on CPU (fp32 master weights + frozen parameters +
+    model      = pipeline.model.consolidate: DeepSpeed's zero_to_fp32 on CPU (fp32 master weights + frozen parameters +
                  buffers) loaded strictly into run_dir/<source>/model/config.json's model, in export.dtype
     write run_dir/export.tmp/: config.json, model*.safetensors (+ index past export.max_shard_size), the LLM
         tokenizer with the chat template training used, clip_tokenizer/, processor_config.json,
@@ -20,7 +20,6 @@ from __future__ import annotations
 import ast
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -31,12 +30,13 @@ import torch
 
 import ppllava
 from backends import PRECISIONS
-from pipeline.atomic import fsync_rename, fsync_tree
+from pipeline.atomic import publish_directory, set_aside, temporary_directory
 from pipeline.checkpoint import latest_checkpoint
-from pipeline.consolidate import consolidated_model
 from pipeline.data.templates import VICUNA_SYSTEM
-from pipeline.model_check import probe_inputs, probe_logits, write_checksums
-from pipeline.model_setup import CLIP_TOKENIZER_DIR, MODEL_DIR, PROCESSOR_CONFIG, save_tokenizers
+from pipeline.layout import CLIP_TOKENIZER_DIR, MODEL_DIR, PROCESSOR_CONFIG, RECIPE_FILE, TRAINER_STATE, checkpoints_dir
+from pipeline.model.check import probe_inputs, probe_logits, write_checksums
+from pipeline.model.consolidate import consolidated_model
+from pipeline.model.setup import save_tokenizers
 from pipeline.recipe import Recipe
 from pipeline.runner import StageContext, StageFailed
 from ppllava import PPLLaVAForConditionalGeneration
@@ -112,7 +112,7 @@ def model_card(recipe: Recipe, checkpoint: Path, trainer_state: dict, dtype: str
             "import ppllava  # registers the model type with transformers' Auto classes\n"
             "from transformers import AutoModelForImageTextToText, AutoTokenizer\n"
             "model = AutoModelForImageTextToText.from_pretrained(path)\ntokenizer = AutoTokenizer.from_pretrained(path)")
-    recipe_yaml = (checkpoint / "recipe.yaml").read_text()
+    recipe_yaml = (checkpoint / RECIPE_FILE).read_text()
     return (f"---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\ntags: [ppllava, video-llm]\n---\n\n"
             f"# {recipe.name}: PPLLaVA\n\nPPLLaVA (prompt-guided pooling video LLM) in {dtype}, exported from a training "
             f"checkpoint by the pipeline's export stage on {time.strftime('%Y-%m-%d %H:%M:%S')}. CLIP tokenizer: "
@@ -157,15 +157,11 @@ def verify(directory: Path, expected: torch.Tensor, inputs: dict, dtype: torch.d
 def run(context: StageContext) -> dict:
     recipe, settings = context.recipe, context.recipe.export
     source = recipe.stage_dir(recipe.export_source)
-    checkpoint = latest_checkpoint(source / "checkpoints")
+    checkpoint = latest_checkpoint(checkpoints_dir(source))
     if checkpoint is None or not (source / MODEL_DIR / "config.json").is_file():
         raise StageFailed(f"nothing to export in {source}: no complete checkpoint or no {MODEL_DIR}/config.json")
-    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
-    final, temporary = context.directory, context.directory.with_name(context.directory.name + ".tmp")
-    if temporary.exists():
-        logger.warning("removing %s, left by an export that did not finish", temporary)
-        shutil.rmtree(temporary)
-    temporary.mkdir(parents=True)
+    trainer_state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    final, temporary = context.directory, temporary_directory(context.directory, "an export")
     dtype = PRECISIONS[settings.dtype]
     logger.info("export: consolidating %s (step %d) into %s weights", checkpoint, trainer_state["step"], settings.dtype)
     try:
@@ -201,12 +197,9 @@ def run(context: StageContext) -> dict:
 
     loaded_by = verify(temporary, expected, probe, dtype, settings.trust_remote_code)
     write_checksums(temporary)
-    fsync_tree(temporary)
     if final.exists() and any(final.iterdir()):  # files of something else: kept, never deleted
-        kept = final.with_name(f"{final.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(final, kept)
-        logger.warning("%s held files of an unfinished export; kept in %s", final, kept)
-    fsync_rename(temporary, final)
+        logger.warning("%s held files of an unfinished export; kept in %s", final, set_aside(final, "incomplete"))
+    publish_directory(temporary, final)
     shards = sorted(p.name for p in final.glob("*.safetensors"))
     logger.info("export: %s verified (%s) and written to %s", settings.dtype, ", ".join(loaded_by), final)
     return {"directory": str(final), "from": str(checkpoint), "dtype": settings.dtype, "shards": len(shards),

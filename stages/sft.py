@@ -25,7 +25,8 @@ from dataclasses import asdict
 from backends.deepspeed_engine import build_engine, model_init_context
 from pipeline.data.loader import LoaderSettings, StreamingLoader, manifest_samples
 from pipeline.data.records import VISUAL_MODALITIES
-from pipeline.model_setup import (MODEL_DIR, build_model, build_processor, count_parameters, load_tokenizers,
+from pipeline.layout import MODEL_DIR
+from pipeline.model.setup import (build_model, build_processor, count_parameters, load_tokenizers,
                                   save_processor_config, save_tokenizers)
 from pipeline.recipe import Recipe
 from pipeline.runner import StageContext

@@ -36,6 +36,7 @@ from pipeline.data.media import MediaError, PyAVDecoder, read_image, read_video
 from pipeline.data.records import PreferencePair, RecordError, Sample
 from pipeline.data.sources import READERS
 from pipeline.data.synthetic import encode_jpeg
+from pipeline.layout import MANIFEST
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def run_shard(settings: ShardSettings, rank: int = 0, world_size: int = 1, barri
     fingerprint = hashlib.sha256(json.dumps({"sources": sources, "version": MANIFEST_VERSION,
                                              "settings": {k: v for k, v in asdict(settings).items() if k not in ("processes", "variables")}},
                                             sort_keys=True).encode()).hexdigest()
-    manifest_path = output / "manifest.json"
+    manifest_path = output / MANIFEST
     if manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
         logger.info("shard: inputs unchanged since %s was written; nothing to do", manifest_path)
         return json.loads(manifest_path.read_text()) if rank == 0 else {}
@@ -255,4 +256,4 @@ def run(context) -> dict:
     if not context.dist.is_main:
         return {}
     return {"samples": manifest["counts"], "rejected": len(manifest["rejected"]),
-            "manifest": str(context.directory / "manifest.json")}
+            "manifest": str(context.directory / MANIFEST)}

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 # The tiny tokenizer and config live in the pipeline (the CPU demo trains with them too).
-from pipeline.tiny import TINY_CHAT_TEMPLATE, tiny_config_for, tiny_tokenizer  # noqa: F401
+from pipeline.model.tiny import TINY_CHAT_TEMPLATE, tiny_config_for, tiny_tokenizer  # noqa: F401
 from ppllava import IMAGE, MULTI_IMAGE, TEXT, VIDEO, PPLLaVAConfig, PPLLaVAForConditionalGeneration
 from ppllava.processing import expand_image_placeholders, placeholder_token_counts
 

@@ -9,8 +9,8 @@ import torch
 
 from conftest import run_pipeline, small_shards, training_recipe, write_recipe
 from pipeline.metrics import read_metrics
-from pipeline.model_setup import save_tokenizers
-from pipeline.tiny import tiny_config_for, tiny_tokenizer
+from pipeline.model.setup import save_tokenizers
+from pipeline.model.tiny import tiny_config_for, tiny_tokenizer
 from ppllava import PPLLaVAForConditionalGeneration
 
 pytestmark = pytest.mark.dist

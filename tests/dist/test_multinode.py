@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, pipeline_env, small_shards, training_recipe, write_recipe
+from backends.distributed import free_port
 from pipeline.checkpoint import FAULT_ENV
 from pipeline.metrics import read_metrics
-from backends.distributed import free_port
 
 pytestmark = pytest.mark.dist
 

@@ -10,8 +10,8 @@ import torch
 
 from conftest import pipeline_env, run_pipeline, small_shards, training_recipe, write_recipe
 from pipeline.checkpoint import FAULT_ENV
-from pipeline.consolidate import consolidated_model
 from pipeline.metrics import read_metrics
+from pipeline.model.consolidate import consolidated_model
 from ppllava import PPLLaVAForConditionalGeneration
 
 pytestmark = pytest.mark.integration

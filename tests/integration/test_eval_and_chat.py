@@ -12,8 +12,8 @@ from pipeline.__main__ import main
 from pipeline.data.collate import ProcessorSettings, SampleProcessor
 from pipeline.data.records import Sample, Turn
 from pipeline.data.synthetic import SynthSettings, generate
-from pipeline.inference import InferenceError, Question, load_model_dir
-from pipeline.model_setup import save_processor_config, save_tokenizers
+from pipeline.model.inference import InferenceError, Question, load_model_dir
+from pipeline.model.setup import save_processor_config, save_tokenizers
 from pipeline.recipe import Recipe, RecipeError, parse_recipe, validate
 from pipeline.runner import StageContext
 from ppllava import VIDEO, PPLLaVAForConditionalGeneration

@@ -6,8 +6,8 @@ import torch
 
 from conftest import run_pipeline, small_shards, tiny_model, tiny_tokenizer, training_recipe, write_recipe
 from pipeline.metrics import read_metrics
-from pipeline.model_setup import save_tokenizers
-from pipeline.tiny import tiny_config_for
+from pipeline.model.setup import save_tokenizers
+from pipeline.model.tiny import tiny_config_for
 from test_checkpoints import write_clip_checkpoint, write_llava_hf_checkpoint
 
 pytestmark = pytest.mark.integration

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from pipeline.atomic import sha256_of
+from pipeline.layout import CHECKSUMS, COMPLETE
 
 from ppllava import IMAGE, MULTI_IMAGE, VIDEO, PPLLaVAConfig
 from ppllava.processing import expand_image_placeholders, image_grid, placeholder_token_counts
 
-CHECKSUMS = "SHA256SUMS"
 
 
 class ModelFilesError(RuntimeError):
@@ -74,7 +74,7 @@ def probe_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor] | None 
 
 def write_checksums(directory: Path) -> Path:
     directory = Path(directory)
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in (CHECKSUMS, "COMPLETE"))
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in (CHECKSUMS, COMPLETE))
     lines = [f"{sha256_of(path)}  {path.relative_to(directory).as_posix()}\n" for path in files]
     (directory / CHECKSUMS).write_text("".join(lines))
     return directory / CHECKSUMS

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import DEEPSPEED_TAG
-from pipeline.model_setup import CLIP_TOKENIZER_DIR, PROCESSOR_CONFIG
+from pipeline.layout import CLIP_TOKENIZER_DIR, DEEPSPEED_TAG, PROCESSOR_CONFIG
 from ppllava import PPLLaVAConfig, PPLLaVAForConditionalGeneration
 
 logger = logging.getLogger(__name__)

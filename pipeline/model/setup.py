@@ -20,16 +20,13 @@ import torch
 
 from pipeline.data.collate import ProcessorSettings, SampleProcessor
 from pipeline.data.media import decoder
+from pipeline.layout import CLIP_TOKENIZER_DIR, PROCESSOR_CONFIG
+from pipeline.model.tiny import tiny_config_for, tiny_tokenizer
 from pipeline.recipe import Recipe
-from pipeline.tiny import tiny_config_for, tiny_tokenizer
 from ppllava import PPLLaVAForConditionalGeneration
 
 logger = logging.getLogger(__name__)
 
-CLIP_TOKENIZER_DIR = "clip_tokenizer"
-# A training stage's model directory without weights: config.json, tokenizer files, clip_tokenizer/.
-MODEL_DIR = "model"
-PROCESSOR_CONFIG = "processor_config.json"
 
 
 def load_tokenizers(recipe: Recipe):

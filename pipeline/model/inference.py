@@ -27,7 +27,8 @@ from pipeline.data.collate import MODALITY_IDS, ProcessedSample, SampleProcessor
 from pipeline.data.media import decoder
 from pipeline.data.records import IMAGE_PLACEHOLDER, Sample, Turn
 from pipeline.data.templates import IGNORE_INDEX, encode
-from pipeline.model_setup import CLIP_TOKENIZER_DIR, load_processor_settings
+from pipeline.layout import CLIP_TOKENIZER_DIR
+from pipeline.model.setup import load_processor_settings
 from ppllava import PPLLaVAConfig, PPLLaVAForConditionalGeneration
 from ppllava.processing import placeholder_token_counts
 
