@@ -158,7 +158,8 @@ def _chat(args: argparse.Namespace) -> int:
     import backends
     from backends import BackendUnavailable
     from pipeline.data.media import MediaError
-    from pipeline.model.inference import InferenceError, Question, load_model_dir
+    from pipeline.model.check import ModelFilesError
+    from pipeline.model.inference import InferenceError, Question, load_for_inference
 
     try:
         if not args.question.strip():
@@ -168,8 +169,7 @@ def _chat(args: argparse.Namespace) -> int:
         if missing:  # before the model loads
             raise InferenceError(f"media file not found: {', '.join(missing)}")
         backend = backends.select(args.backend)
-        model = load_model_dir(args.model_dir, args.frames, args.video_kernel, device=backend.device(0),
-                               dtype=backend.resolve_dtype(backend.inference_precision), attn_implementation=backend.attn_implementation)
+        model = load_for_inference(args.model_dir, backend, 0, args.frames, args.video_kernel)
         inputs = model.prompt_inputs(question)
         visual = int((inputs["input_ids"] == model.image_token).sum())
         shape = f", video kernel {'x'.join(map(str, model.config.video_kernel))}" if question.modality == "video" else ""
@@ -179,7 +179,7 @@ def _chat(args: argparse.Namespace) -> int:
 
         streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
         model.generate(question, args.max_new_tokens, streamer=streamer, inputs=inputs)
-    except (InferenceError, MediaError, BackendUnavailable) as error:
+    except (InferenceError, MediaError, BackendUnavailable, ModelFilesError) as error:
         print(f"error: {error}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     return ExitCode.OK

@@ -35,10 +35,10 @@ from pipeline.data.collate import SampleProcessor, SampleTooLong
 from pipeline.data.loader import LoaderSettings, StreamingLoader, manifest_samples, media_members, read_tar
 from pipeline.data.media import MediaError, decoder
 from pipeline.data.pairs import PairProcessor
-from pipeline.layout import CLIP_TOKENIZER_DIR, DPO_INIT, MODEL_DIR, REFERENCE_LOGPS, checkpoints_dir
+from pipeline.layout import DPO_INIT, MODEL_DIR, REFERENCE_LOGPS, checkpoints_dir
 from pipeline.model.check import directory_fingerprint
 from pipeline.model.consolidate import consolidated_model, copy_model_files
-from pipeline.model.setup import count_parameters, load_processor_settings
+from pipeline.model.setup import count_parameters, load_directory_tokenizers, load_processor_settings
 from pipeline.preference import dpo_loss, sequence_logps
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.runner import StageContext, StageFailed, fingerprint_of
@@ -158,10 +158,7 @@ def run(context: StageContext) -> dict:
 
     # Build: start model, policy engine, reference, loader.
     init = _start_model(context)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(init))
-    clip_tokenizer = AutoTokenizer.from_pretrained(str(init / CLIP_TOKENIZER_DIR))
+    tokenizer, clip_tokenizer = load_directory_tokenizers(init)
     settings = engine_settings(dpo, micro, accumulation, total_steps)
     attn = recipe.model.attn_implementation or backend.attn_implementation
     with model_init_context(settings, backend.resolve_dtype(dpo.precision, dist.local_rank)):

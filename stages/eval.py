@@ -12,10 +12,7 @@
            prediction with its scores), <stem>.jsonl (open-ended: question, prediction, reference,
            for external GPT-based scoring); print the per-task table
 
-Multiple-choice records (MVBench style): {"video" | "image": path, "question": str,
-"options" | "candidates": [str, ...], "answer": a letter "A".. or the answer's text}; open-ended
-records: {"video" | "image": path, "question": str, "answer": str (optional)}. Media paths are
-relative to eval.media_root (default: the file's folder) and may not leave it.
+Question files: see pipeline/data/questions.py (MVBench-style multiple choice, open-ended).
 
 Scoring by the mean rather than the sum: every answer token adds a negative log-prob, so the sum
 prefers short options whatever they say (MVBench mixes "Not sure" with long phrases); the mean
@@ -26,19 +23,18 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from pipeline.atomic import sha256_of, write_text_atomically
-from pipeline.data.cards import media_under_root
 from pipeline.data.media import MediaError
+from pipeline.data.questions import KINDS, LETTERS, Task, read_task
 from pipeline.data.records import RecordError
-from pipeline.layout import CHECKSUMS
-from pipeline.model.check import ModelFilesError, directory_fingerprint, verify_checksums
-from pipeline.model.inference import InferenceError, InferenceModel, Question, load_model_dir
+from pipeline.model.check import ModelFilesError, directory_fingerprint
+from pipeline.model.inference import InferenceError, InferenceModel, load_for_inference
 from pipeline.model.setup import build_model
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.runner import StageContext, StoppedForRequeue
@@ -47,28 +43,6 @@ logger = logging.getLogger(__name__)
 
 DISTRIBUTED = False  # rank 0 evaluates; the other ranks wait
 TRAINING = False
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-KINDS = ("multiple_choice", "open_ended")
-
-
-@dataclass
-class Item:
-    index: int                    # position in its file
-    record: dict
-    question: Question
-    options: list[str]            # multiple choice only
-    answer: int | str | None      # multiple choice: index of the right option; open-ended: reference or None
-
-
-@dataclass
-class Task:
-    kind: str                     # multiple_choice | open_ended
-    path: Path
-    items: list[Item]
-
-    @property
-    def name(self) -> str:
-        return self.path.stem
 
 
 def model_directory(recipe: Recipe) -> Path:
@@ -93,91 +67,6 @@ def inputs(recipe: Recipe, world_size: int) -> dict:
             "model_files": directory_fingerprint(directory)}
 
 
-# -- reading the question files ---------------------------------------------------------------------
-
-def _text(record: dict, key: str, file: str, where: str) -> str:
-    value = record.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise RecordError(file, where, f"'{key}' must be a non-empty string, got {value!r}")
-    return value
-
-
-def _media(record: dict, root: Path, file: str, where: str) -> Question:
-    present = [key for key in ("video", "image") if key in record]
-    if len(present) != 1:
-        raise RecordError(file, where, "exactly one of 'video' or 'image' must be set")
-    value = record[present[0]]
-    names = value if present[0] == "image" and isinstance(value, list) else [value]
-    if not names or not all(isinstance(n, str) and n.strip() for n in names):
-        raise RecordError(file, where, f"'{present[0]}' must be a path{' or a list of paths' if present[0] == 'image' else ''}, "
-                          f"got {value!r}")
-    paths = []
-    for name in names:
-        try:
-            path = media_under_root(root, name)
-        except ValueError as error:
-            raise RecordError(file, where, str(error)) from None
-        if not path.is_file():
-            raise RecordError(file, where, f"media file {name!r} not found under {root}")
-        paths.append(path)
-    question = _text(record, "question", file, where)
-    return Question.from_media(question, videos=paths if present[0] == "video" else (),
-                               images=paths if present[0] == "image" else ())
-
-
-def _answer_index(record: dict, options: list[str], file: str, where: str) -> int:
-    answer = _text(record, "answer", file, where).strip()
-    by_text = [i for i, option in enumerate(options) if option.strip() == answer]
-    by_letter = [LETTERS.index(answer)] if len(answer) == 1 and answer in LETTERS[: len(options)] else []
-    found = sorted(set(by_text + by_letter))
-    if len(found) > 1:
-        raise RecordError(file, where, f"answer {answer!r} is ambiguous: option {LETTERS[by_letter[0]]} by letter, "
-                          f"option {LETTERS[by_text[0]]} by text")
-    if not found:
-        raise RecordError(file, where, f"answer {answer!r} is neither a letter A-{LETTERS[len(options) - 1]} nor the "
-                          f"text of an option {options}")
-    return found[0]
-
-
-def _item(record, index: int, kind: str, root: Path, file: str) -> Item:
-    where = f"record {index}"
-    if not isinstance(record, dict):
-        raise RecordError(file, where, f"expected an object, got {type(record).__name__}")
-    question = _media(record, root, file, where)
-    if kind == "open_ended":
-        reference = record.get("answer")
-        if reference is not None and not isinstance(reference, str):
-            raise RecordError(file, where, f"'answer' must be a string when given, got {reference!r}")
-        return Item(index, record, question, [], reference)
-    keys = [key for key in ("options", "candidates") if key in record]
-    if len(keys) != 1:
-        raise RecordError(file, where, "exactly one of 'options' or 'candidates' must be set")
-    options = record[keys[0]]
-    if (not isinstance(options, list) or not 2 <= len(options) <= len(LETTERS)
-            or not all(isinstance(o, str) and o.strip() for o in options)):
-        raise RecordError(file, where, f"'{keys[0]}' must be a list of 2 to {len(LETTERS)} non-empty strings, got {options!r}")
-    if len({o.strip() for o in options}) != len(options):
-        raise RecordError(file, where, f"'{keys[0]}' has duplicate options {options}")
-    return Item(index, record, question, [o.strip() for o in options], _answer_index(record, options, file, where))
-
-
-def read_task(path: str | Path, kind: str, media_root: str | None = None, limit: int | None = None) -> Task:
-    """A question file, every record checked (media present, answer resolvable); the first
-    ``limit`` records when given. Raises RecordError naming the file, the record and the reason."""
-    path = Path(path)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise RecordError(str(path), f"line {error.lineno}", f"not valid JSON: {error.msg}") from None
-    if not isinstance(records, list) or not records:
-        raise RecordError(str(path), "top level", "expected a non-empty JSON list of question records")
-    root = Path(media_root) if media_root else path.parent
-    chosen = records[:limit] if limit else records
-    return Task(kind, path, [_item(record, index, kind, root, str(path)) for index, record in enumerate(chosen)])
-
-
-# -- the stage ------------------------------------------------------------------------------------------
-
 def run(context: StageContext) -> dict:
     recipe, section, out = context.recipe, context.recipe.eval, context.directory
     tasks = []
@@ -193,16 +82,11 @@ def run(context: StageContext) -> dict:
             raise RecipeError(f"{recipe.source}: eval.{kind}: two files share a name ({', '.join(stems)}); tasks are "
                               f"named by file stem, so rename one")
 
-    backend = context.backend
-    if (model_directory(recipe) / CHECKSUMS).is_file():  # an export: a corrupted shard would load silently
-        try:
-            verify_checksums(model_directory(recipe))
-        except ModelFilesError as error:
-            raise RecipeError(f"{recipe.source}: eval: {error}") from None
-    model = load_model_dir(model_directory(recipe), section.num_frames, section.video_kernel,
-                           device=backend.device(context.dist.local_rank),
-                           dtype=backend.resolve_dtype(backend.inference_precision, context.dist.local_rank),
-                           attn_implementation=backend.attn_implementation, video_decoder=recipe.data.decoder)
+    try:
+        model = load_for_inference(model_directory(recipe), context.backend, context.dist.local_rank,
+                                   section.num_frames, section.video_kernel, recipe.data.decoder)
+    except ModelFilesError as error:
+        raise RecipeError(f"{recipe.source}: eval: {error}") from None
     results = {"model": str(model.directory), "num_frames": model.num_frames,
                "video_kernel": list(model.config.video_kernel), "scoring": "mean log-prob per answer token",
                "multiple_choice": {}, "open_ended": {}}

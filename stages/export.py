@@ -36,7 +36,7 @@ from pipeline.data.templates import VICUNA_SYSTEM
 from pipeline.layout import CLIP_TOKENIZER_DIR, MODEL_DIR, PROCESSOR_CONFIG, RECIPE_FILE, TRAINER_STATE, checkpoints_dir
 from pipeline.model.check import probe_inputs, probe_logits, write_checksums
 from pipeline.model.consolidate import consolidated_model
-from pipeline.model.setup import save_tokenizers
+from pipeline.model.setup import load_directory_tokenizers, save_tokenizers
 from pipeline.recipe import Recipe
 from pipeline.runner import StageContext, StageFailed
 from ppllava import PPLLaVAForConditionalGeneration
@@ -171,10 +171,9 @@ def run(context: StageContext) -> dict:
     probe = probe_inputs(model.config)
     expected = probe_logits(model, probe)
 
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(source / MODEL_DIR)
-    clip_tokenizer = AutoTokenizer.from_pretrained(source / MODEL_DIR / CLIP_TOKENIZER_DIR)
+    tokenizer, clip_tokenizer = load_directory_tokenizers(source / MODEL_DIR)
     processor_config = source / MODEL_DIR / PROCESSOR_CONFIG
     processor = json.loads(processor_config.read_text()) if processor_config.is_file() else {}
     if processor.get("template", "vicuna_v1") == "vicuna_v1":  # the template training used wins

@@ -27,8 +27,9 @@ from pipeline.data.collate import MODALITY_IDS, ProcessedSample, SampleProcessor
 from pipeline.data.media import decoder
 from pipeline.data.records import IMAGE_PLACEHOLDER, Sample, Turn
 from pipeline.data.templates import IGNORE_INDEX, encode
-from pipeline.layout import CLIP_TOKENIZER_DIR
-from pipeline.model.setup import load_processor_settings
+from pipeline.layout import CHECKSUMS, CLIP_TOKENIZER_DIR
+from pipeline.model.check import verify_checksums
+from pipeline.model.setup import load_directory_tokenizers, load_processor_settings
 from ppllava import PPLLaVAConfig, PPLLaVAForConditionalGeneration
 from ppllava.processing import placeholder_token_counts
 
@@ -204,6 +205,19 @@ class InferenceModel:
         return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def load_for_inference(directory: str | Path, backend, local_rank: int = 0, num_frames: int | None = None,
+                       video_kernel: Sequence[int] | None = None, video_decoder: str = "pyav") -> InferenceModel:
+    """``load_model_dir`` as eval and chat both need it: on ``backend``'s device for ``local_rank``,
+    in its inference precision, with its attention kernel; an export's checksums are verified
+    first (a corrupted shard would load silently), ModelFilesError where they differ."""
+    directory = Path(directory)
+    if (directory / CHECKSUMS).is_file():
+        verify_checksums(directory)
+    return load_model_dir(directory, num_frames, video_kernel, device=backend.device(local_rank),
+                          dtype=backend.resolve_dtype(backend.inference_precision, local_rank),
+                          attn_implementation=backend.attn_implementation, video_decoder=video_decoder)
+
+
 def load_model_dir(directory: str | Path, num_frames: int | None = None, video_kernel: Sequence[int] | None = None,
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                    attn_implementation: str | None = None, video_decoder: str = "pyav") -> InferenceModel:
@@ -228,11 +242,7 @@ def load_model_dir(directory: str | Path, num_frames: int | None = None, video_k
         if len(kernel) != 3 or min(kernel) < 1:
             raise InferenceError(f"video_kernel must be three positive integers (t, h, w), got {list(video_kernel)}")
         config.video_kernel, config.video_stride = kernel, list(kernel)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    clip_directory = directory / CLIP_TOKENIZER_DIR
-    clip_tokenizer = AutoTokenizer.from_pretrained(clip_directory if clip_directory.is_dir() else directory)
+    tokenizer, clip_tokenizer = load_directory_tokenizers(directory)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = PPLLaVAForConditionalGeneration.from_pretrained(directory, config=config, dtype=dtype, **extra)
     model.to(device).eval()

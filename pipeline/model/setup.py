@@ -50,6 +50,18 @@ def save_tokenizers(tokenizer, clip_tokenizer, directory: Path) -> None:
     clip_tokenizer.save_pretrained(directory / CLIP_TOKENIZER_DIR)
 
 
+def load_directory_tokenizers(directory: Path):
+    """(LLM tokenizer, CLIP tokenizer) of a model directory written by ``save_tokenizers``; a
+    directory without clip_tokenizer/ (one tokenizer for both, like the tiny model's) gives its
+    top-level tokenizer twice."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    clip_directory = directory / CLIP_TOKENIZER_DIR
+    return tokenizer, AutoTokenizer.from_pretrained(str(clip_directory)) if clip_directory.is_dir() else tokenizer
+
+
 def build_model(recipe: Recipe, tokenizer, attn_implementation: str) -> PPLLaVAForConditionalGeneration:
     """The model on CPU, to be handed to the DeepSpeed engine (call inside ``model_init_context``)."""
     model_section = recipe.model

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
+from pipeline.data.questions import read_task
 from pipeline.data.records import RecordError
 from pipeline.recipe import RecipeError, parse_recipe, validate
-from stages.eval import inputs, read_task
+from stages.eval import inputs
 
 pytestmark = pytest.mark.unit
 
