@@ -53,7 +53,7 @@ from pipeline.data.records import Sample
 from pipeline.data.synthetic import encode_jpeg, encode_mp4
 from pipeline.model.tiny import tiny_tokenizer
 from ppllava import PPLLaVAConfig
-from stages.shard import ShardSettings, run_shard
+from pipeline.data.sharding import ShardSettings, run_shard
 
 FRAMES, FPS, SAMPLED, SIDE = 300, 30, 32, 336
 GRAIN = 14                 # grey levels of per-frame grain: sets the bitrate (see the docstring)
@@ -78,7 +78,7 @@ def clip(width: int, height: int, seed: int) -> bytes:
 
 
 def jpeg_frames(data: bytes, key: str) -> list[bytes]:
-    """The members a `media: frames` shard stores for this video (as stages/shard.py makes them)."""
+    """The members a `media: frames` shard stores for this video (as pipeline/data/sharding.py makes them)."""
     return [encode_jpeg(frame) for frame in read_video(data, SAMPLED, training=False, key=key, video_decoder=PyAVDecoder())]
 
 
@@ -131,7 +131,7 @@ def loader_rate(clips: list[bytes], workdir: Path, media: str, processor: Sample
         (workdir / "card.yaml").write_text("name: bench\nformat: videochat2\nannotation: qa.json\n"
                                            "media_root: media\nmodality: video\n")
     output = workdir / f"shards_{media}"
-    run_shard(ShardSettings(cards=[str(workdir / "card.yaml")], output=str(output), media=media, num_frames=SAMPLED))
+    run_shard([str(workdir / "card.yaml")], output, ShardSettings(media=media, num_frames=SAMPLED))
     loader = StreamingLoader(output / "manifest.json", processor,
                              LoaderSettings(micro_batch_size=1, weights={"video": 1.0}, shuffle_buffer=2))
     batches = iter(loader)

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.data.records import VISUAL_MODALITIES
+from pipeline.data.sharding import ShardSettings
 from pipeline.data.synthetic import SynthSettings
 from pipeline.layout import MANIFEST
 
@@ -95,16 +96,6 @@ class ClusterSection:
     @property
     def world_size(self) -> int:
         return self.nodes * self.procs_per_node
-
-
-@dataclass
-class ShardSection:
-    max_samples_per_shard: int = 1000
-    max_bytes_per_shard: int = 1 << 30
-    records_per_unit: int = 5000
-    media: Literal["raw", "frames"] = "raw"
-    num_frames: int = 32
-    processes: int = 1
 
 
 @dataclass
@@ -189,7 +180,7 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     synth: SynthSettings | None = None
-    shard: ShardSection | None = None
+    shard: ShardSettings | None = None
     sft: SFTSection | None = None
     dpo: DPOSection | None = None
     export: ExportSection | None = None
@@ -462,8 +453,8 @@ def validate(recipe: Recipe, missing_paths: list[str] | None = None) -> None:
         for index, card in enumerate(data.cards):
             if synth_dir is None or not os.path.normpath(card).startswith(os.path.normpath(synth_dir)):
                 _existing(recipe, f"data.cards[{index}]", card, "dataset card file", missing_paths)
-        for key in ("max_samples_per_shard", "max_bytes_per_shard", "records_per_unit", "num_frames", "processes"):
-            _positive(recipe, f"shard.{key}", getattr(recipe.shard, key))
+        for key, what in recipe.shard.problems():
+            raise RecipeError(f"{src}: shard.{key}: {what}")
     if recipe.sft is not None:
         _validate_sft(recipe, missing_paths)
     if recipe.dpo is not None:

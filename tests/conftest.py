@@ -124,10 +124,10 @@ def training_recipe(run_dir: Path, manifest: Path, **sft) -> dict:
 def small_shards(root: Path, dpo_pairs: int = 0) -> Path:
     """Synthetic data of every modality (and DPO pairs if asked), sharded; returns the manifest path."""
     from pipeline.data.synthetic import SynthSettings, generate
-    from stages.shard import ShardSettings, run_shard
+    from pipeline.data.sharding import ShardSettings, run_shard
 
     generate(root / "synth", SynthSettings(seed=2, videos=12, images=8, multi_images=6, eval_questions=0,
                                            dpo_pairs=dpo_pairs, size=48, frames=8))
     cards = [str(p) for p in sorted((root / "synth" / "cards").glob("*.yaml")) if dpo_pairs or "dpo" not in p.name]
-    run_shard(ShardSettings(cards=cards, output=str(root / "shards"), max_samples_per_shard=4, num_frames=8))
+    run_shard(cards, root / "shards", ShardSettings(max_samples_per_shard=4, num_frames=8))
     return root / "shards" / "manifest.json"

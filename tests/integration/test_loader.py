@@ -13,7 +13,7 @@ from conftest import tiny_config_for, tiny_tokenizer
 from pipeline.data.collate import ProcessorSettings, SampleProcessor
 from pipeline.data.loader import LoaderError, LoaderSettings, StreamingLoader
 from pipeline.data.synthetic import SynthSettings, generate
-from stages.shard import ShardSettings, run_shard
+from pipeline.data.sharding import ShardSettings, run_shard
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ def manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     generate(root / "synth", SynthSettings(seed=4, videos=12, images=12, multi_images=8, eval_questions=0, dpo_pairs=0, size=48, frames=8))
     cards = [str(p) for p in sorted((root / "synth" / "cards").glob("*.yaml")) if "dpo" not in p.name]
-    run_shard(ShardSettings(cards=cards, output=str(root / "shards"), max_samples_per_shard=3, records_per_unit=6, num_frames=8))
+    run_shard(cards, root / "shards", ShardSettings(max_samples_per_shard=3, records_per_unit=6, num_frames=8))
     return root / "shards" / "manifest.json"
 
 

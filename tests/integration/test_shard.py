@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.data import sharding
+from pipeline.data.sharding import ShardSettings, run_shard
 from pipeline.data.synthetic import SynthSettings, generate
-from stages import shard as shard_stage
-from stages.shard import ShardSettings, run_shard
 
 pytestmark = pytest.mark.integration
 
@@ -21,15 +21,16 @@ def synth(tmp_path_factory):
     return root, counts
 
 
-def settings(root: Path, output: Path, **overrides) -> ShardSettings:
+def settings(root: Path, output: Path, **overrides) -> dict:
+    """run_shard's arguments for every card under root/cards."""
     cards = sorted(str(p) for p in (root / "cards").glob("*.yaml"))
-    return ShardSettings(**{"cards": cards, "output": str(output), "max_samples_per_shard": 2, "records_per_unit": 3,
-                            **overrides})
+    return {"cards": cards, "output": output,
+            "settings": ShardSettings(**{"max_samples_per_shard": 2, "records_per_unit": 3, **overrides})}
 
 
 def test_manifest_counts_rejects_and_shards(synth, tmp_path):
     root, generated = synth
-    manifest = run_shard(settings(root, tmp_path / "out"))
+    manifest = run_shard(**settings(root, tmp_path / "out"))
     rejected = {item["key"]: item["reason"] for item in manifest["rejected"]}
     assert len(rejected) == generated["broken"] == 2
     assert any("cannot decode image" in reason for reason in rejected.values())
@@ -56,19 +57,19 @@ def test_manifest_counts_rejects_and_shards(synth, tmp_path):
 
 def test_rerun_with_unchanged_inputs_does_nothing_and_a_change_redoes(synth, tmp_path, caplog):
     root, _ = synth
-    first = run_shard(settings(root, tmp_path / "out"))
+    first = run_shard(**settings(root, tmp_path / "out"))
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.tar")}
     with caplog.at_level("INFO"):
-        again = run_shard(settings(root, tmp_path / "out"))
+        again = run_shard(**settings(root, tmp_path / "out"))
     assert again == first and "nothing to do" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.tar")} == stamps
-    changed = run_shard(settings(root, tmp_path / "out", max_samples_per_shard=10))
+    changed = run_shard(**settings(root, tmp_path / "out", max_samples_per_shard=10))
     assert changed["fingerprint"] != first["fingerprint"] and all(s["samples"] <= 10 for s in changed["shards"])
 
 
 def test_a_crash_leaves_no_complete_looking_tar_and_the_rerun_finishes(synth, tmp_path, monkeypatch):
     root, _ = synth
-    real = shard_stage._checked_media
+    real = sharding._checked_media
     calls = {"n": 0}
 
     def crash_on_fourth(*args):
@@ -77,25 +78,25 @@ def test_a_crash_leaves_no_complete_looking_tar_and_the_rerun_finishes(synth, tm
             raise KeyboardInterrupt("killed")
         return real(*args)
 
-    monkeypatch.setattr(shard_stage, "_checked_media", crash_on_fourth)
+    monkeypatch.setattr(sharding, "_checked_media", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
-        run_shard(settings(root, tmp_path / "out"))
+        run_shard(**settings(root, tmp_path / "out"))
     assert not (tmp_path / "out" / "manifest.json").exists()
     for tar in (tmp_path / "out").rglob("*.tar"):  # every final-named tar is complete and readable
         with tarfile.open(tar) as archive:
             assert archive.getnames()
-    monkeypatch.setattr(shard_stage, "_checked_media", real)
-    reference = run_shard(settings(root, tmp_path / "reference"))
-    finished = run_shard(settings(root, tmp_path / "out"))
+    monkeypatch.setattr(sharding, "_checked_media", real)
+    reference = run_shard(**settings(root, tmp_path / "reference"))
+    finished = run_shard(**settings(root, tmp_path / "out"))
     assert finished["counts"] == reference["counts"] and len(finished["rejected"]) == len(reference["rejected"])
 
 
 def test_processes_and_frames_mode(synth, tmp_path):
     root, _ = synth
-    serial = run_shard(settings(root, tmp_path / "serial"))
-    parallel = run_shard(settings(root, tmp_path / "parallel", processes=2))
+    serial = run_shard(**settings(root, tmp_path / "serial"))
+    parallel = run_shard(**settings(root, tmp_path / "parallel", processes=2))
     assert parallel["counts"] == serial["counts"] and parallel["rejected"] == serial["rejected"]
-    frames = run_shard(settings(root, tmp_path / "frames", media="frames", num_frames=4))
+    frames = run_shard(**settings(root, tmp_path / "frames", media="frames", num_frames=4))
     video = next(s for s in frames["shards"] if s["modality"] == "video")
     with tarfile.open(tmp_path / "frames" / video["path"]) as tar:
         names = tar.getnames()
@@ -104,9 +105,9 @@ def test_processes_and_frames_mode(synth, tmp_path):
 
 def test_two_ranks_split_the_units(synth, tmp_path):
     root, _ = synth
-    ranked = ShardSettings(**{**settings(root, tmp_path / "out").__dict__})
-    assert run_shard(ranked, rank=1, world_size=2) == {}
+    ranked = settings(root, tmp_path / "out")
+    assert run_shard(**ranked, rank=1, world_size=2) == {}
     units_rank1 = set(p.name for p in (tmp_path / "out" / "units").glob("*.json"))
-    manifest = run_shard(ranked, rank=0, world_size=2)
+    manifest = run_shard(**ranked, rank=0, world_size=2)
     assert units_rank1 and units_rank1 < set(p.name for p in (tmp_path / "out" / "units").glob("*.json"))
-    assert manifest["counts"] == run_shard(settings(root, tmp_path / "single"))["counts"]
+    assert manifest["counts"] == run_shard(**settings(root, tmp_path / "single"))["counts"]

@@ -1,0 +1,253 @@
+"""Dataset cards -> validated webdataset tars per modality + manifest.json (the shard stage's work).
+
+    for every card, in units of `records_per_unit` annotation records:
+        read record -> check its media (inside media_root, present, decodable) -> accept or reject
+        write accepted samples into `<modality>/<card>-<unit>-<shard>.tar` (ShardWriter)
+    merge unit manifests -> manifest.json (shards, counts, bytes, sha256, source fingerprints,
+                                           every rejected sample with its reason)
+
+Units are spread over ranks (unit i on rank i % world) and, inside a rank, over processes.
+A tar is written as `*.tar.tmp`, fsynced and renamed once complete: a final name always means
+a complete shard. A unit whose manifest exists with the same fingerprint is not redone, and
+when the whole manifest's fingerprint is unchanged nothing is done at all.
+
+Tar members of one sample: `<n>.json` (the record, its original key inside) and its media:
+`<n>.mp4` / `<n>.jpg` / `<n>.0.jpg`, `<n>.1.jpg`... (multi-image), or with
+``media: frames`` the video's eval-sampled frames as `<n>.f000.jpg`... (for hosts without a
+fast decoder; training frame sampling is then fixed at shard time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Literal, Mapping
+
+from tqdm import tqdm
+
+from pipeline.atomic import fsync_rename, sha256_of, write_text_atomically
+from pipeline.data.cards import CardError, DatasetCard, load_card
+from pipeline.data.media import MediaError, PyAVDecoder, read_image, read_video
+from pipeline.data.records import PreferencePair, RecordError, Sample
+from pipeline.data.sources import READERS
+from pipeline.data.synthetic import encode_jpeg
+from pipeline.layout import MANIFEST
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class ShardSettings:
+    """How tars are cut and what they hold: the recipe's ``shard`` section (docs/recipes.md)."""
+
+    max_samples_per_shard: int = 1000
+    max_bytes_per_shard: int = 1 << 30
+    records_per_unit: int = 5000
+    media: Literal["raw", "frames"] = "raw"  # raw bytes, or a video's pre-extracted JPEG frames
+    num_frames: int = 32                     # frames kept per video with media: frames
+    processes: int = 1                       # worker processes per rank
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, what is wrong) for every bad value; the recipe check and ``run_shard`` report them."""
+        found = [(key, f"must be > 0, got {getattr(self, key)}")
+                 for key in ("max_samples_per_shard", "max_bytes_per_shard", "records_per_unit", "num_frames",
+                             "processes") if getattr(self, key) < 1]
+        if self.media not in ("raw", "frames"):
+            found.append(("media", f"must be 'raw' or 'frames', got {self.media!r}"))
+        return found
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything a worker process needs to shard one unit."""
+
+    output: Path
+    settings: ShardSettings
+    variables: dict
+
+
+def source_fingerprint(card: DatasetCard) -> dict:
+    """What the output depends on: the card, the annotation bytes, every media file's size and mtime."""
+    media = hashlib.sha256()
+    for path in sorted(p for p in card.media_root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        media.update(f"{path.relative_to(card.media_root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return {"card_sha256": sha256_of(card.source), "annotation_sha256": sha256_of(card.annotation),
+            "media_fingerprint": media.hexdigest()}
+
+
+def settings_fingerprint(cards: list[str], output: str, settings: ShardSettings, variables: Mapping) -> dict:
+    """The settings the shards depend on (not how many processes made them)."""
+    described = {"cards": list(cards), "output": output, "variables": dict(variables), **asdict(settings)}
+    described.pop("processes")
+    return described
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    write_text_atomically(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def _checked_media(card: DatasetCard, record: Sample | PreferencePair, settings: ShardSettings) -> dict[str, bytes]:
+    """Tar members holding the record's media, after proving each one decodes."""
+    paths = [record.video] if isinstance(record, PreferencePair) else record.media
+    modality = "video" if isinstance(record, PreferencePair) else record.modality
+    members: dict[str, bytes] = {}
+    for position, relative in enumerate(paths):
+        path = card.media_path(relative)
+        if not path.is_file():
+            raise MediaError(record.key, f"media file {relative} not found under {card.media_root}")
+        data = path.read_bytes()
+        if modality == "video":
+            frames = read_video(data, settings.num_frames, training=False, key=record.key, video_decoder=PyAVDecoder())
+            if settings.media == "frames":
+                members.update({f"f{i:03d}.jpg": encode_jpeg(frame) for i, frame in enumerate(frames)})
+            else:
+                members[Path(relative).suffix.lstrip(".").lower() or "mp4"] = data
+        else:
+            read_image(data, record.key)
+            suffix = Path(relative).suffix.lstrip(".").lower() or "jpg"
+            members[f"{position}.{suffix}" if modality == "multi_image" else suffix] = data
+    return members
+
+
+def _unit_name(card: DatasetCard, unit: int) -> str:
+    return f"{card.name}-{unit:04d}"
+
+
+def _shard_unit(job: _Job, card_path: str, unit: int, fingerprint: str) -> dict:
+    """Validate and write one unit of one card; returns (and stores) its partial manifest."""
+    import webdataset
+
+    card, output, settings = load_card(card_path, job.variables), job.output, job.settings
+    unit_manifest = output / "units" / f"{_unit_name(card, unit)}.json"
+    if unit_manifest.exists():
+        done = json.loads(unit_manifest.read_text())
+        if done.get("fingerprint") == fingerprint:
+            return done
+    start = unit * settings.records_per_unit
+    records = islice(READERS[card.format](card.annotation, card.name), start, start + settings.records_per_unit)
+    writers: dict[str, webdataset.ShardWriter] = {}
+    shards, rejected, written = [], [], 0
+
+    def finished(writer_modality: str):
+        def post(filename: str) -> None:
+            temporary = Path(filename)
+            writer = writers[writer_modality]
+            if writer.count == 0:
+                temporary.unlink()
+                return
+            final = temporary.with_suffix("")  # drop ".tmp"
+            fsync_rename(temporary, final)
+            shards.append({"path": str(final.relative_to(output)), "modality": writer_modality, "dataset": card.name,
+                           "samples": writer.count, "bytes": final.stat().st_size, "sha256": sha256_of(final)})
+        return post
+
+    for offset, record in enumerate(records):
+        if isinstance(record, RecordError):
+            rejected.append({"key": f"{card.name}/record-{start + offset}", "dataset": card.name, "reason": str(record)})
+            continue
+        try:
+            members = _checked_media(card, record, settings)
+        except (MediaError, CardError) as error:
+            rejected.append({"key": record.key, "dataset": card.name, "reason": str(error)})
+            continue
+        modality = "dpo" if isinstance(record, PreferencePair) else record.modality
+        if modality not in writers:
+            (output / modality).mkdir(parents=True, exist_ok=True)
+            pattern = str(output / modality / f"{_unit_name(card, unit)}-%06d.tar.tmp")
+            writers[modality] = webdataset.ShardWriter(pattern, maxcount=settings.max_samples_per_shard,
+                                                       maxsize=settings.max_bytes_per_shard, verbose=0)
+            writers[modality].post = finished(modality)
+        writers[modality].write({"__key__": f"{start + offset:09d}", "json": json.dumps(record.to_json()).encode(), **members})
+        written += 1
+    for writer in writers.values():
+        writer.close()
+    result = {"fingerprint": fingerprint, "dataset": card.name, "unit": unit, "records": written + len(rejected),
+              "shards": sorted(shards, key=lambda s: s["path"]), "rejected": rejected}
+    unit_manifest.parent.mkdir(parents=True, exist_ok=True)
+    _write_json_atomically(unit_manifest, result)
+    return result
+
+
+def run_shard(cards: list[str], output: str | Path, settings: ShardSettings | None = None,
+              variables: Mapping[str, str] | None = None, rank: int = 0, world_size: int = 1,
+              barrier: Callable[[], None] = lambda: None) -> dict:
+    """Shard every dataset card (``variables`` fill their ``${name}``s) into ``output``; rank 0
+    writes and returns manifest.json (the other ranks return {})."""
+    settings = settings or ShardSettings()
+    problems = settings.problems()
+    if problems:
+        raise ValueError("; ".join(f"shard.{key}: {what}" for key, what in problems))
+    if not cards:
+        raise ValueError("no dataset cards to shard: name at least one")
+    job = _Job(Path(output), settings, dict(variables or {}))
+    output = job.output
+    output.mkdir(parents=True, exist_ok=True)
+    loaded = [load_card(path, job.variables) for path in cards]
+    names = [card.name for card in loaded]
+    if len(set(names)) != len(names):
+        raise CardError(f"two cards share a name ({names}); sample keys would collide")
+    for card in loaded:
+        card.check_paths()
+    sources = {card.name: source_fingerprint(card) for card in loaded}
+    described = settings_fingerprint(cards, str(output), settings, job.variables)
+    fingerprint = hashlib.sha256(json.dumps({"sources": sources, "version": MANIFEST_VERSION,
+                                             "settings": {k: v for k, v in described.items() if k != "variables"}},
+                                            sort_keys=True).encode()).hexdigest()
+    manifest_path = output / MANIFEST
+    if manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
+        logger.info("shard: inputs unchanged since %s was written; nothing to do", manifest_path)
+        return json.loads(manifest_path.read_text()) if rank == 0 else {}
+
+    units, records_per_unit = [], {}
+    for card_path, card in zip(cards, loaded):
+        records = sum(1 for _ in READERS[card.format](card.annotation, card.name))
+        count = max(1, -(-records // settings.records_per_unit))
+        for unit in range(count):
+            units.append((str(card_path), unit))
+            records_per_unit[(str(card_path), unit)] = min(settings.records_per_unit, records - unit * settings.records_per_unit)
+    mine = units[rank::world_size]
+    start, results = time.perf_counter(), []
+    # Counts records (accepted or rejected) as units finish: the rate shown is records/s.
+    progress = tqdm(total=sum(records_per_unit[u] for u in mine), desc=f"shard (rank {rank})", unit="sample",
+                    disable=rank != 0)
+    if settings.processes > 1 and len(mine) > 1:
+        with ProcessPoolExecutor(settings.processes) as pool:
+            futures = [pool.submit(_shard_unit, job, path, unit, fingerprint) for path, unit in mine]
+            for future in futures:
+                results.append(future.result())
+                progress.update(results[-1]["records"])
+    else:
+        for path, unit in mine:
+            results.append(_shard_unit(job, path, unit, fingerprint))
+            progress.update(results[-1]["records"])
+    progress.close()
+    samples = sum(sum(s["samples"] for s in r["shards"]) for r in results)
+    logger.info("shard rank %d: %d samples in %.1fs (%.1f samples/s)", rank, samples,
+                time.perf_counter() - start, samples / max(time.perf_counter() - start, 1e-9))
+    barrier()
+    if rank != 0:
+        return {}
+    parts = [json.loads((output / "units" / f"{load_card(path, job.variables).name}-{unit:04d}.json").read_text())
+             for path, unit in units]
+    shards = [shard for part in parts for shard in part["shards"]]
+    counts: dict[str, int] = {}
+    for shard in shards:
+        counts[shard["modality"]] = counts.get(shard["modality"], 0) + shard["samples"]
+    manifest = {
+        "version": MANIFEST_VERSION, "fingerprint": fingerprint, "sources": sources,
+        "settings": {**{k: v for k, v in described.items() if k != "variables"}, "processes": settings.processes},
+        "shards": shards, "counts": counts, "records": sum(p["records"] for p in parts),
+        "rejected": [item for part in parts for item in part["rejected"]],
+    }
+    _write_json_atomically(manifest_path, manifest)
+    logger.info("shard: %s written: %s, %d rejected", manifest_path, counts, len(manifest["rejected"]))
+    return manifest
