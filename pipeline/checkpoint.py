@@ -43,29 +43,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for this run (the message says why and what to do)."""
 
 
-class StopFlag:
-    """Set by SIGTERM / SIGUSR1 (cluster pre-emption); the loop checkpoints at the next step boundary."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame) -> None:
-        self.received = signal.Signals(signum).name
-        logger.warning("%s received: checkpointing at the next step boundary, then exiting for requeue", self.received)
-
-    def __enter__(self) -> "StopFlag":
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def rng_state(device_module: Any | None) -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if device_module is not None:

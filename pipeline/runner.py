@@ -11,9 +11,11 @@
         write COMPLETE {fingerprint, inputs, wall time, summary}
 
 Chaining the previous stage's fingerprint means a changed input re-runs its stage and every stage
-after it. Stages are modules `stages/<name>.py` exposing ``inputs(recipe, world_size) -> dict``,
-``run(context) -> dict`` and ``DISTRIBUTED`` (False: rank 0 works, the others wait at a
-barrier). They are imported by name, so this package never depends on `stages/` statically.
+after it. Stages are modules `stages/<name>.py` following the contract written down as
+``stages.Stage``: ``inputs(recipe, world_size) -> dict``, ``run(context) -> dict`` (or
+``DRY_RUN_DONE``) and ``DISTRIBUTED``. They are imported by name, so this package never depends
+on `stages/` statically. The runner installs the SIGTERM / SIGUSR1 handler (``StopFlag``) for
+the whole run and hands it to every stage in its ``StageContext``.
 """
 
 from __future__ import annotations
@@ -22,20 +24,30 @@ import hashlib
 import importlib
 import json
 import logging
+import signal
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import backends
 from backends import Backend, DistributedContext
 from backends.distributed import barrier, broadcast_from_rank0, is_distributed, sum_across_ranks
 from pipeline.atomic import set_aside, write_text_atomically
-from pipeline.checkpoint import StopFlag
 from pipeline.layout import COMPLETE, RECIPE_FILE
 from pipeline.recipe import Recipe, RecipeError
 
 logger = logging.getLogger(__name__)
+
+# What a stage's ``run`` returns when ``context.dry_run`` made it stop after one training step:
+# the runner then stops the whole run (nothing is marked complete).
+class _DryRunDone:
+    def __repr__(self) -> str:
+        return "DRY_RUN_DONE"
+
+
+DRY_RUN_DONE = _DryRunDone()
 
 
 class StageFailed(RuntimeError):
@@ -46,6 +58,29 @@ class StoppedForRequeue(Exception):
     """A stage checkpointed after SIGTERM/SIGUSR1; the run exits with the requeue code (3)."""
 
 
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 (cluster pre-emption); the loop checkpoints at the next step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum).name
+        logger.warning("%s received: checkpointing at the next step boundary, then exiting for requeue", self.received)
+
+    def __enter__(self) -> "StopFlag":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 @dataclass
 class StageContext:
     """What a stage's ``run`` receives."""
@@ -53,7 +88,7 @@ class StageContext:
     stage: str
     recipe: Recipe
     backend: Backend
-    dist: DistributedContext
+    ranks: DistributedContext  # this process's rank, local rank and world size
     fingerprint: str
     inputs: dict = field(default_factory=dict)  # what the fingerprint hashes (upstream included)
     resume: str | None = None   # None, "auto" or a checkpoint path
@@ -196,11 +231,12 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, resume: str | None
                 logger.info("stage %s: starting", stage)
             stage_context.barrier()
             start = time.perf_counter()
+            summary = None
             if module.DISTRIBUTED or context.is_main:
                 summary = module.run(stage_context)
             stage_context.barrier()
             wall = time.perf_counter() - start
-            if dry_run and module.TRAINING:
+            if summary is DRY_RUN_DONE:
                 if context.is_main:
                     logger.info("dry run: %s built and ran one forward/backward in %.1fs; stopping", stage, wall)
                 return

@@ -10,12 +10,12 @@
 
 A loop reads, top to bottom:
 
-    run = TrainingRun(context, engine, scheduler, loader, total_steps)
-    for step in range(run.start(), total_steps):
-        ... forward; if not run.finite(loss, batch.keys, step): continue; backward; engine.step;
-            run.window.add(batch) ...
-        run.end_step(step + 1, step_loss, lr)
-    return run.finish()
+    training = TrainingRun(context, engine, scheduler, loader, total_steps)
+    for step in range(training.start(), total_steps):
+        ... forward; if not training.finite(loss, batch.keys, step): continue; backward; engine.step;
+            training.interval.add(batch) ...
+        training.end_step(step + 1, step_loss, lr)   # may raise StoppedForRequeue
+    return training.finish()
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def engine_settings(section: TrainingSection, micro: int, accumulation: int, tot
 
 
 @dataclass
-class Window:
+class LogInterval:
     """What happened since the last log line, on this rank (reduced over ranks when logged).
     ``sums`` holds stage-specific per-micro-batch values (DPO rewards...), logged as means."""
 
@@ -113,14 +113,14 @@ class TrainingRun:
     def __init__(self, context: StageContext, engine, scheduler, loader, total_steps: int) -> None:
         self.context, self.engine, self.scheduler, self.loader = context, engine, scheduler, loader
         self.section: TrainingSection = getattr(context.recipe, context.stage)
-        self.total_steps, self.world = total_steps, context.dist.world_size
-        self.device = context.backend.device(context.dist.local_rank)
+        self.total_steps, self.world = total_steps, context.ranks.world_size
+        self.device = context.backend.device(context.ranks.local_rank)
         self.checkpoints = checkpoints_dir(context.directory)
         self.nonfinite_skipped = self.in_a_row = 0
         self.first_loss: float | None = None
         self.last: dict = {}
         self.saved_at: Path | None = None
-        self.window = Window()
+        self.interval = LogInterval()
         self.metrics: MetricsLog | None = None
         self.progress = None
 
@@ -133,8 +133,8 @@ class TrainingRun:
     def start(self) -> int:
         """Open the logs and restore from --resume (refusing a checkpoint of other training); returns
         the first step to run."""
-        context, dist = self.context, self.context.dist
-        if dist.is_main:
+        context, ranks = self.context, self.context.ranks
+        if ranks.is_main:
             remove_partial(self.checkpoints)
         context.barrier()
         start = 0
@@ -142,21 +142,21 @@ class TrainingRun:
         if resume_from is not None:
             trainer_state = read_trainer_state(resume_from, self.world)
             self._check_same_training(trainer_state["inputs"], resume_from)  # before minutes of loading
-            if dist.is_main:
+            if ranks.is_main:
                 set_aside_later_checkpoints(self.checkpoints, resume_from)
             context.barrier()
-            rank_state = load_checkpoint(self.engine, resume_from, dist.rank)
+            rank_state = load_checkpoint(self.engine, resume_from, ranks.rank)
             self._set_peak_lr(self.section.lr)  # the recipe's (a resumed run may change it)
             self.loader.load_state_dict(rank_state["loader"])
             restore_rng_state(rank_state["rng"], context.backend.device_module())
             start, self.nonfinite_skipped = trainer_state["step"], trainer_state["nonfinite_skipped"]
             self.first_loss = trainer_state.get("first_loss")
-            if dist.is_main:
+            if ranks.is_main:
                 logger.info("resumed from %s at step %d", resume_from, start)
-        self.metrics = MetricsLog(context.directory, enabled=dist.is_main, resume_step=start)
+        self.metrics = MetricsLog(context.directory, enabled=ranks.is_main, resume_step=start)
         self.progress = tqdm(total=self.total_steps, initial=start, desc=context.stage, unit="step",
-                             disable=not dist.is_main, dynamic_ncols=True)
-        self.window = Window()
+                             disable=not ranks.is_main, dynamic_ncols=True)
+        self.interval = LogInterval()
         return start
 
     def _resume_point(self) -> Path | None:
@@ -225,18 +225,19 @@ class TrainingRun:
         return False
 
     def end_step(self, done: int, step_loss: float, lr: float) -> None:
-        """After optimizer step ``done``: log, checkpoint, and stop for requeue after a signal."""
+        """After optimizer step ``done``: log, checkpoint. After SIGTERM / SIGUSR1 on any rank, every
+        rank checkpoints here and raises ``StoppedForRequeue`` (the caller's loop ends with it)."""
         section = self.section
         step_loss, stop_votes = sum_across_ranks([step_loss, float(self.context.stop.received is not None)],
                                                  self.device)
-        self.window.losses.append(step_loss / self.world)
-        self.first_loss = self.window.losses[-1] if self.first_loss is None else self.first_loss
+        self.interval.losses.append(step_loss / self.world)
+        self.first_loss = self.interval.losses[-1] if self.first_loss is None else self.first_loss
         self.progress.update(1)
         if done % section.log_every == 0 or done == self.total_steps or stop_votes:
             self.last = self._log_values(lr)
             self.metrics.write(done, self.last)
             self.progress.set_postfix(loss=f"{self.last['loss']:.4f}", lr=f"{lr:.2e}")
-            self.window = Window()
+            self.interval = LogInterval()
         if stop_votes:
             self._checkpoint(done)
             self._close()
@@ -245,14 +246,14 @@ class TrainingRun:
             self.saved_at = self._checkpoint(done)
 
     def _log_values(self, lr: float) -> dict:
-        window, names = self.window, sorted(self.window.sums)
-        reduced = sum_across_ranks([window.samples, window.tokens, window.truncated, len(self.loader.bad),
-                                    window.micro_batches, *(window.sums[n] for n in names)], self.device)
+        interval, names = self.interval, sorted(self.interval.sums)
+        reduced = sum_across_ranks([interval.samples, interval.tokens, interval.truncated, len(self.loader.bad),
+                                    interval.micro_batches, *(interval.sums[n] for n in names)], self.device)
         samples, tokens, truncated, bad, micro_batches = reduced[:5]
-        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        elapsed = max(time.perf_counter() - interval.start, 1e-9)
         grad_norm = self.engine.get_global_grad_norm()
         values = {
-            "loss": sum(window.losses) / len(window.losses),
+            "loss": sum(interval.losses) / len(interval.losses),
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "samples_per_s": samples / elapsed,
@@ -262,19 +263,19 @@ class TrainingRun:
             "nonfinite_skipped": self.nonfinite_skipped,
         }
         values.update({name: total / max(micro_batches, 1) for name, total in zip(names, reduced[5:])})
-        for modality, counts in window.visual.items():  # rank 0's samples: the mix is the same on every rank
+        for modality, counts in interval.visual.items():  # rank 0's samples: the mix is the same on every rank
             values[f"visual_tokens/{modality}"] = sum(counts) / len(counts)
         values.update({f"memory/{k}": round(v, 3) for k, v in self.context.backend.memory_stats().items()})
         return values
 
     def _checkpoint(self, step: int) -> Path:
-        context, dist = self.context, self.context.dist
+        context, ranks = self.context, self.context.ranks
         state = {"step": step, "total_steps": self.total_steps, "world_size": self.world, "inputs": context.inputs,
                  "fingerprint": context.fingerprint, "nonfinite_skipped": self.nonfinite_skipped,
                  "first_loss": self.first_loss, "last_metrics": self.last}
         rank_state = {"loader": self.loader.state_dict(), "rng": rng_state(context.backend.device_module())}
         return save_checkpoint(self.engine, self.checkpoints, step, state, rank_state, context.recipe.to_yaml(),
-                               dist.rank, self.section.keep_last, context.barrier)
+                               ranks.rank, self.section.keep_last, context.barrier)
 
     # -- after the loop ------------------------------------------------------------------------------
     def _close(self) -> None:

@@ -41,14 +41,13 @@ from pipeline.model.consolidate import consolidated_model, copy_model_files
 from pipeline.model.setup import count_parameters, load_directory_tokenizers, load_processor_settings
 from pipeline.preference import dpo_loss, sequence_logps
 from pipeline.recipe import Recipe, RecipeError
-from pipeline.runner import StageContext, StageFailed, fingerprint_of
+from pipeline.runner import DRY_RUN_DONE, StageContext, StageFailed, fingerprint_of
 from pipeline.training import TrainingRun, engine_settings, schedule_length, stage_inputs
 from ppllava import PPLLaVAForConditionalGeneration
 
 logger = logging.getLogger(__name__)
 
 DISTRIBUTED = True
-TRAINING = True
 
 
 def inputs(recipe: Recipe, world_size: int) -> dict:
@@ -64,7 +63,7 @@ def _start_model(context: StageContext) -> Path:
     if recipe.dpo.init != "sft":
         return Path(recipe.dpo.init)
     init = context.directory / DPO_INIT
-    if context.dist.is_main and not (init / "config.json").is_file():
+    if context.ranks.is_main and not (init / "config.json").is_file():
         sft_dir = recipe.stage_dir("sft")
         step_dir = latest_checkpoint(checkpoints_dir(sft_dir))
         if step_dir is None:
@@ -100,11 +99,11 @@ def _precompute_reference(context: StageContext, engine, processor: PairProcesso
     pairs repeats its last batch, whose results are dropped. A pair that cannot be decoded is
     skipped, as the training loader skips it.
     """
-    recipe, dist, device = context.recipe, context.dist, context.backend.device(context.dist.local_rank)
+    recipe, ranks, device = context.recipe, context.ranks, context.backend.device(context.ranks.local_rank)
     root = recipe.manifest_path.parent
     manifest = json.loads(recipe.manifest_path.read_text())
     shards = sorted((s for s in manifest["shards"] if s["modality"] == "dpo"), key=lambda s: s["path"])
-    mine = shards[dist.rank::dist.world_size]
+    mine = shards[ranks.rank::ranks.world_size]
     batches = max_across_ranks(-(-sum(s["samples"] for s in mine) // micro), device)
 
     def prepared():
@@ -147,9 +146,9 @@ def _reference_inputs(context: StageContext) -> str:
 
 
 def run(context: StageContext) -> dict:
-    recipe, backend, dist = context.recipe, context.backend, context.dist
-    dpo, device = recipe.dpo, backend.device(dist.local_rank)
-    micro, accumulation, world = recipe.batch_layout(dist.world_size, "dpo")
+    recipe, backend, ranks = context.recipe, context.backend, context.ranks
+    dpo, device = recipe.dpo, backend.device(ranks.local_rank)
+    micro, accumulation, world = recipe.batch_layout(ranks.world_size, "dpo")
     pairs = manifest_samples(recipe.manifest_path, {"dpo": 1.0})
     if pairs == 0:
         raise RecipeError(f"{recipe.source}: the dpo stage found no preference pairs in {recipe.manifest_path}: "
@@ -161,12 +160,12 @@ def run(context: StageContext) -> dict:
     tokenizer, clip_tokenizer = load_directory_tokenizers(init)
     settings = engine_settings(dpo, micro, accumulation, total_steps)
     attn = recipe.model.attn_implementation or backend.attn_implementation
-    with model_init_context(settings, backend.resolve_dtype(dpo.precision, dist.local_rank)):
+    with model_init_context(settings, backend.resolve_dtype(dpo.precision, ranks.local_rank)):
         model = _load(init, attn)
     model.set_trainable_parts(vision=False, projector=False, clip_text=False, llm=True)
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine, _, scheduler = build_engine(model, backend, settings, dist.local_rank)
+    engine, _, scheduler = build_engine(model, backend, settings, ranks.local_rank)
     processor_settings = load_processor_settings(init)
     processor_settings.max_length = recipe.data.max_length
     processor = PairProcessor(SampleProcessor(model.config, tokenizer, clip_tokenizer, processor_settings,
@@ -176,12 +175,12 @@ def run(context: StageContext) -> dict:
                                             shuffle_buffer=recipe.data.shuffle_buffer, seed=recipe.seed,
                                             num_workers=recipe.data.num_workers,
                                             max_bad_fraction=recipe.data.max_bad_fraction),
-                             rank=dist.rank, world_size=world)
-    if dist.is_main:  # the weightless model directory export reads beside this stage's checkpoints
+                             rank=ranks.rank, world_size=world)
+    if ranks.is_main:  # the weightless model directory export reads beside this stage's checkpoints
         model.config.save_pretrained(context.directory / MODEL_DIR)
         copy_model_files(init, context.directory / MODEL_DIR)
     parameters, trainable = count_parameters(model)
-    if dist.is_main:
+    if ranks.is_main:
         logger.info("dpo: %d steps of %d pairs (micro %d x accumulation %d x world %d) over %d pairs, beta %g, "
                     "reference %s; %.1fM parameters, %.1fM trainable", total_steps, micro * accumulation * world,
                     micro, accumulation, world, pairs, dpo.beta, dpo.reference, parameters / 1e6, trainable / 1e6)
@@ -192,14 +191,14 @@ def run(context: StageContext) -> dict:
         half = len(batch.keys)
         loss, _ = dpo_loss(logps[:half], logps[half:], logps[:half].detach(), logps[half:].detach(), dpo.beta)
         engine.backward(loss)
-        if dist.is_main:
+        if ranks.is_main:
             print(f"dry run: dpo loss {float(loss):.4f} on {half} pairs; memory {backend.memory_stats()}", flush=True)
-        return {}
+        return DRY_RUN_DONE
 
     reference, reference_logps, reference_digest = None, {}, ""
     if dpo.reference == "live":
-        with model_init_context(settings, backend.resolve_dtype(dpo.precision, dist.local_rank)):
-            reference = build_frozen_model(_load(init, attn), backend, settings, dist.local_rank)
+        with model_init_context(settings, backend.resolve_dtype(dpo.precision, ranks.local_rank)):
+            reference = build_frozen_model(_load(init, attn), backend, settings, ranks.local_rank)
         reference_digest = _digest(reference)
     else:
         reference_logps = _stored_reference(context, engine, processor, micro)
@@ -217,12 +216,12 @@ def run(context: StageContext) -> dict:
         return values[:, 0], values[:, 1]
 
     # The loop.
-    run = TrainingRun(context, engine, scheduler, loader, total_steps)
-    first_step = run.start()  # restores engine, scheduler, loader position and RNG with --resume
+    training = TrainingRun(context, engine, scheduler, loader, total_steps)
+    first_step = training.start()  # restores engine, scheduler, loader position and RNG with --resume
     engine.train()
     batches = iter(loader)
     for step in range(first_step, total_steps):
-        lr = run.lr
+        lr = training.lr
         step_loss, good = 0.0, 0
         while good < accumulation:
             batch = next(batches)
@@ -237,19 +236,19 @@ def run(context: StageContext) -> dict:
                 chosen_nll = -(policy_logps[:pairs_here].sum() / token_counts[:pairs_here].sum().clamp(min=1))
                 loss = loss + dpo.sft_weight * chosen_nll
                 values["sft_nll"] = float(chosen_nll.detach())
-            if not run.finite(loss, batch.keys, step):
+            if not training.finite(loss, batch.keys, step):
                 continue  # another micro-batch takes its place
             engine.backward(loss)
             engine.step()  # the optimizer steps on the last micro-batch of the accumulation
             step_loss += float(loss.detach()) / accumulation
             good += 1
-            run.window.add(batch, **values)
-        run.end_step(step + 1, step_loss, lr)
-    summary = run.finish()
+            training.interval.add(batch, **values)
+        training.end_step(step + 1, step_loss, lr)
+    summary = training.finish()
     if reference is not None:
         if _digest(reference) != reference_digest:
             raise StageFailed("the frozen reference model's parameters changed during training")
-        summary["reference"] = f"live, unchanged (sha256 of rank {dist.rank}'s parameters {reference_digest[:16]})"
+        summary["reference"] = f"live, unchanged (sha256 of rank {ranks.rank}'s parameters {reference_digest[:16]})"
     return summary
 
 
@@ -258,10 +257,10 @@ def _stored_reference(context: StageContext, engine, processor: PairProcessor, m
     finds it (its policy has moved on), a changed start model or data recomputes it. Rank 0
     decides for all, so ranks never disagree about entering the collective pass."""
     path, expected = context.directory / REFERENCE_LOGPS, _reference_inputs(context)
-    valid = context.dist.is_main and path.is_file() and json.loads(path.read_text()).get("inputs") == expected
+    valid = context.ranks.is_main and path.is_file() and json.loads(path.read_text()).get("inputs") == expected
     if not broadcast_from_rank0(valid):
         found = _precompute_reference(context, engine, processor, micro)
-        if context.dist.is_main:
+        if context.ranks.is_main:
             write_text_atomically(path, json.dumps({"inputs": expected, "logps": found}))
             logger.info("dpo: reference log-probs of %d pairs written to %s", len(found), path)
         context.barrier()

@@ -42,7 +42,6 @@ from pipeline.runner import StageContext, StoppedForRequeue
 logger = logging.getLogger(__name__)
 
 DISTRIBUTED = False  # rank 0 evaluates; the other ranks wait
-TRAINING = False
 
 
 def model_directory(recipe: Recipe) -> Path:
@@ -83,7 +82,7 @@ def run(context: StageContext) -> dict:
                               f"named by file stem, so rename one")
 
     try:
-        model = load_for_inference(model_directory(recipe), context.backend, context.dist.local_rank,
+        model = load_for_inference(model_directory(recipe), context.backend, context.ranks.local_rank,
                                    section.num_frames, section.video_kernel, recipe.data.decoder)
     except ModelFilesError as error:
         raise RecipeError(f"{recipe.source}: eval: {error}") from None

@@ -44,7 +44,6 @@ from ppllava import PPLLaVAForConditionalGeneration
 logger = logging.getLogger(__name__)
 
 DISTRIBUTED = False  # rank 0 exports; the other ranks wait
-TRAINING = False
 MAX_NEW_TOKENS = 512  # generation_config.json default; generate(max_new_tokens=...) overrides it
 # Remote-code file names transformers' convention expects; the other ppllava modules keep theirs.
 REMOTE_NAMES = {"config": "configuration_ppllava", "modeling": "modeling_ppllava"}

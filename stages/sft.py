@@ -29,13 +29,12 @@ from pipeline.layout import MODEL_DIR
 from pipeline.model.setup import (build_model, build_processor, count_parameters, load_tokenizers,
                                   save_processor_config, save_tokenizers)
 from pipeline.recipe import Recipe
-from pipeline.runner import StageContext
+from pipeline.runner import DRY_RUN_DONE, StageContext
 from pipeline.training import TrainingRun, engine_settings, schedule_length, stage_inputs
 
 logger = logging.getLogger(__name__)
 
 DISTRIBUTED = True
-TRAINING = True
 
 
 def inputs(recipe: Recipe, world_size: int) -> dict:
@@ -43,10 +42,10 @@ def inputs(recipe: Recipe, world_size: int) -> dict:
 
 
 def run(context: StageContext) -> dict:
-    recipe, backend, dist = context.recipe, context.backend, context.dist
-    sft, device = recipe.sft, backend.device(dist.local_rank)
-    micro, accumulation, world = recipe.batch_layout(dist.world_size)
-    if world != recipe.cluster.world_size and dist.is_main:
+    recipe, backend, ranks = context.recipe, context.backend, context.ranks
+    sft, device = recipe.sft, backend.device(ranks.local_rank)
+    micro, accumulation, world = recipe.batch_layout(ranks.world_size)
+    if world != recipe.cluster.world_size and ranks.is_main:
         logger.warning("the recipe's cluster section describes %d processes but %d were launched; gradient "
                        "accumulation adapts so the global batch stays %d", recipe.cluster.world_size, world,
                        sft.global_batch_size)
@@ -57,19 +56,19 @@ def run(context: StageContext) -> dict:
     # Build: tokenizers, model, engine, loader.
     tokenizer, clip_tokenizer = load_tokenizers(recipe)
     settings = engine_settings(sft, micro, accumulation, total_steps)
-    with model_init_context(settings, backend.resolve_dtype(sft.precision, dist.local_rank)):
+    with model_init_context(settings, backend.resolve_dtype(sft.precision, ranks.local_rank)):
         model = build_model(recipe, tokenizer, backend.attn_implementation)
     model.set_trainable_parts(**asdict(sft.trainable))
     config = model.config
-    engine, _, scheduler = build_engine(model, backend, settings, dist.local_rank)
+    engine, _, scheduler = build_engine(model, backend, settings, ranks.local_rank)
     loader = StreamingLoader(recipe.manifest_path, build_processor(recipe, config, tokenizer, clip_tokenizer),
                              LoaderSettings(micro_batch_size=micro, weights=weights, interleave=recipe.data.interleave,
                                             shuffle_buffer=recipe.data.shuffle_buffer, seed=recipe.seed,
                                             num_workers=recipe.data.num_workers,
                                             max_bad_fraction=recipe.data.max_bad_fraction),
-                             rank=dist.rank, world_size=world)
+                             rank=ranks.rank, world_size=world)
     parameters, trainable = count_parameters(model)
-    if dist.is_main:
+    if ranks.is_main:
         logger.info("sft: %d steps of %d samples (micro %d x accumulation %d x world %d) over %d samples; "
                     "%.1fM parameters, %.1fM trainable", total_steps, micro * accumulation * world, micro,
                     accumulation, world, samples, parameters / 1e6, trainable / 1e6)
@@ -78,12 +77,12 @@ def run(context: StageContext) -> dict:
         batch = next(iter(loader))
         loss = engine(**{k: v.to(device) for k, v in batch.inputs.items()}).loss
         engine.backward(loss)
-        if dist.is_main:
+        if ranks.is_main:
             print(f"dry run: loss {float(loss):.4f} on {len(batch.keys)} samples {batch.visual_tokens}; "
                   f"memory {backend.memory_stats()}", flush=True)
-        return {}
+        return DRY_RUN_DONE
 
-    if dist.is_main:
+    if ranks.is_main:
         # The model directory without its weights: what export (and a DPO stage starting here) needs
         # besides a checkpoint to rebuild the model.
         save_tokenizers(tokenizer, clip_tokenizer, context.directory / MODEL_DIR)
@@ -91,22 +90,22 @@ def run(context: StageContext) -> dict:
         save_processor_config(recipe, config, context.directory / MODEL_DIR)
 
     # The loop.
-    run = TrainingRun(context, engine, scheduler, loader, total_steps)
-    first_step = run.start()  # restores engine, scheduler, loader position and RNG with --resume
+    training = TrainingRun(context, engine, scheduler, loader, total_steps)
+    first_step = training.start()  # restores engine, scheduler, loader position and RNG with --resume
     engine.train()
     batches = iter(loader)
     for step in range(first_step, total_steps):
-        lr = run.lr
+        lr = training.lr
         step_loss, good = 0.0, 0
         while good < accumulation:
             batch = next(batches)
             loss = engine(**{k: v.to(device) for k, v in batch.inputs.items()}).loss
-            if not run.finite(loss, batch.keys, step):
+            if not training.finite(loss, batch.keys, step):
                 continue  # another micro-batch takes its place
             engine.backward(loss)
             engine.step()  # the optimizer steps on the last micro-batch of the accumulation
             step_loss += float(loss.detach()) / accumulation
             good += 1
-            run.window.add(batch)
-        run.end_step(step + 1, step_loss, lr)
-    return run.finish()
+            training.interval.add(batch)
+        training.end_step(step + 1, step_loss, lr)
+    return training.finish()

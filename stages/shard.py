@@ -15,7 +15,6 @@ from pipeline.data.sharding import run_shard, settings_fingerprint, source_finge
 from pipeline.layout import MANIFEST
 
 DISTRIBUTED = True  # units of work are spread over ranks
-TRAINING = False
 
 
 def inputs(recipe, world_size: int) -> dict:
@@ -32,8 +31,8 @@ def inputs(recipe, world_size: int) -> dict:
 def run(context) -> dict:
     recipe = context.recipe
     manifest = run_shard(recipe.data.cards, context.directory, recipe.shard, recipe.data.variables,
-                         context.dist.rank, context.dist.world_size, barrier=context.barrier)
-    if not context.dist.is_main:
+                         context.ranks.rank, context.ranks.world_size, barrier=context.barrier)
+    if not context.ranks.is_main:
         return {}
     return {"samples": manifest["counts"], "rejected": len(manifest["rejected"]),
             "manifest": str(context.directory / MANIFEST)}

@@ -13,7 +13,6 @@ from pipeline.recipe import Recipe
 from pipeline.runner import StageContext
 
 DISTRIBUTED = False  # rank 0 writes; the other ranks wait
-TRAINING = False
 
 
 def inputs(recipe: Recipe, world_size: int) -> dict:
