@@ -42,6 +42,8 @@ class EngineSettings:
     offload_optimizer: bool = False
 
     def validate(self) -> None:
+        """This module's own preconditions: it is used without a recipe too (tests/dist/train_tiny.py,
+        benchmarks). A recipe's values were already checked, under their key names, by pipeline.recipe."""
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.optimizer not in OPTIMIZERS:

@@ -17,7 +17,6 @@ and which signal goes where: docs/cluster.md.
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import shutil
 import subprocess
@@ -30,7 +29,6 @@ from pipeline.recipe import Recipe, RecipeError, load_recipe, validate
 
 TORCHRUN_PORT = 29500
 MASTER_PLACEHOLDER = '"${MASTER_ADDR:?export MASTER_ADDR=<hostname of node 0> first}"'
-_SAFE_WORD = r"[A-Za-z0-9_.,:@%/+=-]+"
 
 
 @dataclass
@@ -55,28 +53,11 @@ def cluster_overrides(args: argparse.Namespace) -> list[str]:
 
 def check_job(recipe: Recipe, backend: str, stages: list[str] | None = None) -> list[str]:
     """Errors for a job the recipe cannot run as; returns the batch layout lines (one per training stage)."""
-    src, cluster = recipe.source, recipe.cluster
+    src = recipe.source
     if backend not in ("cuda", "npu", "cpu"):
         raise RecipeError(f"{src}: backend: {backend!r}; a cluster job needs a named backend (cuda or npu): set "
                           f"`backend` in the recipe or pass --backend")
-    for key in ("gpus_per_node", "cpus_per_task", "signal_seconds"):
-        value = getattr(cluster, key)
-        if value is not None and value <= 0:
-            raise RecipeError(f"{src}: cluster.{key}: must be > 0, got {value}")
-    if backend == "cuda" and cluster.gpus_per_node is not None and cluster.gpus_per_node < cluster.procs_per_node:
-        raise RecipeError(f"{src}: cluster.gpus_per_node={cluster.gpus_per_node} is fewer than cluster.procs_per_node="
-                          f"{cluster.procs_per_node}: one process per GPU")
-    for key in ("partition", "account", "time"):
-        value = getattr(cluster, key)
-        if value is not None and not _is_word(value):
-            raise RecipeError(f"{src}: cluster.{key}: {value!r} is not a SLURM {key} (letters, digits, _ . , : - only)")
-    for index, option in enumerate(cluster.extra_sbatch):
-        if not option.startswith("-") or "\n" in option:
-            raise RecipeError(f"{src}: cluster.extra_sbatch[{index}]: expected one sbatch option like --exclusive, "
-                              f"got {option!r}")
-    for index, line in enumerate(cluster.setup):
-        if "\n" in line:
-            raise RecipeError(f"{src}: cluster.setup[{index}]: one shell line per item")
+    recipe.cluster.validate(recipe, backend)
     for stage in stages or ():
         if stage not in recipe.stages:
             raise RecipeError(f"{src}: --stages: {stage!r} is not one of this recipe's stages ({', '.join(recipe.stages)})")
@@ -85,10 +66,6 @@ def check_job(recipe: Recipe, backend: str, stages: list[str] | None = None) -> 
         if getattr(recipe, stage) is not None and (not stages or stage in stages):
             layout.append(recipe.batch_layout_line(stage))
     return layout
-
-
-def _is_word(value: str) -> bool:
-    return re.fullmatch(_SAFE_WORD, value) is not None
 
 
 def _double_quoted(value: str) -> str:

@@ -3,6 +3,7 @@
     stage_inputs        the recipe keys a training stage's fingerprint covers
     schedule_length     optimizer steps from epochs and samples, capped by max_steps
     engine_settings     the DeepSpeed engine's settings from a training section
+    loader_settings     the streaming loader's settings from the data section
     TrainingRun         the bookkeeping around a loop: resume (engine, scheduler, loader, RNG),
                         the non-finite guard, per-step logging (tqdm, metrics.jsonl, TensorBoard),
                         checkpoints (every save_every, at the end, and after SIGTERM/SIGUSR1 with
@@ -35,6 +36,7 @@ from pipeline.atomic import sha256_of
 from pipeline.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_trainer_state,
                                  remove_partial, restore_rng_state, rng_state, save_checkpoint,
                                  set_aside_later_checkpoints)
+from pipeline.data.loader import LoaderSettings
 from pipeline.layout import checkpoints_dir, is_checkpoint
 from pipeline.metrics import MetricsLog
 from pipeline.recipe import Recipe, RecipeError, TrainingSection, differences
@@ -82,6 +84,14 @@ def engine_settings(section: TrainingSection, micro: int, accumulation: int, tot
                           lr=section.lr, weight_decay=section.weight_decay, warmup_ratio=section.warmup_ratio,
                           min_lr_ratio=section.min_lr_ratio, total_steps=total_steps, optimizer=section.optimizer,
                           offload_optimizer=section.offload_optimizer)
+
+
+def loader_settings(recipe: Recipe, micro: int, weights: dict[str, float], interleave: bool = True) -> LoaderSettings:
+    """The streaming loader's settings from the recipe's data section and seed."""
+    data = recipe.data
+    return LoaderSettings(micro_batch_size=micro, weights=weights, interleave=interleave,
+                          shuffle_buffer=data.shuffle_buffer, seed=recipe.seed, num_workers=data.num_workers,
+                          max_bad_fraction=data.max_bad_fraction)
 
 
 @dataclass

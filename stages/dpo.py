@@ -32,7 +32,7 @@ from backends.distributed import broadcast_from_rank0, gather_objects, max_acros
 from pipeline.atomic import publish_directory, temporary_directory, write_text_atomically
 from pipeline.checkpoint import latest_checkpoint
 from pipeline.data.collate import SampleProcessor, SampleTooLong
-from pipeline.data.loader import LoaderSettings, StreamingLoader, manifest_samples, media_members, read_tar
+from pipeline.data.loader import StreamingLoader, manifest_samples, media_members, read_tar
 from pipeline.data.media import MediaError, decoder
 from pipeline.data.pairs import PairProcessor
 from pipeline.layout import DPO_INIT, MODEL_DIR, REFERENCE_LOGPS, checkpoints_dir
@@ -42,7 +42,7 @@ from pipeline.model.setup import count_parameters, load_directory_tokenizers, lo
 from pipeline.preference import dpo_loss, sequence_logps
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.runner import DRY_RUN_DONE, StageContext, StageFailed, fingerprint_of
-from pipeline.training import TrainingRun, engine_settings, schedule_length, stage_inputs
+from pipeline.training import TrainingRun, engine_settings, loader_settings, schedule_length, stage_inputs
 from ppllava import PPLLaVAForConditionalGeneration
 
 logger = logging.getLogger(__name__)
@@ -171,10 +171,7 @@ def run(context: StageContext) -> dict:
     processor = PairProcessor(SampleProcessor(model.config, tokenizer, clip_tokenizer, processor_settings,
                                               video_decoder=decoder(recipe.data.decoder)))
     loader = StreamingLoader(recipe.manifest_path, processor,
-                             LoaderSettings(micro_batch_size=micro, weights={"dpo": 1.0},
-                                            shuffle_buffer=recipe.data.shuffle_buffer, seed=recipe.seed,
-                                            num_workers=recipe.data.num_workers,
-                                            max_bad_fraction=recipe.data.max_bad_fraction),
+                             loader_settings(recipe, micro, {"dpo": 1.0}),
                              rank=ranks.rank, world_size=world)
     if ranks.is_main:  # the weightless model directory export reads beside this stage's checkpoints
         model.config.save_pretrained(context.directory / MODEL_DIR)

@@ -23,14 +23,14 @@ import logging
 from dataclasses import asdict
 
 from backends.deepspeed_engine import build_engine, model_init_context
-from pipeline.data.loader import LoaderSettings, StreamingLoader, manifest_samples
+from pipeline.data.loader import StreamingLoader, manifest_samples
 from pipeline.data.records import VISUAL_MODALITIES
 from pipeline.layout import MODEL_DIR
 from pipeline.model.setup import (build_model, build_processor, count_parameters, load_tokenizers,
                                   save_processor_config, save_tokenizers)
 from pipeline.recipe import Recipe
 from pipeline.runner import DRY_RUN_DONE, StageContext
-from pipeline.training import TrainingRun, engine_settings, schedule_length, stage_inputs
+from pipeline.training import TrainingRun, engine_settings, loader_settings, schedule_length, stage_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +62,7 @@ def run(context: StageContext) -> dict:
     config = model.config
     engine, _, scheduler = build_engine(model, backend, settings, ranks.local_rank)
     loader = StreamingLoader(recipe.manifest_path, build_processor(recipe, config, tokenizer, clip_tokenizer),
-                             LoaderSettings(micro_batch_size=micro, weights=weights, interleave=recipe.data.interleave,
-                                            shuffle_buffer=recipe.data.shuffle_buffer, seed=recipe.seed,
-                                            num_workers=recipe.data.num_workers,
-                                            max_bad_fraction=recipe.data.max_bad_fraction),
+                             loader_settings(recipe, micro, weights, recipe.data.interleave),
                              rank=ranks.rank, world_size=world)
     parameters, trainable = count_parameters(model)
     if ranks.is_main:

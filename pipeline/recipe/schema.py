@@ -1,0 +1,130 @@
+"""The whole recipe: its sections, what it derives from them, and ``validate``.
+
+    name: demo_cpu
+    run_dir: runs/demo_cpu
+    backend: cpu            # auto | cpu | cuda | npu
+    seed: 0
+    model: {...}            # ModelSection
+    data: {...}             # DataSection
+    cluster: {...}          # ClusterSection
+    synth: {...}            # one section per stage; the stages a recipe runs are the sections
+    shard: {...}            #   it has, in pipeline order (STAGE_ORDER)
+    sft: {...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from pipeline.data.sharding import ShardSettings
+from pipeline.data.synthetic import SynthSettings
+from pipeline.layout import MANIFEST
+from pipeline.recipe.sections import (ClusterSection, DataSection, DPOSection, EvalSection, ExportSection,
+                                      ModelSection, SFTSection)
+from pipeline.recipe.typed_yaml import RecipeError
+
+STAGE_ORDER = ("synth", "shard", "sft", "dpo", "export", "eval")
+
+
+@dataclass
+class Recipe:
+    name: str
+    run_dir: str
+    backend: Literal["auto", "cpu", "cuda", "npu"] = "auto"
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    synth: SynthSettings | None = None
+    shard: ShardSettings | None = None
+    sft: SFTSection | None = None
+    dpo: DPOSection | None = None
+    export: ExportSection | None = None
+    eval: EvalSection | None = None
+    source: str = field(default="<recipe>", metadata={"internal": True})
+
+    @property
+    def stages(self) -> list[str]:
+        return [name for name in STAGE_ORDER if getattr(self, name, None) is not None]
+
+    def stage_dir(self, stage: str) -> Path:
+        return Path(self.run_dir) / stage
+
+    @property
+    def synth_dir(self) -> str | None:
+        """Where this recipe's synth stage writes (paths under it need not exist yet), or None."""
+        return str(self.stage_dir("synth")) if self.synth is not None else None
+
+    @property
+    def export_source(self) -> str:
+        """The training stage whose final checkpoint the export stage reads (export.source_stage)."""
+        if self.export is not None and self.export.source_stage != "auto":
+            return self.export.source_stage
+        return "dpo" if self.dpo is not None else "sft"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.stage_dir("shard") / MANIFEST if self.shard is not None else Path(self.data.manifest or "")
+
+    def batch_layout(self, world_size: int, stage: str = "sft") -> tuple[int, int, int]:
+        """(micro batch, accumulation, world) whose product is <stage>.global_batch_size, or RecipeError."""
+        section = getattr(self, stage)
+        micro, accumulation, target = section.micro_batch_size, section.gradient_accumulation_steps, section.global_batch_size
+        if accumulation is None:
+            if target % (micro * world_size):
+                raise RecipeError(f"{self.source}: {stage}.global_batch_size={target} is not divisible by "
+                                  f"{stage}.micro_batch_size x world size = {micro} x {world_size}; change one of "
+                                  f"them or set {stage}.gradient_accumulation_steps")
+            accumulation = target // (micro * world_size)
+        if micro * accumulation * world_size != target:
+            raise RecipeError(f"{self.source}: {stage}.micro_batch_size x {stage}.gradient_accumulation_steps x world "
+                              f"size = {micro} x {accumulation} x {world_size} = {micro * accumulation * world_size}, "
+                              f"but {stage}.global_batch_size={target}")
+        return micro, accumulation, world_size
+
+    def batch_layout_line(self, stage: str) -> str:
+        """The layout line `validate` and `launch` print for a training stage of this recipe's cluster."""
+        micro, accumulation, world = self.batch_layout(self.cluster.world_size, stage)
+        return (f"{stage} global batch: micro {micro} x accumulation {accumulation} x world {world} "
+                f"({self.cluster.nodes} node(s) x {self.cluster.procs_per_node}) = {micro * accumulation * world}")
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return {key: value for key, value in data.items() if value is not None or key not in STAGE_ORDER}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def validate(recipe: Recipe, missing_paths: list[str] | None = None) -> None:
+    """Every check that needs no device, model or data: sizes, paths, batch arithmetic; each
+    section checks its own keys (``sections.py``), in pipeline order.
+
+    Paths that do not exist raise, unless ``missing_paths`` is given: then they are collected
+    there (a recipe for a cluster can be checked on a machine without the cluster's storage).
+    """
+    src = recipe.source
+    if not recipe.stages:
+        raise RecipeError(f"{src}: no stage section; add one or more of {', '.join(STAGE_ORDER)}")
+    if not recipe.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", recipe.name):
+        raise RecipeError(f"{src}: name: letters, digits, '_', '.' and '-' only, got {recipe.name!r}")
+    if not recipe.run_dir:
+        raise RecipeError(f"{src}: run_dir: required, expected a directory path")
+    if "${" in recipe.run_dir:
+        raise RecipeError(f"{src}: run_dir: {recipe.run_dir} uses a variable that is not set in the environment")
+    recipe.cluster.validate(recipe)
+    recipe.data.validate(recipe, missing_paths)
+    if recipe.shard is not None:
+        for key, what in recipe.shard.problems():
+            raise RecipeError(f"{src}: shard.{key}: {what}")
+    for stage in ("sft", "dpo", "eval", "export"):
+        section = getattr(recipe, stage)
+        if section is not None:
+            section.validate(recipe, missing_paths)
