@@ -32,7 +32,7 @@ from backends.distributed import broadcast_from_rank0, gather_objects, max_acros
 from pipeline.atomic import publish_directory, temporary_directory, write_text_atomically
 from pipeline.checkpoint import latest_checkpoint
 from pipeline.data.collate import SampleProcessor, SampleTooLong
-from pipeline.data.loader import StreamingLoader, manifest_samples, media_members, read_tar
+from pipeline.data.loader import OnePass, StreamingLoader, manifest_samples, media_members
 from pipeline.data.media import MediaError, decoder
 from pipeline.data.pairs import PairProcessor
 from pipeline.layout import DPO_INIT, MODEL_DIR, REFERENCE_LOGPS, checkpoints_dir
@@ -100,20 +100,18 @@ def _precompute_reference(context: StageContext, engine, processor: PairProcesso
     skipped, as the training loader skips it.
     """
     recipe, ranks, device = context.recipe, context.ranks, context.backend.device(context.ranks.local_rank)
-    root = recipe.manifest_path.parent
-    manifest = json.loads(recipe.manifest_path.read_text())
-    shards = sorted((s for s in manifest["shards"] if s["modality"] == "dpo"), key=lambda s: s["path"])
-    mine = shards[ranks.rank::ranks.world_size]
-    batches = max_across_ranks(-(-sum(s["samples"] for s in mine) // micro), device)
+    mine = OnePass.of(recipe.manifest_path, "dpo", ranks.rank, ranks.world_size)
+    batches = max_across_ranks(-(-mine.samples // micro), device)
+    # No shard of its own (fewer shards than ranks): work on rank 0's first shard, results dropped.
+    records = mine if mine.shards else OnePass(mine.root, OnePass.of(recipe.manifest_path, "dpo").shards[:1])
 
     def prepared():
-        for shard in mine or shards[:1]:  # no shard of its own: work on the first one, results dropped
-            for record in read_tar(root / shard["path"]):
-                pair = processor.parse(json.loads(record["json"]))
-                try:
-                    yield pair, processor(pair, media_members(record, pair))
-                except (MediaError, SampleTooLong) as error:
-                    logger.warning("reference pass: skipping %s: %s", pair.key, error)
+        for record in records:
+            pair = processor.parse(json.loads(record["json"]))
+            try:
+                yield pair, processor(pair, media_members(record, pair))
+            except (MediaError, SampleTooLong) as error:
+                logger.warning("reference pass: skipping %s: %s", pair.key, error)
 
     found: dict[str, list[float]] = {}
     stream, last = prepared(), None
@@ -121,7 +119,7 @@ def _precompute_reference(context: StageContext, engine, processor: PairProcesso
     with torch.no_grad():
         for _ in range(batches):
             chunk = [item for _, item in zip(range(micro), stream)]
-            counted = bool(chunk) and bool(mine)
+            counted = bool(chunk) and bool(mine.shards)
             chunk = chunk or last  # this rank ran out: repeat, drop the results
             last = chunk
             logps = _pair_logps(engine, processor.collate([processed for _, processed in chunk]), device).float().cpu()

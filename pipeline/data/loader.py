@@ -72,6 +72,30 @@ def read_tar(path: Path) -> Iterator[dict[str, bytes]]:
         yield current
 
 
+@dataclass
+class OnePass:
+    """Every record of one stream exactly once, for one rank: whole shards, rank r reading the
+    r-th, (r + world)-th, ... in path order; no shuffle, no repetition (a pass over the data, e.g.
+    DPO's reference log-probs). A rank may have no shard when there are fewer shards than ranks."""
+
+    root: Path
+    shards: list[dict]   # this rank's
+
+    @classmethod
+    def of(cls, manifest_path: str | Path, stream: str, rank: int = 0, world_size: int = 1) -> "OnePass":
+        manifest = json.loads(Path(manifest_path).read_text())
+        shards = sorted((s for s in manifest["shards"] if s["modality"] == stream), key=lambda s: s["path"])
+        return cls(Path(manifest_path).parent, shards[rank::world_size])
+
+    @property
+    def samples(self) -> int:
+        return sum(shard["samples"] for shard in self.shards)
+
+    def __iter__(self) -> Iterator[dict[str, bytes]]:
+        for shard in self.shards:
+            yield from read_tar(self.root / shard["path"])
+
+
 class _ModalityStream:
     """Endless, seeded record stream of one modality for one slot."""
 
