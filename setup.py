@@ -19,8 +19,8 @@ setup(
         "pillow>=10.0",
         "tqdm>=4.66",
         "tensorboard>=2.14",  # training metrics (torch.utils.tensorboard)
-        "av>=12.0",
-        "webdataset>=0.2.90",  # PyAV: the default video decoder and the synthetic data's H.264 encoder
+        "av>=12.0",  # PyAV: the default video decoder and the synthetic data's H.264 encoder
+        "webdataset>=0.2.90",  # the shard format (tar files of samples)
     ],
     extras_require={
         # DeepSpeed builds its ops lazily (JIT); on CPU it uses its CPU accelerator and gloo.

@@ -1,4 +1,4 @@
-"""Atomic, resumable training checkpoints and the pre-emption signal flag.
+"""Atomic, resumable training checkpoints.
 
 Layout of one stage (``run_dir/<stage>/checkpoints/``):
 

@@ -1,1 +1,14 @@
-"""Data: dataset cards, annotation sources, media decoding, chat templates, synthetic data."""
+"""Data: from dataset cards to model inputs.
+
+    records.py     Sample and PreferencePair, the record kinds every source produces; RecordError
+    cards.py       dataset cards (one YAML per dataset) and the media-root containment check
+    sources.py     annotation readers: LLaVA conversations, VideoChat2 QA, DPO pairs JSONL
+    media.py       decoding images and videos (frame sampling; PyAV or decord)
+    sharding.py    cards -> validated webdataset tars + manifest.json (the shard stage's work)
+    loader.py      the streaming, interleaved, exactly resumable loader over the tars; OnePass
+    templates.py   conversations -> token ids and labels (Vicuna v1 or the tokenizer's template)
+    collate.py     one sample -> model inputs (SampleProcessor); samples -> an interleaved batch
+    pairs.py       DPO pairs -> chosen and rejected model inputs
+    questions.py   eval question files (multiple choice, open-ended)
+    synthetic.py   synthetic videos, images, questions and pairs with something to learn
+"""

@@ -25,8 +25,9 @@ from typing import Mapping
 import yaml
 
 from pipeline.data.records import VISUAL_MODALITIES
+from pipeline.data.sources import READERS
 
-FORMATS = ("llava", "videochat2", "dpo")
+FORMATS = tuple(READERS)  # a card's format names its annotation reader
 CARD_MODALITIES = (*VISUAL_MODALITIES, "mixed")
 REQUIRED = ("name", "format", "annotation", "media_root", "modality")
 OPTIONAL = ("weight", "license", "description")
