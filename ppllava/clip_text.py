@@ -70,7 +70,8 @@ class ExtendedCLIPTextModel(CLIPTextModel):
     """transformers' CLIPTextModel whose position table is a :class:`SplitPositionEmbedding`.
 
     ``config.max_position_embeddings`` is the *extended* length (248); ``keep_positions`` rows
-    are frozen. Everything else (attention, masks, EOS pooling) is transformers' own code.
+    are frozen. Attention and masks are transformers' own code; the text feature is read with
+    :meth:`end_token_states`, not transformers' ``pooler_output``.
     """
 
     def __init__(self, config: CLIPTextConfig, keep_positions: int = 20) -> None:
@@ -80,6 +81,24 @@ class ExtendedCLIPTextModel(CLIPTextModel):
         )
         nn.init.normal_(self.embeddings.position_embedding.frozen_head, std=0.01)
         nn.init.normal_(self.embeddings.position_embedding.trainable_tail, std=0.01)
+
+    def end_token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final (layer-normed) hidden state at each row's end token, [B, hidden]: the last attended
+        position (inputs are [BOS] text [EOS] plus padding), or the last position without a mask.
+
+        Not ``pooler_output``: for a config carrying the legacy ``eos_token_id`` 2 (OpenAI's CLIP
+        checkpoints, or any tokenizer whose end token is id 2) transformers pools at
+        ``argmax(input_ids)``, which is the end token only for CLIP's own vocabulary (its end token
+        has the highest id) and an arbitrary prompt token for any other. By position, both agree.
+        """
+        hidden = self(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        rows, length = input_ids.shape
+        positions = torch.arange(length, device=input_ids.device)
+        if attention_mask is None:
+            ends = positions[-1].expand(rows)
+        else:
+            ends = (positions * (attention_mask != 0)).amax(dim=-1)
+        return hidden[torch.arange(rows, device=hidden.device), ends.to(hidden.device)]
 
     def load_from_clip(self, source: CLIPTextModel, keep: int, factor: int) -> None:
         """Copy a (77-position) CLIP text tower into this one, stretching its positions by eq.4."""

@@ -130,9 +130,8 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         return projected, clip_visual
 
     def encode_prompts(self, clip_input_ids: torch.Tensor, clip_attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """CLIP text feature of each sample's prompt: EOS token -> text projection, [B, D_clip]."""
-        pooled = self.clip_text(input_ids=clip_input_ids, attention_mask=clip_attention_mask).pooler_output
-        return self.text_projection(pooled)
+        """CLIP text feature of each sample's prompt: end token's state -> text projection, [B, D_clip]."""
+        return self.text_projection(self.clip_text.end_token_states(clip_input_ids, clip_attention_mask))
 
     def pooling_geometry(self, modality: int, kernel_override: torch.Tensor | None):
         kernel, stride = self.config.pooling_geometry(modality)

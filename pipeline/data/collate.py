@@ -69,10 +69,12 @@ class SampleProcessor:
                        self.config.image_token_index)
 
     def __post_init__(self) -> None:
-        clip_eos = self.config.clip_text_config.eos_token_id
-        if self.clip_tokenizer.eos_token_id != clip_eos:
-            raise ValueError(f"the CLIP tokenizer's end token is {self.clip_tokenizer.eos_token_id} but the model pools "
-                             f"CLIP text at token {clip_eos}: use the tokenizer of the CLIP checkpoint the model came from")
+        # The model reads the CLIP feature at the end token's position, whatever id the config
+        # names (OpenAI's checkpoints carry legacy ids): only the vocabulary has to fit.
+        vocabulary = self.config.clip_text_config.vocab_size
+        if len(self.clip_tokenizer) > vocabulary:
+            raise ValueError(f"the CLIP tokenizer has {len(self.clip_tokenizer)} tokens but the CLIP text tower's "
+                             f"vocabulary has {vocabulary}: use the tokenizer of the CLIP checkpoint the model came from")
 
     def pixels(self, sample: Sample, media: list[bytes], epoch: int) -> tuple[torch.Tensor, tuple[int, int]]:
         """CLIP-normalised frames [T, 3, S, S], and the image's (height, width) for image samples."""

@@ -63,3 +63,47 @@ def test_wrong_target_length_is_reported():
     tower = ExtendedCLIPTextModel(CLIPTextConfig(**{**config.to_dict(), "max_position_embeddings": 200}), keep_positions=20)
     with pytest.raises(ValueError, match="clip_context_length=200"):
         tower.load_from_clip(CLIPTextModel(config), keep=20, factor=4)
+
+
+def _tower(**ids) -> ExtendedCLIPTextModel:
+    config = CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            max_position_embeddings=248, **ids)
+    torch.manual_seed(0)
+    return ExtendedCLIPTextModel(config, keep_positions=20).eval()
+
+
+# OpenAI's released CLIP configs (legacy ids: transformers pools at argmax(input_ids)), the same
+# vocabulary with current ids, and the tiny tokenizer's layout (end token id 2 = legacy value too).
+CLIP_LEGACY = {"vocab_size": 49408, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+CLIP_CURRENT = {"vocab_size": 49408, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+TINY = {"vocab_size": 300, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+
+
+@pytest.mark.parametrize("ids, bos, end, pad", [(CLIP_LEGACY, 49406, 49407, 49407), (CLIP_CURRENT, 49406, 49407, 49407),
+                                                (TINY, 1, 2, 3)], ids=["clip-legacy-ids", "clip-current-ids", "tiny"])
+def test_the_text_feature_is_the_end_tokens_state(ids, bos, end, pad):
+    tower = _tower(**ids)
+    # Right-padded rows of different lengths, as collate builds them; word ids above the end token
+    # where the vocabulary allows, so argmax(input_ids) is not the end token for the tiny layout.
+    words = [[250, 7, 260], [9, 270, 11, 12, 280, 13]]
+    length = max(len(w) for w in words) + 2
+    input_ids = torch.full((2, length), pad)
+    mask = torch.zeros((2, length), dtype=torch.long)
+    for row, text in enumerate(words):
+        input_ids[row, : len(text) + 2] = torch.tensor([bos, *text, end])
+        mask[row, : len(text) + 2] = 1
+    with torch.no_grad():
+        features = tower.end_token_states(input_ids, mask)
+        hidden = tower(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    ends = [len(w) + 1 for w in words]
+    for row, position in enumerate(ends):
+        torch.testing.assert_close(features[row], hidden[row, position], atol=0, rtol=0)
+        others = [p for p in range(position + 1) if p != position]
+        assert all(not torch.allclose(features[row], hidden[row, p]) for p in others), "read at another position"
+    if ids["vocab_size"] == 49408:  # with CLIP's vocabulary transformers' pooling agrees (the authors' code)
+        with torch.no_grad():
+            torch.testing.assert_close(features, tower(input_ids=input_ids, attention_mask=mask).pooler_output)
+    # Without a mask every position is real: the end token is the last one.
+    with torch.no_grad():
+        alone = tower.end_token_states(input_ids[1:, : ends[1] + 1])
+    torch.testing.assert_close(alone[0], features[1], atol=1e-5, rtol=1e-5)

@@ -209,3 +209,23 @@ def test_an_image_whose_size_disagrees_with_its_tiles_is_refused(model):
     batch["image_sizes"] = torch.tensor([[96, 96]])  # a 2x2-grid size for a sample with 1x2 tiles
     with pytest.raises(ValueError, match=r"image of size \[96, 96\] has 1 \+ 2x2 tiles, got 3"):
         model(**batch)
+
+
+def test_prompts_guide_pooling_with_the_tiny_tokenizers_end_token():
+    """The tiny tokenizer's end token is id 2 (transformers' legacy CLIP value, which would pool at
+    argmax(input_ids)): the model's prompt feature is still the end token's projected state."""
+    from pipeline.model.tiny import tiny_config_for, tiny_tokenizer
+    from ppllava import PPLLaVAForConditionalGeneration
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = PPLLaVAForConditionalGeneration._from_config(tiny_config_for(tokenizer)).eval()
+    text = tokenizer("which way does the red circle move", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[tokenizer.bos_token_id, *text, tokenizer.eos_token_id, tokenizer.pad_token_id]])
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0
+    end = len(text) + 1
+    assert int(ids[0].argmax()) != end, "a prompt where argmax(input_ids) is not the end token"
+    with torch.no_grad():
+        hidden = model.clip_text(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(model.encode_prompts(ids, mask), model.text_projection(hidden[:, end]))
