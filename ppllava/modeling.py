@@ -82,7 +82,7 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         config = kwargs.get("config")
-        if not isinstance(config, PPLLaVAConfig):
+        if not isinstance(config, PPLLaVAConfig):  # read config.json once more: kwargs may override its keys
             config = cls.config_class.from_pretrained(pretrained_model_name_or_path)
         import_submodel_classes(config)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)

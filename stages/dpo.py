@@ -67,7 +67,7 @@ def _start_model(context: StageContext) -> Path:
         sft_dir = recipe.stage_dir("sft")
         step_dir = latest_checkpoint(checkpoints_dir(sft_dir))
         if step_dir is None:
-            raise StageFailed(f"dpo.init: sft, but {sft_dir / 'checkpoints'} holds no checkpoint")
+            raise StageFailed(f"dpo.init: sft, but {checkpoints_dir(sft_dir)} holds no checkpoint")
         logger.info("dpo: consolidating %s into %s", step_dir, init)
         partial = temporary_directory(init, "a consolidation")
         model = consolidated_model(step_dir, sft_dir / MODEL_DIR)
