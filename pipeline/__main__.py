@@ -44,17 +44,26 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
+    from pipeline.model.budget import check_budgets
+
     recipe = load_recipe(args.recipe, args.overrides)
     validate(recipe)
+    check_budgets(recipe)  # a video that cannot fit the context stops the run before any device work
     return recipe
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from pipeline.model.budget import check_budgets, recipe_budgets
+
     recipe = load_recipe(args.recipe, args.overrides)
     missing: list[str] = []
     validate(recipe, missing_paths=missing)
     for note in missing:
         print(f"note: {note}; `run` needs it")
+    budgets = recipe_budgets(recipe)
+    for budget in budgets:  # printed before the verdict, so a failing budget shows its numbers
+        print("\n".join(budget.lines()))
+    check_budgets(recipe, budgets)
     print(f"{args.recipe}: valid. stages: {', '.join(recipe.stages)}; run_dir: {recipe.run_dir}; "
           f"backend: {recipe.backend}")
     for stage in ("sft", "dpo"):

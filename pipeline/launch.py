@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.exit_codes import ExitCode
+from pipeline.model.budget import check_budgets
 from pipeline.recipe import Recipe, RecipeError, load_recipe, validate
 
 TORCHRUN_PORT = 29500
@@ -198,6 +199,7 @@ def launch(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, overrides)
     notes: list[str] = []
     validate(recipe, missing_paths=notes)
+    check_budgets(recipe)
     for key in ("partition", "time", "account"):
         if getattr(args, key) is not None:
             setattr(recipe.cluster, key, getattr(args, key))

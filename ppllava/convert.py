@@ -24,18 +24,19 @@ from ppllava.modeling import PPLLaVAForConditionalGeneration
 logger = logging.getLogger(__name__)
 
 
-def config_from_sources(llava_next, clip, **overrides) -> PPLLaVAConfig:
-    """The PPLLaVA config implied by the two source models, with ``overrides`` applied last."""
-    source = llava_next.config
+def config_from_sources(source, clip_config, logit_scale: float | None = None, **overrides) -> PPLLaVAConfig:
+    """The PPLLaVA config implied by the two source models' configs (a LlavaNextConfig and a
+    CLIPConfig), with ``overrides`` applied last. ``logit_scale``: the CLIP checkpoint's trained
+    temperature (default: the CLIP config's initial value; the weight itself is copied anyway)."""
     keep = overrides.get("clip_keep_positions", 20)
     factor = overrides.get("clip_position_factor", 4)
-    context = extended_length(clip.config.text_config.max_position_embeddings, keep, factor)
-    clip_text_config = clip.config.text_config.to_dict()
-    clip_text_config.update(max_position_embeddings=context, projection_dim=clip.config.projection_dim)
-    if source.vision_config.hidden_size != clip.config.vision_config.hidden_size:
+    context = extended_length(clip_config.text_config.max_position_embeddings, keep, factor)
+    clip_text_config = clip_config.text_config.to_dict()
+    clip_text_config.update(max_position_embeddings=context, projection_dim=clip_config.projection_dim)
+    if source.vision_config.hidden_size != clip_config.vision_config.hidden_size:
         raise ValueError(
             f"the LLaVA-NeXT vision tower has width {source.vision_config.hidden_size} but the CLIP checkpoint's "
-            f"visual projection expects {clip.config.vision_config.hidden_size}: use the CLIP that LLaVA-NeXT was built on"
+            f"visual projection expects {clip_config.vision_config.hidden_size}: use the CLIP that LLaVA-NeXT was built on"
         )
     settings = dict(
         vision_config=source.vision_config.to_dict(),
@@ -46,8 +47,8 @@ def config_from_sources(llava_next, clip, **overrides) -> PPLLaVAConfig:
         multimodal_projector_bias=source.multimodal_projector_bias,
         vision_feature_layer=source.vision_feature_layer,
         image_grid_pinpoints=source.image_grid_pinpoints,
-        projection_dim=clip.config.projection_dim,
-        logit_scale_init_value=float(clip.logit_scale.detach()),
+        projection_dim=clip_config.projection_dim,
+        logit_scale_init_value=clip_config.logit_scale_init_value if logit_scale is None else logit_scale,
         clip_context_length=context,
         clip_keep_positions=keep,
         clip_position_factor=factor,
@@ -67,7 +68,7 @@ def from_llava_next(llava_next_path: str, clip_path: str, **config_overrides) ->
     """A PPLLaVA model whose vision tower, projector and LLM equal the LLaVA-NeXT source's tensors."""
     llava_next = LlavaNextForConditionalGeneration.from_pretrained(llava_next_path, dtype="auto")
     clip = CLIPModel.from_pretrained(clip_path, dtype="auto")
-    config = config_from_sources(llava_next, clip, **config_overrides)
+    config = config_from_sources(llava_next.config, clip.config, float(clip.logit_scale.detach()), **config_overrides)
     model = PPLLaVAForConditionalGeneration._from_config(config, dtype=llava_next.dtype)
 
     _copy(model.vision_tower, llava_next.model.vision_tower.state_dict(), "vision tower")

@@ -49,7 +49,7 @@ class ProcessedSample:
 @dataclass
 class ProcessorSettings:
     template: str = "vicuna_v1"
-    max_length: int = 1024          # LLM context (paper SFT: 1024)
+    max_length: int = 2048          # LLM context, visual tokens included (a 32-frame video: 1024)
     training: bool = True           # frame sampling and CLIP text (question + answer) follow this
     num_frames: int | None = None   # None: the model config's num_frames
 

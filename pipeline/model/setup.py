@@ -105,7 +105,7 @@ def load_processor_settings(directory: Path) -> ProcessorSettings:
     """Inference settings (eval-mode frame sampling, prompt-only CLIP text) of a model directory."""
     path = Path(directory) / PROCESSOR_CONFIG
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    return ProcessorSettings(template=saved.get("template", "vicuna_v1"), max_length=saved.get("max_length", 1024),
+    return ProcessorSettings(template=saved.get("template", "vicuna_v1"), max_length=saved.get("max_length", ProcessorSettings.max_length),
                              training=False)
 
 

@@ -54,7 +54,7 @@ class DataSection:
     num_workers: int = 2
     max_bad_fraction: float = 0.01
     template: Literal["vicuna_v1", "tokenizer"] = "vicuna_v1"
-    max_length: int = 1024
+    max_length: int = 2048                 # LLM context, visual tokens included (pipeline/model/budget.py)
     decoder: Literal["auto", "pyav", "decord"] = "pyav"
 
     def validate(self, recipe: Recipe, missing: list[str] | None) -> None:

@@ -111,7 +111,7 @@ def test_cluster_recipes_validate_to_a_global_batch_of_256(name, layout):
     assert f"sft global batch: {layout} " in result.stdout and result.stdout.rstrip().endswith("= 256")
     recipe = load_recipe(REPO_ROOT / "recipes" / f"{name}.yaml")
     assert (recipe.sft.lr, recipe.sft.warmup_ratio, recipe.sft.epochs, recipe.sft.zero_stage, recipe.sft.precision,
-            recipe.data.max_length) == (2e-5, 0.03, 1.0, 3, "bf16", 1024)
+            recipe.data.max_length) == (2e-5, 0.03, 1.0, 3, "bf16", 4096)
 
 
 def test_every_recipe_starts_with_the_command_that_runs_it():
