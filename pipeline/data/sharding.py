@@ -54,12 +54,15 @@ class ShardSettings:
     media: Literal["raw", "frames"] = "raw"  # raw bytes, or a video's pre-extracted JPEG frames
     num_frames: int = 32                     # frames kept per video with media: frames
     processes: int = 1                       # worker processes per rank
+    limit_per_card: int | None = None        # only the first N annotation records of each card (rehearsal, subsets)
 
     def problems(self) -> list[tuple[str, str]]:
         """(key, what is wrong) for every bad value; the recipe check and ``run_shard`` report them."""
         found = [(key, f"must be > 0, got {getattr(self, key)}")
                  for key in ("max_samples_per_shard", "max_bytes_per_shard", "records_per_unit", "num_frames",
                              "processes") if getattr(self, key) < 1]
+        if self.limit_per_card is not None and self.limit_per_card < 1:
+            found.append(("limit_per_card", f"must be > 0 or null, got {self.limit_per_card}"))
         if self.media not in ("raw", "frames"):
             found.append(("media", f"must be 'raw' or 'frames', got {self.media!r}"))
         return found
@@ -133,7 +136,10 @@ def _shard_unit(job: _Job, card_path: str, unit: int, fingerprint: str) -> dict:
         if done.get("fingerprint") == fingerprint:
             return done
     start = unit * settings.records_per_unit
-    records = islice(READERS[card.format](card.annotation, card.name), start, start + settings.records_per_unit)
+    end = start + settings.records_per_unit
+    if settings.limit_per_card is not None:
+        end = min(end, settings.limit_per_card)
+    records = islice(READERS[card.format](card.annotation, card.name), start, end)
     writers: dict[str, webdataset.ShardWriter] = {}
     shards, rejected, written = [], [], 0
 
@@ -209,7 +215,7 @@ def run_shard(cards: list[str], output: str | Path, settings: ShardSettings | No
 
     units, records_per_unit = [], {}
     for card_path, card in zip(cards, loaded):
-        records = sum(1 for _ in READERS[card.format](card.annotation, card.name))
+        records = sum(1 for _ in islice(READERS[card.format](card.annotation, card.name), settings.limit_per_card))
         count = max(1, -(-records // settings.records_per_unit))
         for unit in range(count):
             units.append((str(card_path), unit))

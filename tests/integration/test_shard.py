@@ -111,3 +111,23 @@ def test_two_ranks_split_the_units(synth, tmp_path):
     manifest = run_shard(**ranked, rank=0, world_size=2)
     assert units_rank1 and units_rank1 < set(p.name for p in (tmp_path / "out" / "units").glob("*.json"))
     assert manifest["counts"] == run_shard(**settings(root, tmp_path / "single"))["counts"]
+
+
+def test_limit_per_card_shards_the_first_records_of_each_card(synth, tmp_path):
+    root, _ = synth
+
+    def records_per_card(manifest) -> dict:
+        counts = {}
+        for shard in manifest["shards"]:
+            counts[shard["dataset"]] = counts.get(shard["dataset"], 0) + shard["samples"]
+        for item in manifest["rejected"]:
+            counts[item["dataset"]] = counts.get(item["dataset"], 0) + 1
+        return counts
+
+    cards = ("synthetic_video", "synthetic_image", "synthetic_multi_image", "synthetic_dpo")
+    manifest = run_shard(**settings(root, tmp_path / "out", limit_per_card=2))  # inside the first unit (3)
+    assert manifest["records"] == 8 and records_per_card(manifest) == dict.fromkeys(cards, 2)
+    everything = records_per_card(run_shard(**settings(root, tmp_path / "all")))
+    across_units = run_shard(**settings(root, tmp_path / "units", limit_per_card=4, records_per_unit=1))
+    assert records_per_card(across_units) == {card: min(4, everything[card]) for card in cards}
+    assert min(everything.values()) < 4 < max(everything.values())  # the limit cuts some cards, not others
