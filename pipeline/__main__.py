@@ -77,6 +77,13 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     launcher (torchrun, srun, ours) started this process, run here and exit."""
     recipe = _load(args)  # before any device, model or data work
     only = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    if args.rehearse:
+        from pipeline.model.budget import check_budgets
+        from pipeline.rehearsal import rehearsal_recipe
+
+        recipe = rehearsal_recipe(recipe, args.rehearse_samples, args.rehearse_steps)
+        validate(recipe)
+        check_budgets(recipe)
     from pipeline.local_launch import launch_local, launched_by_a_launcher
     from pipeline.runner import check_stage_selection
 
@@ -100,6 +107,10 @@ def _run_here(recipe, only: list[str] | None, args: argparse.Namespace) -> NoRet
 
     try:
         run_recipe(recipe, only, args.resume, args.dry_run)
+        if args.rehearse:
+            from pipeline.rehearsal import rehearsal_report
+
+            print(rehearsal_report(recipe), flush=True)
         code = ExitCode.OK
     except StoppedForRequeue as stop:
         logging.getLogger("pipeline").warning("%s", stop)
@@ -208,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "(auto) or from a checkpoint directory")
     run.add_argument("--dry-run", action="store_true", help="run data stages as needed, build the model, engine and "
                                                            "loader, run one forward/backward on one real batch, stop")
+    run.add_argument("--rehearse", action="store_true",
+                     help="rehearse a cluster recipe on this host's CPU: its real cards (first N records each), "
+                          "frames, context, tokenizers and special ids, the model at tiny width and depth, a few "
+                          "steps per training stage, in RUN_DIR/rehearsal (docs/cluster.md)")
+    run.add_argument("--rehearse-samples", type=int, default=8, metavar="N",
+                     help="records of each dataset card a rehearsal shards (default 8)")
+    run.add_argument("--rehearse-steps", type=int, default=3, metavar="N",
+                     help="optimizer steps per training stage in a rehearsal (default 3)")
     run.set_defaults(handler=_run)
 
     check = commands.add_parser("validate", help="validate a recipe (no device, model or data work)")

@@ -91,7 +91,7 @@ def loader_settings(recipe: Recipe, micro: int, weights: dict[str, float], inter
     data = recipe.data
     return LoaderSettings(micro_batch_size=micro, weights=weights, interleave=interleave,
                           shuffle_buffer=data.shuffle_buffer, seed=recipe.seed, num_workers=data.num_workers,
-                          max_bad_fraction=data.max_bad_fraction)
+                          max_bad_fraction=data.max_bad_fraction, every_modality_first=data.every_modality_first)
 
 
 @dataclass

@@ -46,6 +46,7 @@ class LoaderSettings:
     micro_batch_size: int = 1
     weights: dict = field(default_factory=lambda: {"video": 1.0, "image": 1.0, "multi_image": 1.0})
     interleave: bool = True          # modalities mixed inside a micro-batch (paper §3.3)
+    every_modality_first: bool = False  # the first batches cycle through the modalities, then draw by weight
     shuffle_buffer: int = 64
     seed: int = 0
     num_workers: int = 0
@@ -177,16 +178,26 @@ class InterleavedStream(IterableDataset):
         modalities, weights = list(self.weights), list(self.weights.values())
         index = role
         while True:
-            rng = random.Random(f"{self.settings.seed}/{self.rank}/batch/{index}")
-            if self.settings.interleave:
-                plan = rng.choices(modalities, weights, k=self.settings.micro_batch_size)
-            else:
-                plan = [rng.choices(modalities, weights)[0]] * self.settings.micro_batch_size
+            plan = self._plan(index, modalities, weights)
             replay = index < self.start_batch
             batch = self._fill(plan, streams, replay)
             if not replay:
                 yield batch
             index += workers
+
+    def _plan(self, index: int, modalities: list[str], weights: list[float]) -> list[str]:
+        """The modality of each sample of global batch ``index`` (the same on every resume)."""
+        micro = self.settings.micro_batch_size
+        if self.settings.every_modality_first:
+            first = index * micro if self.settings.interleave else index
+            if first < len(modalities):
+                if self.settings.interleave:
+                    return [modalities[(first + k) % len(modalities)] for k in range(micro)]
+                return [modalities[first]] * micro
+        rng = random.Random(f"{self.settings.seed}/{self.rank}/batch/{index}")
+        if self.settings.interleave:
+            return rng.choices(modalities, weights, k=micro)
+        return [rng.choices(modalities, weights)[0]] * micro
 
     def _fill(self, plan: list[str], streams: dict[str, _ModalityStream], replay: bool) -> Batch | None:
         processed, skipped = [], []

@@ -43,3 +43,32 @@ def tiny_config_for(tokenizer, **overrides) -> PPLLaVAConfig:
            "pad_token_id": tokenizer.pad_token_id}
     return PPLLaVAConfig.tiny(text_config=ids, clip_text_config=ids,
                               image_token_index=tokenizer.convert_tokens_to_ids("<image>"), **overrides)
+
+
+# Width and depth of a rehearsal model: everything else (vocabularies, special ids, image and patch
+# size, positions, kernels, frames) stays the real model's. Depth 3 for the vision tower, so the
+# feature layer -2 is an inner layer as in the real tower.
+SHRUNK_WIDTH = {
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4},
+    "clip_text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
+}
+SHRUNK_PROJECTION = 16
+
+
+def shrunk_config(config: PPLLaVAConfig) -> PPLLaVAConfig:
+    """``config`` at the tiny width and depth (SHRUNK_WIDTH), every other value kept."""
+    data = config.to_dict()
+    for part, sizes in SHRUNK_WIDTH.items():
+        sub = data[part]
+        sub.update(sizes)
+        if sub.get("num_key_value_heads"):  # grouped-query attention stays grouped
+            sub["num_key_value_heads"] = 2 if sub["num_key_value_heads"] < sub.get("num_attention_heads", 0) else 4
+        if sub.get("head_dim"):
+            sub["head_dim"] = sizes["hidden_size"] // sizes["num_attention_heads"]
+        if "projection_dim" in sub:
+            sub["projection_dim"] = SHRUNK_PROJECTION
+    data["projection_dim"] = SHRUNK_PROJECTION
+    for key in ("model_type", "transformers_version", "architectures"):
+        data.pop(key, None)
+    return PPLLaVAConfig(**data)

@@ -50,6 +50,7 @@ class DataSection:
     manifest: str | None = None            # shards made elsewhere (no shard stage in this recipe)
     weights: dict[str, float] = field(default_factory=lambda: {"video": 1.0, "image": 1.0, "multi_image": 1.0})
     interleave: bool = True
+    every_modality_first: bool = False     # first batches cycle through the modalities (--rehearse sets it)
     shuffle_buffer: int = 64
     num_workers: int = 2
     max_bad_fraction: float = 0.01

@@ -72,6 +72,26 @@ def test_per_modality_mode_keeps_batches_pure(manifest):
             break
 
 
+@pytest.mark.parametrize("interleave", [True, False])
+def test_every_modality_first_cycles_the_modalities_then_draws_by_weight(manifest, interleave):
+    weights = {"video": 1000.0, "image": 1.0, "multi_image": 0.01}  # by weight alone: videos, nearly always
+    settings = LoaderSettings(micro_batch_size=2, weights=weights, interleave=interleave, every_modality_first=True,
+                              num_workers=2)
+    kinds = [sorted(m for m, tokens in batch.visual_tokens.items() for _ in tokens)
+             for batch in take_batches(StreamingLoader(manifest, tiny_processor(), settings), 6)]
+    first = [["image", "video"], ["multi_image", "video"]] if interleave else [["video"] * 2, ["image"] * 2, ["multi_image"] * 2]
+    assert kinds[:len(first)] == first
+    assert all(k == ["video", "video"] for k in kinds[len(first) + 1:])
+
+
+def take_batches(loader, count):
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == count:
+            return batches
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_gives_exactly_the_uninterrupted_batches(manifest, workers):
     settings = LoaderSettings(micro_batch_size=2, shuffle_buffer=4, num_workers=workers, seed=9)

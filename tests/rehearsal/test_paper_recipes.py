@@ -1,0 +1,100 @@
+"""The rehearsal tier: the shipped cluster recipes (recipes/sft_gpu.yaml, dpo_gpu.yaml, eval_gpu.yaml)
+rehearsed on this CPU with `run --rehearse`, over data and model files laid out like the real ones
+(tests/paper_layout.py): 32 frames of 10 s 30 fps clips at 336 px and more, real image sizes,
+multi-turn LLaVA and VideoChat2 conversations, multi-image sets, DPO pairs; the configs of CLIP
+ViT-L/14-336 (legacy text ids, 77 -> 248 positions) and llava-v1.6-vicuna-7b (vocabulary 32064,
+<image> 32000), with CLIP's real tokenizer. Only the model's width and depth are shrunk."""
+
+import json
+
+import pytest
+import torch
+
+from clip_vocabulary import END_OF_TEXT
+from conftest import pipeline_env, run_pipeline
+from paper_layout import IMAGE_TOKEN, VICUNA_VOCAB, write_data_root, write_model_root
+from pipeline.data.collate import ProcessorSettings, SampleProcessor
+from pipeline.data.sources import read_llava, read_videochat2, strict
+from pipeline.metrics import read_metrics
+from pipeline.model.setup import load_directory_tokenizers
+from ppllava import PPLLaVAForConditionalGeneration
+
+pytestmark = pytest.mark.rehearsal
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    root = tmp_path_factory.mktemp("paper")
+    return {"root": root, "env": pipeline_env(MODEL_ROOT=str(write_model_root(root / "models")),
+                                              DATA_ROOT=str(write_data_root(root / "data")))}
+
+
+def rehearse(roots, recipe: str, *overrides: str):
+    run_dir = roots["root"] / recipe.split(".")[0]
+    result = run_pipeline("run", f"recipes/{recipe}", f"run_dir={run_dir}", *overrides, "--rehearse",
+                          env=roots["env"], timeout=900)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return run_dir / "rehearsal", result.stdout
+
+
+@pytest.fixture(scope="module")
+def sft(roots):
+    return rehearse(roots, "sft_gpu.yaml")
+
+
+def test_sft_recipe_rehearses_with_nothing_refused_and_every_modality_trained(sft):
+    rehearsal, report = sft
+    manifest = json.loads((rehearsal / "shard/manifest.json").read_text())
+    assert manifest["rejected"] == [] and manifest["records"] == 8 + 6 + 3  # the first 8 records of each card
+    history = read_metrics(rehearsal / "sft/metrics.jsonl")
+    assert len(history) == 3 and all(m["loader_skipped"] == 0 and m["truncated"] == 0 for m in history)
+    seen = {key for m in history for key in m if key.startswith("visual_tokens/")}
+    assert seen == {"visual_tokens/video", "visual_tokens/image", "visual_tokens/multi_image"}
+    assert all(m["visual_tokens/video"] == 1024 for m in history if "visual_tokens/video" in m)
+    assert "refused 0" in report and "shard   17 records read" in report
+    config = json.loads((rehearsal / "export/config.json").read_text())
+    assert (config["text_config"]["vocab_size"], config["image_token_index"]) == (VICUNA_VOCAB, IMAGE_TOKEN)
+    assert (config["clip_text_config"]["eos_token_id"], config["clip_text_config"]["max_position_embeddings"]) == (2, 248)
+    assert (config["vision_config"]["image_size"], config["vision_config"]["patch_size"], config["num_frames"]) == (336, 14, 32)
+    assert config["text_config"]["hidden_size"] == 64  # shrunk: width and depth only
+
+
+def test_the_clip_feature_is_the_end_token_state_of_real_prompts(sft, roots):
+    rehearsal, _ = sft
+    export = rehearsal / "export"
+    model = PPLLaVAForConditionalGeneration.from_pretrained(export).eval()
+    tokenizer, clip_tokenizer = load_directory_tokenizers(export)
+    processor = SampleProcessor(model.config, tokenizer, clip_tokenizer, ProcessorSettings(max_length=4096))
+    data = roots["root"] / "data"
+    samples = list(strict(read_videochat2(data / "videochat2_it/video_train.json", "v")))[:2]
+    samples += list(strict(read_llava(data / "llava_v1_5/llava_v1_5_mix665k.json", "i")))[:2]
+    roots_of = {"v": data / "videochat2_it/videos", "i": data / "llava_v1_5/images"}
+    processed = [processor(s, [(roots_of[s.dataset] / m).read_bytes() for m in s.media]) for s in samples]
+    batch = processor.collate(processed).inputs
+    ids, mask = batch["clip_input_ids"], batch["clip_attention_mask"]
+    with torch.no_grad():
+        features = model.clip_text.end_token_states(ids, mask)
+        hidden = model.clip_text(input_ids=ids, attention_mask=mask).last_hidden_state
+    ends = [row.tolist().index(END_OF_TEXT) for row in ids]  # CLIP's end token, not the config's legacy id 2
+    assert len(set(ends)) > 1  # prompts of different lengths, so a wrong position would show
+    torch.testing.assert_close(features, torch.stack([hidden[row, end] for row, end in enumerate(ends)]))
+
+
+def test_dpo_and_eval_recipes_rehearse_from_the_sft_rehearsal(sft, roots):
+    sft_rehearsal, _ = sft
+    dpo, report = rehearse(roots, "dpo_gpu.yaml", f"dpo.init={sft_rehearsal / 'export'}")
+    manifest = json.loads((dpo / "shard/manifest.json").read_text())
+    assert manifest["rejected"] == [] and manifest["counts"] == {"dpo": 4}
+    history = read_metrics(dpo / "dpo/metrics.jsonl")
+    assert len(history) == 3 and all(m["loader_skipped"] == 0 and m["truncated"] == 0 for m in history)
+    assert "dpo     3 steps" in report
+    evaluated, report = rehearse(roots, "eval_gpu.yaml", f"eval.model_path={dpo / 'export'}")
+    results = json.loads((evaluated / "eval/results.json").read_text())
+    assert results["overall"]["questions"] == 4 and results["num_frames"] == 32
+    assert "action_sequence: 2 questions answered" in report
+
+
+def test_a_rehearsal_without_the_model_it_starts_from_says_what_to_do(roots):
+    result = run_pipeline("run", "recipes/dpo_gpu.yaml", f"run_dir={roots['root'] / 'nothing'}", "--rehearse",
+                          env=roots["env"], timeout=300)
+    assert result.returncode == 2 and "dpo.init" in result.stderr
