@@ -1,4 +1,4 @@
-"""DeepSpeed engine for the training stages: ZeRO 0/2/3, bf16/fp16/fp32, AdamW, cosine warmup.
+"""DeepSpeed engine for the training stages: ZeRO 0/2/3, bf16/fp16/fp32, AdamW, warmup then cosine or linear decay.
 
 DeepSpeed is imported lazily (it is an optional extra, and importing it picks an accelerator:
 the backend sets DS_ACCELERATOR first). Only parameters that require grad reach the optimizer,
@@ -37,6 +37,7 @@ class EngineSettings:
     eps: float = 1e-8
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0
+    lr_schedule: str = "cosine"
     total_steps: int = 1
     optimizer: str = "auto"
     offload_optimizer: bool = False
@@ -76,14 +77,22 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     return [group for group in groups if group["params"]]
 
 
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
-    """Linear warmup to the peak lr over ``warmup_steps``, then cosine decay to ``min_lr_ratio``."""
+SCHEDULES = ("cosine", "linear")
+
+
+def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0,
+                       schedule: str = "cosine"):
+    """Linear warmup to the peak lr over ``warmup_steps``, then a cosine (or, ``schedule="linear"``,
+    a straight-line) decay to ``min_lr_ratio`` of it at ``total_steps``."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {SCHEDULES}, got {schedule!r}")
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+        return min_lr_ratio + (1 - min_lr_ratio) * shape
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -163,7 +172,7 @@ def build_engine(model: torch.nn.Module, backend: Backend, settings: EngineSetti
     groups = parameter_groups(model, settings.weight_decay)
     optimizer = build_optimizer(groups, settings, backend)
     warmup = math.ceil(settings.warmup_ratio * settings.total_steps)
-    scheduler = cosine_with_warmup(optimizer, warmup, settings.total_steps, settings.min_lr_ratio)
+    scheduler = warmup_then_decay(optimizer, warmup, settings.total_steps, settings.min_lr_ratio, settings.lr_schedule)
     engine, optimizer, _, scheduler = deepspeed_module().initialize(
         model=model,
         optimizer=optimizer,

@@ -82,7 +82,8 @@ def engine_settings(section: TrainingSection, micro: int, accumulation: int, tot
     return EngineSettings(zero_stage=section.zero_stage, precision=section.precision, micro_batch_size=micro,
                           gradient_accumulation_steps=accumulation, gradient_clipping=section.gradient_clipping,
                           lr=section.lr, weight_decay=section.weight_decay, warmup_ratio=section.warmup_ratio,
-                          min_lr_ratio=section.min_lr_ratio, total_steps=total_steps, optimizer=section.optimizer,
+                          min_lr_ratio=section.min_lr_ratio, lr_schedule=section.lr_schedule,
+                          total_steps=total_steps, optimizer=section.optimizer,
                           offload_optimizer=section.offload_optimizer)
 
 

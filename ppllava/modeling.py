@@ -304,22 +304,26 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
 
     # -- trainable parts --------------------------------------------------------------------------
     def set_trainable_parts(
-        self, vision: bool = False, projector: bool = True, clip_text: bool = True, llm: bool = True
+        self, vision: bool = False, projector: bool = True, clip_text: bool = True, llm: bool = True,
+        clip_projections: bool | None = None,
     ) -> None:
         """Paper settings: SFT trains projector + CLIP text + LLM; DPO trains the LLM only.
 
         The CLIP text tower's first ``clip_keep_positions`` positional rows never train (they are
-        a buffer, not a parameter); its stretched rows and layers follow ``clip_text``, and so do
-        CLIP's two projections (they score relevance). CLIP's temperature is a buffer and never
-        trains, as in the official code: eq.1 stays as sharp as CLIP was trained to be.
+        a buffer, not a parameter); its stretched rows and layers follow ``clip_text``. CLIP's two
+        projections (they score relevance) follow ``clip_projections`` (None: as ``clip_text``);
+        the authors' released code trains them with the tower frozen (``clip_text=False,
+        clip_projections=True``). CLIP's temperature is a buffer and never trains, as in the
+        official code: eq.1 stays as sharp as CLIP was trained to be.
         """
+        projections = clip_text if clip_projections is None else clip_projections
         parts = {
             "vision_tower": vision,
             "multi_modal_projector": projector,
             "image_newline": projector,
             "clip_text": clip_text,
-            "visual_projection": clip_text,
-            "text_projection": clip_text,
+            "visual_projection": projections,
+            "text_projection": projections,
             "language_model": llm,
         }
         for name, parameter in self.named_parameters():

@@ -10,6 +10,7 @@ the model's pooling exactly; both read the geometry from the same :class:`PPLLaV
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -64,14 +65,18 @@ def select_best_resolution(height: int, width: int, pinpoints: Sequence[Sequence
 def anyres_tiles(image: Image.Image | np.ndarray, size: int, pinpoints: Sequence[Sequence[int]]) -> tuple[torch.Tensor, tuple[int, int]]:
     """Base view + grid tiles of one image, [1 + rows*cols, 3, size, size], and (rows, cols).
 
-    The image is resized to fit the best pinpoint keeping its aspect ratio, centred on a canvas
-    of the CLIP mean colour, and cut into size x size tiles row by row (LLaVA-NeXT any-res).
+    As the LLaVA-NeXT image processor the vision tower was tuned with: the image is resized to
+    fit the best pinpoint keeping its aspect ratio (the fitted side exact, the other rounded up),
+    centred on a black canvas, and cut into size x size tiles row by row; the base view is the
+    whole image squashed to size x size.
     """
     image = _to_pil(image)
     grid_h, grid_w = select_best_resolution(image.height, image.width, pinpoints)
-    scale = min(grid_w / image.width, grid_h / image.height)
-    new_w, new_h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-    canvas = Image.new("RGB", (grid_w, grid_h), tuple(int(255 * m) for m in CLIP_MEAN))
+    if grid_w / image.width < grid_h / image.height:  # the width fits the grid exactly
+        new_w, new_h = grid_w, min(math.ceil(image.height * grid_w / image.width), grid_h)
+    else:
+        new_w, new_h = min(math.ceil(image.width * grid_h / image.height), grid_w), grid_h
+    canvas = Image.new("RGB", (grid_w, grid_h), (0, 0, 0))
     canvas.paste(image.resize((new_w, new_h), Image.BICUBIC), ((grid_w - new_w) // 2, (grid_h - new_h) // 2))
     rows, cols = grid_h // size, grid_w // size
     tiles = [image.resize((size, size), Image.BICUBIC)]

@@ -166,6 +166,9 @@ def run(context: StageContext) -> dict:
     engine, _, scheduler = build_engine(model, backend, settings, ranks.local_rank)
     processor_settings = load_processor_settings(init)
     processor_settings.max_length = recipe.data.max_length
+    if dpo.template is not None:  # LLaVA-Hound's Vicuna v1 by default; the model directory keeps the SFT one
+        processor_settings.template = dpo.template
+    processor_settings.frames = dpo.frames
     processor = PairProcessor(SampleProcessor(model.config, tokenizer, clip_tokenizer, processor_settings,
                                               video_decoder=decoder(recipe.data.decoder)))
     loader = StreamingLoader(recipe.manifest_path, processor,

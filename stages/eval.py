@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import sha256_of, write_text_atomically
 from pipeline.data.media import MediaError
-from pipeline.data.questions import KINDS, LETTERS, Task, read_task
+from pipeline.data.questions import KINDS, LETTERS, Task, multiple_choice_prompt, read_task
 from pipeline.data.records import RecordError
 from pipeline.model.check import ModelFilesError, directory_fingerprint
 from pipeline.model.inference import InferenceError, InferenceModel, load_for_inference
@@ -144,7 +144,8 @@ def _answer(model: InferenceModel, task: Task, context: StageContext, progress) 
             if task.kind == "open_ended":
                 prediction = model.generate(item.question, section.max_new_tokens)
             else:
-                scores = model.answer_loglikelihoods(item.question, item.options)
+                question, answers = multiple_choice_prompt(item, section.prompt)
+                scores = model.answer_loglikelihoods(question, answers)
         except (MediaError, InferenceError) as error:  # undecodable media, a prompt too long
             raise RecipeError(f"{recipe.source}: eval.{task.kind}: {task.path}, record {item.index}: {error}") from None
         if task.kind == "open_ended":

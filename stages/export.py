@@ -32,7 +32,7 @@ import ppllava
 from backends import PRECISIONS
 from pipeline.atomic import publish_directory, set_aside, temporary_directory
 from pipeline.checkpoint import latest_checkpoint
-from pipeline.data.templates import VICUNA_SYSTEM
+from pipeline.data.templates import ASSISTANT, ROLE_TEMPLATES, USER
 from pipeline.layout import CLIP_TOKENIZER_DIR, MODEL_DIR, PROCESSOR_CONFIG, RECIPE_FILE, TRAINER_STATE, checkpoints_dir
 from pipeline.model.check import probe_inputs, probe_logits, write_checksums
 from pipeline.model.consolidate import consolidated_model
@@ -56,21 +56,26 @@ def inputs(recipe: Recipe, world_size: int) -> dict:
     return {"export": asdict(recipe.export), "source": recipe.export_source}
 
 
-def vicuna_chat_template(image_token: str) -> str:
-    """pipeline.data.templates.encode_vicuna as a jinja chat template: "<s>{system} USER: {q} ASSISTANT: {a}</s>
-    USER: ..." ending with "ASSISTANT:"; a leading system message replaces the Vicuna one; content may
-    be a string or a list of parts ({"type": "text", "text": ...} or a visual part -> image token)."""
+def role_chat_template(template: str, image_token: str) -> str:
+    """A role template of pipeline/data/templates.py (plain_v1, vicuna_v1) as a jinja chat template:
+    "<s>{system} USER: {q} ASSISTANT: {a}</s>USER: ..." ending with the generation prompt; a leading
+    system message replaces the template's system prompt; content may be a string or a list of parts
+    ({"type": "text", "text": ...} or a visual part -> image token + newline)."""
+    spec = ROLE_TEMPLATES[template]
+    prompt_end = f" {ASSISTANT}" if spec.space_with_answer else f" {ASSISTANT} "
+    answer_start = " " if spec.space_with_answer else ""
     return (
         "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
-        "{%- set messages = messages[1:] -%}{%- else -%}{%- set system = " + json.dumps(VICUNA_SYSTEM) + " -%}"
+        "{%- set messages = messages[1:] -%}{%- else -%}{%- set system = " + json.dumps(spec.system) + " -%}"
         "{%- endif -%}{{- bos_token -}}{%- for message in messages -%}{%- set text = namespace(value='') -%}"
         "{%- if message['content'] is string -%}{%- set text.value = message['content'] -%}{%- else -%}"
         "{%- for part in message['content'] -%}{%- if part['type'] == 'text' -%}"
         "{%- set text.value = text.value + part['text'] -%}{%- else -%}"
         "{%- set text.value = text.value + " + json.dumps(image_token + "\n") + " -%}{%- endif -%}{%- endfor -%}"
         "{%- endif -%}{%- if message['role'] == 'user' -%}"
-        "{{- (system + ' ' if loop.first else '') + 'USER: ' + text.value + ' ASSISTANT:' -}}"
-        "{%- else -%}{{- ' ' + text.value + eos_token -}}{%- endif -%}{%- endfor -%}"
+        "{{- (system + ' ' if loop.first and system else '') + " + json.dumps(USER) + " + text.value + "
+        + json.dumps(prompt_end) + " -}}"
+        "{%- else -%}{{- " + json.dumps(answer_start) + " + text.value + eos_token -}}{%- endif -%}{%- endfor -%}"
     )
 
 
@@ -175,8 +180,9 @@ def run(context: StageContext) -> dict:
     tokenizer, clip_tokenizer = load_directory_tokenizers(source / MODEL_DIR)
     processor_config = source / MODEL_DIR / PROCESSOR_CONFIG
     processor = json.loads(processor_config.read_text()) if processor_config.is_file() else {}
-    if processor.get("template", "vicuna_v1") == "vicuna_v1":  # the template training used wins
-        tokenizer.chat_template = vicuna_chat_template(tokenizer.convert_ids_to_tokens(model.config.image_token_index))
+    template = processor.get("template", "vicuna_v1")
+    if template in ROLE_TEMPLATES:  # the template training used wins
+        tokenizer.chat_template = role_chat_template(template, tokenizer.convert_ids_to_tokens(model.config.image_token_index))
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, do_sample=False, num_beams=1,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,

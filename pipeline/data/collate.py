@@ -48,10 +48,12 @@ class ProcessedSample:
 
 @dataclass
 class ProcessorSettings:
-    template: str = "vicuna_v1"
+    template: str = "plain_v1"      # the authors' SFT and eval format (pipeline/data/templates.py)
+    clip_text: str = "conversation"  # what guides pooling in training: the formatted conversation, or "turns"
     max_length: int = 2048          # LLM context, visual tokens included (a 32-frame video: 1024)
     training: bool = True           # frame sampling and CLIP text (question + answer) follow this
     num_frames: int | None = None   # None: the model config's num_frames
+    frames: str | None = None       # "random" (one per segment) | "middle"; None: random when training
 
 
 @dataclass
@@ -80,11 +82,12 @@ class SampleProcessor:
         """CLIP-normalised frames [T, 3, S, S], and the image's (height, width) for image samples."""
         size = self.config.vision_config.image_size
         count = self.settings.num_frames or self.config.num_frames
+        randomly = self.settings.training if self.settings.frames is None else self.settings.frames == "random"
         if sample.modality == "video" and len(media) > 1:  # frames pre-extracted by the shard stage
-            chosen = sample_indices(len(media), count, self.settings.training, sample_seed(sample.key, epoch))
+            chosen = sample_indices(len(media), count, randomly, sample_seed(sample.key, epoch))
             return frames_to_pixels([read_image(media[i], f"{sample.key}[frame {i}]") for i in chosen], size), (0, 0)
         if sample.modality == "video":
-            frames = read_video(media[0], count, self.settings.training, sample.key, epoch, video_decoder=self.video_decoder)
+            frames = read_video(media[0], count, randomly, sample.key, epoch, video_decoder=self.video_decoder)
             return frames_to_pixels(list(frames), size), (0, 0)
         if sample.modality == "image":
             image = read_image(media[0], sample.key)
@@ -96,7 +99,9 @@ class SampleProcessor:
     def clip_ids(self, sample: Sample) -> list[int]:
         """[BOS] text [EOS], at most clip_context_length tokens (248), EOS always kept."""
         limit = self.config.clip_context_length - 2
-        text_ids = self.clip_tokenizer(clip_text(sample.turns, self.settings.training), add_special_tokens=False)["input_ids"]
+        text = clip_text(sample.turns, self.settings.training, self.settings.clip_text, self.settings.template,
+                         sample.system or None, self.tokenizer)
+        text_ids = self.clip_tokenizer(text, add_special_tokens=False)["input_ids"]
         return [self.clip_tokenizer.bos_token_id] + text_ids[:limit] + [self.clip_tokenizer.eos_token_id]
 
     def __call__(self, sample: Sample, media: list[bytes], epoch: int = 0) -> ProcessedSample:
@@ -107,7 +112,7 @@ class SampleProcessor:
         """The text side of a sample whose pixels are already prepared."""
         modality = MODALITY_IDS[sample.modality]
         image_token = self.config.image_token_index
-        encoded = encode(sample.turns, self.tokenizer, image_token, self.settings.template)
+        encoded = encode(sample.turns, self.tokenizer, image_token, self.settings.template, system=sample.system or None)
         counts = (placeholder_token_counts(self.config, modality, pixel_values.shape[0], image_size=image_size)
                   if modality != TEXT else [])
         input_ids, labels = expand_placeholders(encoded.input_ids, encoded.labels, counts, image_token, sample.key)

@@ -33,11 +33,15 @@ def sample_seed(key: str, epoch: int, seed: int = 0) -> int:
 def sample_indices(total: int, count: int, training: bool, seed: int = 0) -> list[int]:
     """``count`` frame indices of a ``total``-frame video, split into ``count`` equal segments.
 
-    Training: a random point inside each segment (``seed`` from :func:`sample_seed`); eval: each
-    segment's middle. A video shorter than ``count`` repeats frames; indices stay in range.
+    Training: a random point inside each segment (``seed`` from :func:`sample_seed`); a video
+    shorter than ``count`` gives all its frames, then its last frame repeated at the tail (the
+    authors' datasets/utils.py). Eval: each segment's middle (a short video's frames repeat in
+    place, as the authors' eval sampling spreads them).
     """
     if total < 1:
         raise ValueError("a video needs at least one frame")
+    if training and total < count:
+        return list(range(total)) + [total - 1] * (count - total)
     edges = np.linspace(0, total, count + 1)
     if training:
         rng = np.random.default_rng(seed)

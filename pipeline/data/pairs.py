@@ -19,6 +19,8 @@ import torch
 from pipeline.data.collate import Batch, ProcessedSample, SampleProcessor, collate
 from pipeline.data.records import IMAGE_PLACEHOLDER, PreferencePair, Sample, Turn
 
+VIDEO_PLACEHOLDER = "<video>"
+
 
 @dataclass
 class ProcessedPair:
@@ -27,7 +29,8 @@ class ProcessedPair:
 
 
 class PairProcessor:
-    """Wraps a SampleProcessor (its settings must have ``training=False``)."""
+    """Wraps a SampleProcessor (its settings must have ``training=False``: prompt-only CLIP text;
+    frames follow ``settings.frames``, segment middles by default)."""
 
     parse = staticmethod(PreferencePair.from_json)
 
@@ -38,8 +41,11 @@ class PairProcessor:
         self.samples = samples
 
     def conversation(self, pair: PreferencePair, answer: str) -> Sample:
+        """[user: <image>\\n prompt, assistant: answer]: placeholders in LLaVA-Hound's prompts
+        (``<video>``) are dropped and the one ``<image>`` goes in front, as the authors' DPO does."""
+        prompt = pair.prompt.replace(VIDEO_PLACEHOLDER, "").replace(IMAGE_PLACEHOLDER, "").strip()
         return Sample(pair.key, "video", [pair.video],
-                      [Turn("user", f"{IMAGE_PLACEHOLDER}\n{pair.prompt}"), Turn("assistant", answer)], pair.dataset)
+                      [Turn("user", f"{IMAGE_PLACEHOLDER}\n{prompt}"), Turn("assistant", answer)], pair.dataset)
 
     def __call__(self, pair: PreferencePair, media: list[bytes], epoch: int = 0) -> ProcessedPair:
         chosen = self.samples(self.conversation(pair, pair.chosen), media, epoch)

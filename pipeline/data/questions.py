@@ -11,7 +11,7 @@ record index and the reason of the first bad one (RecordError).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.data.cards import media_under_root
@@ -107,6 +107,31 @@ def _item(record, index: int, kind: str, root: Path, file: str) -> Item:
     if len({o.strip() for o in options}) != len(options):
         raise RecordError(file, where, f"'{keys[0]}' has duplicate options {options}")
     return Item(index, record, question, [o.strip() for o in options], _answer_index(record, options, file, where))
+
+
+# The authors' MVBench prompt (their test/mvbench/utils.py and mv_bench_infer_mp.py, as their script
+# runs it: no system text): the question and lettered options, an instruction, and the answer
+# opened with "Best option:(". CLIP reads the question and options without the instruction.
+MVBENCH_INSTRUCTION = "Only give the best option."
+MVBENCH_ANSWER_PREFIX = "Best option:("
+PROMPTS = ("mvbench", "plain")
+
+
+def multiple_choice_prompt(item: Item, style: str = "mvbench") -> tuple[Question, list[str]]:
+    """The question a model is asked about a multiple-choice item, and the answers scored after it.
+
+    mvbench: "Question: {q}\\nOptions:\\n(A) ...\\n(B) ...\\nOnly give the best option." answered
+    "Best option:(" + "A) {option}"; plain: the question alone, each option's text as the answer.
+    """
+    if style == "plain":
+        return item.question, list(item.options)
+    if style != "mvbench":
+        raise ValueError(f"unknown multiple-choice prompt {style!r}; expected one of {PROMPTS}")
+    lettered = [f"({LETTERS[i]}) {option}" for i, option in enumerate(item.options)]
+    guide = f"Question: {item.question.text}\nOptions:\n" + "\n".join(lettered)
+    question = replace(item.question, text=f"{guide}\n{MVBENCH_INSTRUCTION}", answer_prefix=MVBENCH_ANSWER_PREFIX,
+                       guide=guide)
+    return question, [f"{LETTERS[i]}) {option}" for i, option in enumerate(item.options)]
 
 
 def read_task(path: str | Path, kind: str, media_root: str | None = None, limit: int | None = None) -> Task:

@@ -30,22 +30,25 @@ class Turn:
 class Sample:
     """An instruction-tuning sample. ``media`` holds paths relative to the card's media root:
     one for an image or a video, several for multi-image, none for text. The first user turn
-    carries one ``<image>`` placeholder per visual input (one for a video)."""
+    carries one ``<image>`` placeholder per visual input (one for a video). ``system``: the
+    sample's own system text (a VideoChat2 instruction), which replaces the template's."""
 
     key: str
     modality: str
     media: list[str]
     turns: list[Turn]
     dataset: str = ""
+    system: str = ""
 
     def to_json(self) -> dict:
         return {"key": self.key, "modality": self.modality, "media": self.media, "dataset": self.dataset,
-                "turns": [{"role": t.role, "content": t.content} for t in self.turns]}
+                "system": self.system, "turns": [{"role": t.role, "content": t.content} for t in self.turns]}
 
     @classmethod
     def from_json(cls, data: dict) -> "Sample":
         return cls(data["key"], data["modality"], list(data["media"]),
-                   [Turn(t["role"], t["content"]) for t in data["turns"]], data.get("dataset", ""))
+                   [Turn(t["role"], t["content"]) for t in data["turns"]], data.get("dataset", ""),
+                   data.get("system", ""))
 
 
 @dataclass

@@ -41,7 +41,7 @@ from pipeline.layout import MANIFEST
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: samples carry their system text (a VideoChat2 instruction) apart from the turns
 
 
 @dataclass

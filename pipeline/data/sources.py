@@ -118,23 +118,26 @@ def _videochat2_record(record: Any, file: str, index: int, dataset: str) -> Samp
     qa = record.get("QA")
     if not isinstance(qa, list) or not qa:
         raise RecordError(file, where, "'QA' must be a non-empty list of {i, q, a}")
-    turns = []
+    turns, instructions = [], []
     for position, item in enumerate(qa):
         at = f"{where}, QA {position}"
         if not isinstance(item, dict):
             raise RecordError(file, at, f"expected an object, got {type(item).__name__}")
-        question = _text(item, "q", file, at)
         instruction = item.get("i") or ""
         if not isinstance(instruction, str):
             raise RecordError(file, at, f"'i' must be a string, got {instruction!r}")
-        turns.append(Turn("user", f"{instruction.strip()}\n{question}".strip()))
+        instructions.append(instruction.strip())
+        turns.append(Turn("user", _text(item, "q", file, at)))
         turns.append(Turn("assistant", _text(item, "a", file, at)))
     turns = _with_placeholders(turns, 1, file, where)
-    return Sample(f"{dataset}/{index}", modality, [media], turns, dataset)
+    # The first QA's instruction is the conversation's system text; later ones are not read (the
+    # authors' interleave_sft_dataset.py; VideoChat2-IT repeats one instruction per record).
+    return Sample(f"{dataset}/{index}", modality, [media], turns, dataset, system=instructions[0])
 
 
 def read_videochat2(path: str | Path, dataset: str = "") -> Iterator[Sample | RecordError]:
-    """VideoChat2-IT style ``[{"video"|"image": path, "QA": [{"i", "q", "a"}]}]``."""
+    """VideoChat2-IT style ``[{"video"|"image": path, "QA": [{"i", "q", "a"}]}]``; the first ``i`` is the
+    system text of the conversation."""
     return _each(Path(path), _videochat2_record, dataset)
 
 

@@ -1,14 +1,24 @@
 """Conversations -> token ids and labels, with only the assistant replies labelled.
 
-Two templates:
+Three templates:
 
-    vicuna_v1   the paper's default (LLaVA-NeXT-Vicuna-7B):
+    plain_v1    the authors' SFT and eval format (their conversation/conv.py): no system prompt
+                (a sample's own system text, e.g. a VideoChat2 instruction, goes first), and
                 "{system} USER: {question} ASSISTANT: {answer}</s>USER: ..."
+    vicuna_v1   LLaVA's Vicuna v1, which the authors' DPO (LLaVA-Hound's) uses: the same layout
+                with Vicuna's system prompt by default
     tokenizer   the tokenizer's own chat template (Mistral, Qwen2, Llama-3 chat models)
 
-``<image>`` in a user turn becomes one ``image_token_index`` (the processor later expands it to
+In the first user turn every ``<image>`` is followed by a newline (the authors' rule: added where
+the text has none), and each becomes one ``image_token_index`` (the processor later expands it to
 the pooled visual token count). Labels are -100 everywhere except the tokens of each assistant
 reply and the end-of-turn token that closes it, which the model must learn to emit.
+
+The two role templates render the same string and differ in where the space after "ASSISTANT:"
+is tokenized: plain_v1 keeps it with the prompt ("ASSISTANT: " | "Red."), as the authors' SFT
+splits the text after "ASSISTANT: " and tokenizes each piece alone, and their inference prompt
+ends with that space; vicuna_v1 gives it to the answer ("ASSISTANT:" | " Red."), as LLaVA's
+preprocessing counts it. Each piece is tokenized on its own, so label boundaries are exact.
 """
 
 from __future__ import annotations
@@ -22,7 +32,17 @@ VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-TEMPLATES = ("vicuna_v1", "tokenizer")
+USER, ASSISTANT, END_OF_TURN = "USER: ", "ASSISTANT:", "</s>"
+
+
+@dataclass(frozen=True)
+class RoleTemplate:
+    system: str             # the default system prompt ("" = none)
+    space_with_answer: bool  # the space after "ASSISTANT:" is tokenized with the answer (LLaVA) or the prompt
+
+
+ROLE_TEMPLATES = {"plain_v1": RoleTemplate("", False), "vicuna_v1": RoleTemplate(VICUNA_SYSTEM, True)}
+TEMPLATES = (*ROLE_TEMPLATES, "tokenizer")
 
 
 @dataclass
@@ -48,35 +68,62 @@ def _check_turns(turns: list[Turn]) -> None:
         raise ValueError(f"a conversation must alternate user/assistant turns starting with user, got {roles}")
 
 
-def encode_vicuna(turns: list[Turn], tokenizer, image_token_index: int) -> Encoded:
-    """Vicuna v1. Each piece is tokenised on its own, so label boundaries are exact by
-    construction (the same per-round scheme as LLaVA's own preprocessing). A conversation
-    ending with a user turn ends with "ASSISTANT:", the prompt for generation."""
+def with_image_newlines(text: str) -> str:
+    """The authors' first-turn rule: each ``<image>`` followed by a newline, unless one already is."""
+    if f"{IMAGE_PLACEHOLDER}\n" in text:
+        return text
+    return text.replace(IMAGE_PLACEHOLDER, f"{IMAGE_PLACEHOLDER}\n")
+
+
+def role_pieces(turns: list[Turn], template: str, system: str | None = None,
+                add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
+    """(text, is_answer) pieces of a role template's rendering, in order; an answer piece is
+    followed by the end-of-turn token. A conversation ending with a user turn ends with the
+    generation prompt ("ASSISTANT:" and, for plain_v1, its space)."""
     _check_turns(turns)
-    ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
+    spec = ROLE_TEMPLATES[template]
+    system = spec.system if system is None else system
+    prompt_end = f" {ASSISTANT}" if spec.space_with_answer else f" {ASSISTANT} "
+    pieces: list[tuple[str, bool]] = []
     for index, turn in enumerate(turns):
         if turn.role == "user":
-            prefix = f"{VICUNA_SYSTEM} USER: " if index == 0 else "USER: "
-            piece = _tokens(tokenizer, f"{prefix}{turn.content} ASSISTANT:", image_token_index)
-            ids += piece
-            labels += [IGNORE_INDEX] * len(piece)
+            content = with_image_newlines(turn.content) if index == 0 else turn.content
+            prefix = f"{system} " if index == 0 and system else ""
+            pieces.append((f"{prefix}{USER}{content}{prompt_end}", False))
         else:
-            piece = _tokens(tokenizer, f" {turn.content}", image_token_index) + [tokenizer.eos_token_id]
-            ids += piece
-            labels += piece
+            pieces.append((f" {turn.content}" if spec.space_with_answer else turn.content, True))
+    return pieces
+
+
+def render(turns: list[Turn], template: str = "plain_v1", system: str | None = None) -> str:
+    """The exact text of a conversation in a role template (without the BOS token)."""
+    return "".join(text + (END_OF_TURN if answer else "") for text, answer in role_pieces(turns, template, system))
+
+
+def encode_roles(turns: list[Turn], tokenizer, image_token_index: int, template: str = "plain_v1",
+                 system: str | None = None) -> Encoded:
+    """plain_v1 / vicuna_v1: BOS, then each piece tokenized on its own; answers and their </s> labelled."""
+    ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
+    for text, answer in role_pieces(turns, template, system):
+        piece = _tokens(tokenizer, text, image_token_index)
+        if answer:
+            piece += [tokenizer.eos_token_id]
+        ids += piece
+        labels += piece if answer else [IGNORE_INDEX] * len(piece)
     return Encoded(ids, labels)
 
 
 def encode_with_tokenizer_template(turns: list[Turn], tokenizer, image_token_index: int,
-                                   add_generation_prompt: bool = False) -> Encoded:
+                                   add_generation_prompt: bool = False, system: str | None = None) -> Encoded:
     """The tokenizer's chat template. The conversation is rendered once; each assistant reply's
     character span comes from rendering the conversation up to it, and tokens are labelled by
     their character offsets. The template must render prefixes as prefixes (all common ones do)."""
     _check_turns(turns)
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("template 'tokenizer' was chosen but this tokenizer has no chat_template; use 'vicuna_v1'")
+        raise ValueError("template 'tokenizer' was chosen but this tokenizer has no chat_template; use 'plain_v1'")
     image_token = tokenizer.convert_ids_to_tokens(image_token_index)
-    messages = [{"role": t.role, "content": t.content.replace(IMAGE_PLACEHOLDER, image_token)} for t in turns]
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": t.role, "content": t.content.replace(IMAGE_PLACEHOLDER, image_token)} for t in turns]
 
     def render(count: int, prompt: bool) -> str:
         return tokenizer.apply_chat_template(messages[:count], tokenize=False, add_generation_prompt=prompt)
@@ -99,17 +146,51 @@ def encode_with_tokenizer_template(turns: list[Turn], tokenizer, image_token_ind
     return Encoded(ids, labels)
 
 
-def encode(turns: list[Turn], tokenizer, image_token_index: int, template: str = "vicuna_v1",
-           add_generation_prompt: bool = False) -> Encoded:
-    if template == "vicuna_v1":
-        return encode_vicuna(turns, tokenizer, image_token_index)
+def encode(turns: list[Turn], tokenizer, image_token_index: int, template: str = "plain_v1",
+           add_generation_prompt: bool = False, system: str | None = None) -> Encoded:
+    """``system``: the sample's own system text (None: the template's default)."""
+    if template in ROLE_TEMPLATES:
+        return encode_roles(turns, tokenizer, image_token_index, template, system)
     if template == "tokenizer":
-        return encode_with_tokenizer_template(turns, tokenizer, image_token_index, add_generation_prompt)
+        return encode_with_tokenizer_template(turns, tokenizer, image_token_index, add_generation_prompt, system)
     raise ValueError(f"unknown chat template {template!r}; expected one of {TEMPLATES}")
 
 
-def clip_text(turns: list[Turn], training: bool) -> str:
-    """The text that guides pooling: questions and answers in SFT (paper §4.1), questions only
-    at inference and in DPO. Placeholders are dropped; the CLIP tokenizer truncates to 248."""
+def encode_prefixed_answer(turns: list[Turn], prefix: str, answer: str | None, tokenizer, image_token_index: int,
+                           template: str = "plain_v1", system: str | None = None) -> Encoded:
+    """A conversation ending with a user turn: its generation prompt, the assistant's ``prefix``
+    (not labelled; the eval's "Best option:("), then ``answer`` and the end token (labelled). With
+    ``answer`` None the prompt for generation ends with the prefix. Prefix and answer are tokenized
+    apart, so the answer's tokens are the same whatever precedes them."""
+    prompt = encode(turns, tokenizer, image_token_index, template, add_generation_prompt=True, system=system)
+    space = " " if template in ROLE_TEMPLATES and ROLE_TEMPLATES[template].space_with_answer else ""
+    head = _tokens(tokenizer, space + prefix, image_token_index) if prefix else []
+    ids, labels = prompt.input_ids + head, prompt.labels + [IGNORE_INDEX] * len(head)
+    if answer is not None:
+        tail = _tokens(tokenizer, ("" if prefix else space) + answer, image_token_index) + [tokenizer.eos_token_id]
+        ids, labels = ids + tail, labels + tail
+    return Encoded(ids, labels)
+
+
+CLIP_TEXTS = ("conversation", "turns")
+
+
+def clip_text(turns: list[Turn], training: bool, style: str = "conversation", template: str = "plain_v1",
+              system: str | None = None, tokenizer=None) -> str:
+    """The text that guides pooling; the CLIP tokenizer cuts it to 248 tokens.
+
+    Training, ``conversation`` (the authors'): the whole formatted conversation, roles,
+    placeholders, answers and end tokens included, as the LLM reads it. Training, ``turns``: the
+    questions and answers alone, joined by spaces (no roles or placeholders, which spend CLIP's
+    context on text that says nothing about the picture). Inference and DPO: the questions only.
+    """
+    if training and style == "conversation":
+        if template in ROLE_TEMPLATES:
+            return render(turns, template, system)
+        chat = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": t.role, "content": t.content} for t in turns]
+        return tokenizer.apply_chat_template(chat, tokenize=False)
+    if training and style not in CLIP_TEXTS:
+        raise ValueError(f"unknown CLIP text {style!r}; expected one of {CLIP_TEXTS}")
     parts = [t.content for t in turns if training or t.role == "user"]
     return " ".join(" ".join(p.replace(IMAGE_PLACEHOLDER, " ").split()) for p in parts)

@@ -26,7 +26,7 @@ import torch
 from pipeline.data.collate import MODALITY_IDS, ProcessedSample, SampleProcessor, collate, expand_placeholders
 from pipeline.data.media import decoder
 from pipeline.data.records import IMAGE_PLACEHOLDER, Sample, Turn
-from pipeline.data.templates import IGNORE_INDEX, encode
+from pipeline.data.templates import IGNORE_INDEX, encode, encode_prefixed_answer
 from pipeline.layout import CHECKSUMS, CLIP_TOKENIZER_DIR
 from pipeline.model.check import verify_checksums
 from pipeline.model.setup import load_directory_tokenizers, load_processor_settings
@@ -57,6 +57,8 @@ class Question:
     text: str
     modality: str = "text"              # text | image | multi_image | video
     media: tuple[Path, ...] = ()
+    answer_prefix: str = ""             # the assistant's answer starts with it (not scored), e.g. "Best option:("
+    guide: str | None = None            # the text that guides pooling (default: the question)
 
     @classmethod
     def from_media(cls, text: str, videos: Sequence[str | Path] = (), images: Sequence[str | Path] = ()) -> "Question":
@@ -124,9 +126,13 @@ class InferenceModel:
                image_size: tuple[int, int]) -> tuple[list[int], list[int]]:
         """(input_ids, labels) with expanded image tokens: the prompt ending in the generation
         prompt (``answer`` None), or the conversation with ``answer`` labelled as in training."""
-        turns = [question.user_turn()] + ([Turn("assistant", answer)] if answer is not None else [])
-        encoded = encode(turns, self.tokenizer, self.image_token, self.processor.settings.template,
-                         add_generation_prompt=answer is None)
+        template = self.processor.settings.template
+        if question.answer_prefix:
+            encoded = encode_prefixed_answer([question.user_turn()], question.answer_prefix, answer, self.tokenizer,
+                                             self.image_token, template)
+        else:
+            turns = [question.user_turn()] + ([Turn("assistant", answer)] if answer is not None else [])
+            encoded = encode(turns, self.tokenizer, self.image_token, template, add_generation_prompt=answer is None)
         modality = MODALITY_IDS[question.modality]
         counts = (placeholder_token_counts(self.config, modality, pixel_values.shape[0], image_size=image_size)
                   if question.modality != "text" else [])
@@ -137,7 +143,8 @@ class InferenceModel:
 
     def _batch(self, question: Question, ids: list[int], pixel_values: torch.Tensor,
                image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        sample = Sample(question.key, question.modality, [], [question.user_turn()])
+        guide = [Turn("user", question.guide)] if question.guide is not None else [question.user_turn()]
+        sample = Sample(question.key, question.modality, [], guide)
         processed = ProcessedSample(question.key, MODALITY_IDS[question.modality], ids, [IGNORE_INDEX] * len(ids),
                                     pixel_values, self.processor.clip_ids(sample), False, image_size)
         inputs = collate([processed], self.tokenizer.pad_token_id, self.clip_tokenizer.pad_token_id,

@@ -87,14 +87,15 @@ def build_model(recipe: Recipe, tokenizer, attn_implementation: str) -> PPLLaVAF
 
 
 def build_processor(recipe: Recipe, config, tokenizer, clip_tokenizer, training: bool = True) -> SampleProcessor:
-    settings = ProcessorSettings(template=recipe.data.template, max_length=recipe.data.max_length, training=training)
+    settings = ProcessorSettings(template=recipe.data.template, clip_text=recipe.data.clip_text,
+                                 max_length=recipe.data.max_length, training=training)
     return SampleProcessor(config, tokenizer, clip_tokenizer, settings, video_decoder=decoder(recipe.data.decoder))
 
 
 def save_processor_config(recipe: Recipe, config, directory: Path) -> None:
     """processor_config.json: how inputs were prepared in training (chat template, context, frames,
     kernels), so inference prepares them the same way."""
-    settings = {"template": recipe.data.template, "max_length": recipe.data.max_length,
+    settings = {"template": recipe.data.template, "clip_text": recipe.data.clip_text, "max_length": recipe.data.max_length,
                 "num_frames": config.num_frames, "video_kernel": list(config.video_kernel),
                 "image_kernel": list(config.image_kernel), "multi_image_kernel": list(config.multi_image_kernel),
                 "clip_context_length": config.clip_context_length}

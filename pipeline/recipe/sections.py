@@ -54,7 +54,8 @@ class DataSection:
     shuffle_buffer: int = 64
     num_workers: int = 2
     max_bad_fraction: float = 0.01
-    template: Literal["vicuna_v1", "tokenizer"] = "vicuna_v1"
+    template: Literal["plain_v1", "vicuna_v1", "tokenizer"] = "plain_v1"
+    clip_text: Literal["conversation", "turns"] = "conversation"  # what guides pooling in SFT
     max_length: int = 2048                 # LLM context, visual tokens included (pipeline/model/budget.py)
     decoder: Literal["auto", "pyav", "decord"] = "pyav"
 
@@ -134,7 +135,8 @@ SLURM_WORD = r"[A-Za-z0-9_.,:@%/+=-]+"
 class TrainableParts:
     vision: bool = False
     projector: bool = True
-    clip_text: bool = True
+    clip_text: bool = True          # the paper trains the text tower; the authors' code freezes it (false)
+    clip_projections: bool = True   # CLIP's text and visual projections (trained in both)
     llm: bool = True
 
 
@@ -149,6 +151,7 @@ class TrainingSection:
     gradient_accumulation_steps: int | None = None  # None: global / (micro x world)
     lr: float = 2e-5
     min_lr_ratio: float = 0.0
+    lr_schedule: Literal["cosine", "linear"] = "cosine"   # decay after the warmup
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     gradient_clipping: float = 1.0
@@ -197,11 +200,14 @@ class DPOSection(TrainingSection):
 
     global_batch_size: int = 64
     lr: float = 5e-6
+    lr_schedule: Literal["cosine", "linear"] = "linear"   # the authors' DPO (LLaVA-Hound's)
     warmup_ratio: float = 0.1
     epochs: float = 2.0
     beta: float = 0.1
     sft_weight: float = 0.0                 # weight of an extra NLL term on the chosen answers
     reference: Literal["precomputed", "live"] = "precomputed"
+    template: Literal["plain_v1", "vicuna_v1", "tokenizer"] | None = "vicuna_v1"  # None: the start model's
+    frames: Literal["middle", "random"] = "middle"   # random (the authors') needs reference: live
     init: str = "sft"                       # "sft": the SFT stage's final checkpoint; else a PPLLaVA directory
 
     def validate(self, recipe: Recipe, missing: list[str] | None) -> None:
@@ -213,6 +219,10 @@ class DPOSection(TrainingSection):
                                   f"no sft section; name a PPLLaVA model directory instead")
         else:
             existing(src, "dpo.init", self.init, "PPLLaVA model directory (or 'sft')", missing)
+        if self.frames == "random" and self.reference != "live":
+            raise RecipeError(f"{src}: dpo.frames: 'random' samples new frames each time a pair is read, which a "
+                              f"precomputed reference cannot follow; set dpo.reference: live (the authors' setting) "
+                              f"or dpo.frames: middle")
         positive(src, "dpo.beta", self.beta)
         positive(src, "dpo.sft_weight", self.sft_weight, allow_zero=True)
         self.validate_training(recipe, "dpo")
@@ -244,6 +254,7 @@ class EvalSection:
     num_frames: int | None = None            # default: the model's
     video_kernel: list[int] | None = None    # e.g. [4, 3, 3] with 64 frames (paper Table 8)
     max_new_tokens: int = 64
+    prompt: Literal["mvbench", "plain"] = "mvbench"  # how a multiple-choice question is asked (docs/recipes.md)
     limit: int | None = None                 # questions per file at most
     baseline: bool = False                   # also score the untrained start model on the same questions
 

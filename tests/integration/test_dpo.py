@@ -3,6 +3,7 @@ only the LLM trains, precomputed and live references agree, ZeRO-3 with a live r
 resume with the SFT stage's machinery."""
 
 import json
+import math
 import signal
 
 import pytest
@@ -77,6 +78,20 @@ def test_a_live_reference_gives_the_precomputed_losses_and_stays_frozen(sft_then
     assert [m["loss"] for m in live] == pytest.approx([m["loss"] for m in precomputed], abs=2e-4)
     assert "reference: live, unchanged" in result.stdout
     assert not (tmp_path / "run" / "dpo" / "reference_logps.json").exists()
+
+
+def test_random_frames_with_a_live_reference_the_authors_setting(sft_then_dpo, tmp_path):
+    root, manifest, _ = sft_then_dpo
+    recipe = training_recipe(tmp_path / "run", manifest)
+    recipe.pop("sft")
+    recipe["dpo"] = dpo_section(reference="live", frames="random", init=str(root / "run" / "dpo" / "init"), max_steps=2)
+    result = run_pipeline("run", str(write_recipe(tmp_path / "recipe.yaml", recipe)))
+    assert result.returncode == 0, result.stderr[-6000:]
+    first = read_metrics(tmp_path / "run" / "dpo" / "metrics.jsonl")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference on the same random frames
+    recipe["dpo"]["reference"] = "precomputed"
+    refused = run_pipeline("validate", str(write_recipe(tmp_path / "bad.yaml", recipe)))
+    assert refused.returncode == 2 and "dpo.frames: 'random'" in refused.stderr
 
 
 def test_dpo_resumes_exactly_after_a_kill(sft_then_dpo, tmp_path):

@@ -69,8 +69,10 @@ def reference_loglikelihood(model, question, video, option) -> float:
 
 
 def test_eval_stage_scores_every_question_by_likelihood(world, tmp_path, capsys):
+    # prompt: plain (the question alone, each option's text the answer), so that the training data
+    # path below computes the same likelihoods independently; the mvbench prompt is the next test's.
     context = eval_context(world, tmp_path / "run", multiple_choice=[str(world["mc"])], open_ended=[str(world["open"])],
-                           max_new_tokens=6)
+                           max_new_tokens=6, prompt="plain")
     summary = eval_stage.run(context)
     out = context.directory
     results = json.loads((out / "results.json").read_text())
@@ -97,6 +99,23 @@ def test_eval_stage_scores_every_question_by_likelihood(world, tmp_path, capsys)
     assert [a["question"] for a in answers] == [q["question"] for q in json.loads(world["open"].read_text())]
     assert [a["reference"] for a in answers][-1] is None
     assert all(isinstance(a["prediction"], str) for a in answers)
+
+
+def test_the_mvbench_prompt_scores_lettered_options_after_best_option(world, tmp_path):
+    from pipeline.data.questions import multiple_choice_prompt, read_task
+
+    context = eval_context(world, tmp_path / "run", multiple_choice=[str(world["mc"])], limit=2)
+    eval_stage.run(context)
+    choices = [json.loads(line) for line in (context.directory / "eval_multiple_choice.choices.jsonl").read_text().splitlines()]
+    model = load_model_dir(world["model"])
+    task = read_task(world["mc"], "multiple_choice", str(world["media"]), limit=2)
+    for line, item in zip(choices, task.items):
+        question, answers = multiple_choice_prompt(item)
+        assert answers[0].startswith("A) ") and question.answer_prefix == "Best option:("
+        scores = model.answer_loglikelihoods(question, answers)
+        assert line["logprob_mean"] == pytest.approx([s.mean for s in scores], abs=1e-5)
+        plain = model.answer_loglikelihoods(item.question, item.options)
+        assert [s.mean for s in scores] != pytest.approx([s.mean for s in plain], abs=1e-3)
 
 
 def test_a_malformed_record_stops_eval_before_the_model_loads(world, tmp_path):

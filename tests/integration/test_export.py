@@ -19,7 +19,7 @@ import yaml
 
 from conftest import REPO_ROOT, pipeline_env, run_pipeline, small_shards, training_recipe, write_recipe
 from pipeline.data.records import Turn
-from pipeline.data.templates import encode_vicuna
+from pipeline.data.templates import encode, render
 from pipeline.layout import CHECKSUMS
 from pipeline.model.check import ModelFilesError, probe_inputs, probe_logits, verify_checksums
 from pipeline.model.consolidate import model_from_state_dict
@@ -236,17 +236,21 @@ def test_model_card_generation_config_and_chat_template(zero2):
         tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     assert generation.do_sample is False and generation.num_beams == 1 and generation.max_new_tokens == 512
 
-    # The exported chat template renders what training encoded (vicuna_v1), token for token.
+    # The exported chat template renders what training encoded (plain_v1, the authors'): the same text,
+    # and for a question the same tokens (in a history, joint tokenization may merge the space after
+    # "ASSISTANT:" into the answer's first token; training tokenizes the two apart, as the authors do).
     exported = AutoTokenizer.from_pretrained(export, trust_remote_code=True)
     image = exported.convert_tokens_to_ids("<image>")
     turns = [Turn("user", "<image>\nWhat colour is the red circle?"), Turn("assistant", "It is red."),
              Turn("user", "Which way does it move?")]
-    rendered = exported.apply_chat_template([{"role": t.role, "content": t.content} for t in turns], tokenize=True,
-                                            add_generation_prompt=True)["input_ids"]
-    assert rendered == encode_vicuna(turns, tokenizer, image).input_ids
+    messages = [{"role": t.role, "content": t.content} for t in turns]
+    assert exported.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        tokenizer.bos_token + render(turns, "plain_v1"))
+    question = exported.apply_chat_template(messages[:1], tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert question == encode(turns[:1], tokenizer, image, "plain_v1").input_ids
     parts = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What colour is the red circle?"}]}]
     assert exported.apply_chat_template(parts, tokenize=False).endswith(
-        "USER: <image>\nWhat colour is the red circle? ASSISTANT:")
+        "USER: <image>\nWhat colour is the red circle? ASSISTANT: ")
 
 
 def test_a_second_run_skips_the_export(zero2, env):

@@ -30,8 +30,10 @@ def paper_geometry():
 
 
 def recipe_settings(name: str, training: bool) -> ProcessorSettings:
+    """The settings the recipe's SFT (training) or DPO (not training) stage prepares samples with."""
     recipe = load_recipe(REPO_ROOT / "recipes" / name, [])
-    return ProcessorSettings(template=recipe.data.template, max_length=recipe.data.max_length, training=training)
+    template = recipe.data.template if training else (recipe.dpo.template or recipe.data.template)
+    return ProcessorSettings(template=template, max_length=recipe.data.max_length, training=training)
 
 
 def multi_turn_video(rounds: int = 3) -> Sample:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import backends
-from backends.deepspeed_engine import EngineSettings, cosine_with_warmup, deepspeed_config, parameter_groups
+from backends.deepspeed_engine import EngineSettings, warmup_then_decay, deepspeed_config, parameter_groups
 from backends.distributed import expand_nodelist, read_launch_env
 from backends.spec import BackendUnavailable
 
@@ -118,9 +118,9 @@ def test_parameter_groups_skip_frozen_and_exempt_norms_and_biases():
         parameter_groups(model, 0.0)
 
 
-def test_cosine_schedule_with_warmup():
+def test_cosine_decay_after_warmup():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-5)
-    scheduler = cosine_with_warmup(optimizer, warmup_steps=3, total_steps=13)
+    scheduler = warmup_then_decay(optimizer, warmup_steps=3, total_steps=13)
     lrs = []
     for _ in range(13):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -129,6 +129,19 @@ def test_cosine_schedule_with_warmup():
     assert lrs[:3] == pytest.approx([2e-5 / 3, 2 * 2e-5 / 3, 2e-5])
     assert lrs[3] == pytest.approx(2e-5) and lrs[8] == pytest.approx(2e-5 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lrs == sorted(lrs[:3]) + sorted(lrs[3:], reverse=True)
+
+
+def test_linear_schedule_decays_in_a_straight_line():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = warmup_then_decay(optimizer, warmup_steps=2, total_steps=12, min_lr_ratio=0.1, schedule="linear")
+    lrs = []
+    for _ in range(12):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.5, 1.0] + [0.1 + 0.9 * (1 - k / 10) for k in range(10)])
+    with pytest.raises(ValueError, match="lr schedule must be one of"):
+        warmup_then_decay(optimizer, 1, 2, schedule="step")
 
 
 def test_deepspeed_config_follows_the_settings():

@@ -39,9 +39,9 @@ def test_training_sampling_is_one_random_point_per_segment_and_seeded():
     assert sample_seed("a/1", epoch=0) != sample_seed("a/1", epoch=1) != sample_seed("a/2", epoch=1)
 
 
-def test_short_videos_repeat_frames_within_range():
-    indices = sample_indices(3, 8, training=True, seed=1)
-    assert len(indices) == 8 and set(indices) <= {0, 1, 2} and indices == sorted(indices)
+def test_short_videos_give_every_frame_then_repeat_the_last_in_training():
+    assert sample_indices(3, 8, training=True, seed=1) == [0, 1, 2, 2, 2, 2, 2, 2]  # the authors' tail padding
+    assert sample_indices(24, 32, training=True, seed=5) == list(range(24)) + [23] * 8
     assert sample_indices(3, 8, training=False) == [0, 0, 0, 1, 1, 2, 2, 2]
 
 

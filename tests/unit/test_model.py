@@ -85,6 +85,9 @@ def test_trainable_part_switches_match_the_paper():
     model.set_trainable_parts(vision=False, projector=False, clip_text=False, llm=True)  # DPO
     trainable = {part for part, on in model.trainable_parts().items() if on}
     assert trainable == {"language_model"}
+    model.set_trainable_parts(vision=False, projector=True, clip_text=False, llm=True, clip_projections=True)  # authors'
+    trainable = {part for part, on in model.trainable_parts().items() if on}
+    assert trainable == {"multi_modal_projector", "image_newline", "visual_projection", "text_projection", "language_model"}
 
 
 def test_placeholder_mismatch_is_a_clear_error(model):

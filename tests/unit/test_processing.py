@@ -70,3 +70,15 @@ def test_the_pipeline_and_the_model_name_the_same_modalities():
 
     assert sorted(MODALITIES) == sorted(MODALITY_NAMES.values())
     assert set(VISUAL_MODALITIES) == set(MODALITIES) - {"text"}
+
+
+def test_anyres_resizes_with_ceil_and_pads_black_like_the_llava_next_processor():
+    """100 x 301 into a 336 x 672 grid: the width fits (672), the height is ceil(100 * 672 / 301) =
+    224 (rounding would give 223), centred from row (336 - 224) // 2 = 56 on black (0, not CLIP's mean)."""
+    image = np.full((100, 301, 3), 255, dtype=np.uint8)
+    tiles, grid = anyres_tiles(image, 336, [[336, 672]])
+    assert grid == (1, 2)
+    white = [(1 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)]
+    black = [-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)]
+    for row, colour in ((55, black), (56, white), (279, white), (280, black)):
+        torch.testing.assert_close(tiles[1, :, row, 10], torch.tensor(colour), atol=1e-5, rtol=0, msg=f"row {row}")

@@ -66,8 +66,10 @@ def test_videochat2_qa(tmp_path):
     results = list(read_videochat2(path, dataset="vc2"))
     first, second = results[0], results[1]
     assert first.modality == "video" and first.media == ["clip.mp4"]
-    assert [t.content for t in first.turns] == ["<image>\nWatch carefully.\nWhat moves?", "A ball.", "Which way?", "Left."]
-    assert second.modality == "image" and second.turns[0].content == "<image>\nColour?"
+    # The first QA's instruction is the system text (the authors'); the turns hold only q and a.
+    assert first.system == "Watch carefully."
+    assert [t.content for t in first.turns] == ["<image>\nWhat moves?", "A ball.", "Which way?", "Left."]
+    assert second.modality == "image" and second.turns[0].content == "<image>\nColour?" and second.system == ""
     assert "record 2: exactly one of 'video' or 'image'" in str(results[2])
     assert "record 3: 'QA' must be a non-empty list" in str(results[3])
 

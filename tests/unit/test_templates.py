@@ -4,7 +4,7 @@ import pytest
 
 from conftest import tiny_tokenizer
 from pipeline.data.records import Turn
-from pipeline.data.templates import IGNORE_INDEX, VICUNA_SYSTEM, clip_text, encode
+from pipeline.data.templates import IGNORE_INDEX, VICUNA_SYSTEM, clip_text, encode, render
 
 pytestmark = pytest.mark.unit
 
@@ -17,23 +17,60 @@ def ids(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def test_vicuna_layout_and_label_positions():
+# Golden strings, written from the authors' conversation/conv.py (plain_v1: system "", roles
+# "USER: " / "ASSISTANT: ", separators " " and "</s>") and LLaVA's Vicuna v1 (their DPO's).
+SINGLE = [Turn("user", "<image>\nWhat is this?"), Turn("assistant", "A cat.")]
+GOLDEN = [
+    (SINGLE, "plain_v1", None, "USER: <image>\nWhat is this? ASSISTANT: A cat.</s>"),
+    (SINGLE[:1] + SINGLE[1:] + [Turn("user", "And color?"), Turn("assistant", "Black.")], "plain_v1", None,
+     "USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: And color? ASSISTANT: Black.</s>"),
+    (SINGLE + [Turn("user", "And color?"), Turn("assistant", "Black.")], "plain_v1", "Watch the video.",
+     "Watch the video. USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: And color? ASSISTANT: Black.</s>"),
+    ([Turn("user", "What is <image> this?"), Turn("assistant", "A cat.")], "plain_v1", None,
+     "USER: What is <image>\n this? ASSISTANT: A cat.</s>"),
+    ([Turn("user", "<image>A <image>B"), Turn("assistant", "C")], "plain_v1", None,
+     "USER: <image>\nA <image>\nB ASSISTANT: C</s>"),
+    (SINGLE[:1], "plain_v1", None, "USER: <image>\nWhat is this? ASSISTANT: "),
+    (SINGLE, "vicuna_v1", None, f"{VICUNA_SYSTEM} USER: <image>\nWhat is this? ASSISTANT: A cat.</s>"),
+    (SINGLE[:1], "vicuna_v1", None, f"{VICUNA_SYSTEM} USER: <image>\nWhat is this? ASSISTANT:"),
+]
+
+
+@pytest.mark.parametrize("turns, template, system, expected", GOLDEN)
+def test_rendered_conversations_match_the_authors_strings(turns, template, system, expected):
+    assert render(turns, template, system) == expected
+
+
+def test_plain_v1_tokens_and_labels_split_after_the_assistant_space():
+    """The authors' SFT: "<s>" + the text cut after each "ASSISTANT: ", each piece tokenized alone;
+    every answer and its </s> labelled, everything else (BOS, system, questions, roles) masked."""
     tokenizer = tiny_tokenizer()
-    encoded = encode(TURNS, tokenizer, IMAGE)
-    first_prompt = ids(tokenizer, f"{VICUNA_SYSTEM} USER: ") + [IMAGE] + ids(tokenizer, "\nWhat colour is the circle? ASSISTANT:")
-    first_answer = ids(tokenizer, " Red.") + [tokenizer.eos_token_id]
-    second_prompt = ids(tokenizer, "USER: Where does it go? ASSISTANT:")
-    second_answer = ids(tokenizer, " Left.") + [tokenizer.eos_token_id]
+    encoded = encode(TURNS, tokenizer, IMAGE, "plain_v1", system="Watch.")
+    first_prompt = ids(tokenizer, "Watch. USER: ") + [IMAGE] + ids(tokenizer, "\nWhat colour is the circle? ASSISTANT: ")
+    first_answer = ids(tokenizer, "Red.") + [tokenizer.eos_token_id]
+    second_prompt = ids(tokenizer, "USER: Where does it go? ASSISTANT: ")
+    second_answer = ids(tokenizer, "Left.") + [tokenizer.eos_token_id]
     assert encoded.input_ids == [tokenizer.bos_token_id] + first_prompt + first_answer + second_prompt + second_answer
-    masked = [IGNORE_INDEX] * (1 + len(first_prompt))
-    assert encoded.labels == masked + first_answer + [IGNORE_INDEX] * len(second_prompt) + second_answer
-    assert encoded.input_ids.count(IMAGE) == 1
+    assert encoded.labels == ([IGNORE_INDEX] * (1 + len(first_prompt)) + first_answer
+                              + [IGNORE_INDEX] * len(second_prompt) + second_answer)
+    decoded = tokenizer.decode(encoded.input_ids)
+    assert decoded == "<s>Watch. USER: <image>\nWhat colour is the circle? ASSISTANT: Red.</s>USER: Where does it go? ASSISTANT: Left.</s>"
 
 
-def test_vicuna_prompt_for_generation_ends_with_assistant():
+def test_vicuna_v1_gives_the_space_to_the_answer_as_llava_counts_it():
     tokenizer = tiny_tokenizer()
-    encoded = encode(TURNS[:1], tokenizer, IMAGE)
-    assert tokenizer.decode(encoded.input_ids).endswith("What colour is the circle? ASSISTANT:")
+    encoded = encode(TURNS[:2], tokenizer, IMAGE, "vicuna_v1")
+    prompt = ids(tokenizer, f"{VICUNA_SYSTEM} USER: ") + [IMAGE] + ids(tokenizer, "\nWhat colour is the circle? ASSISTANT:")
+    answer = ids(tokenizer, " Red.") + [tokenizer.eos_token_id]
+    assert encoded.input_ids == [tokenizer.bos_token_id] + prompt + answer
+    assert encoded.labels == [IGNORE_INDEX] * (1 + len(prompt)) + answer
+
+
+@pytest.mark.parametrize("template, end", [("plain_v1", "ASSISTANT: "), ("vicuna_v1", "ASSISTANT:")])
+def test_the_generation_prompt_ends_where_training_put_the_answer(template, end):
+    tokenizer = tiny_tokenizer()
+    encoded = encode(TURNS[:1], tokenizer, IMAGE, template)
+    assert tokenizer.decode(encoded.input_ids).endswith(f"What colour is the circle? {end}")
     assert set(encoded.labels) == {IGNORE_INDEX}
 
 
@@ -67,6 +104,8 @@ def test_bad_conversations_and_templates_are_reported():
         encode(TURNS, tokenizer, IMAGE, template="chatml")
 
 
-def test_clip_text_is_question_and_answer_in_training_question_only_otherwise():
-    assert clip_text(TURNS, training=True) == "What colour is the circle? Red. Where does it go? Left."
+def test_clip_text_is_the_conversation_in_training_and_the_questions_otherwise():
+    assert clip_text(TURNS, training=True, system="Watch.") == (
+        "Watch. USER: <image>\nWhat colour is the circle? ASSISTANT: Red.</s>USER: Where does it go? ASSISTANT: Left.</s>")
+    assert clip_text(TURNS, training=True, style="turns") == "What colour is the circle? Red. Where does it go? Left."
     assert clip_text(TURNS, training=False) == "What colour is the circle? Where does it go?"
