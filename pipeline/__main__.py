@@ -44,10 +44,10 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
+    recipe = load_recipe(args.recipe, args.overrides)
+    validate(recipe)  # before torch is imported: a bad recipe fails in a fraction of a second
     from pipeline.model.budget import check_budgets
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    validate(recipe)
     check_budgets(recipe)  # a video that cannot fit the context stops the run before any device work
     return recipe
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.exit_codes import ExitCode
-from pipeline.model.budget import check_budgets
 from pipeline.recipe import Recipe, RecipeError, load_recipe, validate
 
 TORCHRUN_PORT = 29500
@@ -199,6 +198,8 @@ def launch(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, overrides)
     notes: list[str] = []
     validate(recipe, missing_paths=notes)
+    from pipeline.model.budget import check_budgets  # torch: only once the recipe is valid
+
     check_budgets(recipe)
     for key in ("partition", "time", "account"):
         if getattr(args, key) is not None:

@@ -23,8 +23,8 @@ import logging
 from dataclasses import asdict
 
 from backends.deepspeed_engine import build_engine, model_init_context
-from pipeline.data.loader import StreamingLoader, manifest_samples
-from pipeline.data.records import VISUAL_MODALITIES
+from pipeline.data.loader import StreamingLoader, manifest_samples, natural_weights
+from pipeline.data.records import MODALITIES
 from pipeline.layout import MODEL_DIR
 from pipeline.model.setup import (build_model, build_processor, count_parameters, load_tokenizers,
                                   save_processor_config, save_tokenizers)
@@ -49,7 +49,8 @@ def run(context: StageContext) -> dict:
         logger.warning("the recipe's cluster section describes %d processes but %d were launched; gradient "
                        "accumulation adapts so the global batch stays %d", recipe.cluster.world_size, world,
                        sft.global_batch_size)
-    weights = {m: w for m, w in recipe.data.weights.items() if m in VISUAL_MODALITIES}
+    weights = (natural_weights(recipe.manifest_path) if recipe.data.mixture == "natural"
+               else {m: w for m, w in recipe.data.weights.items() if m in MODALITIES})
     samples = manifest_samples(recipe.manifest_path, weights)
     total_steps = schedule_length(recipe, "sft", samples)
 

@@ -11,9 +11,10 @@ MODEL_ROOT holds the two checkpoints the cluster recipes name, as config files a
                                    (bos 0, eos 2, pad 1, 77 positions), and CLIP's real BPE tokenizer
 
 DATA_ROOT holds every dataset card of recipes/*.yaml laid out like the real sets: 10 s clips at
-30 fps at 336 px (and one shorter than 32 frames), COCO-style image paths of real sizes, text-only
-and multi-turn LLaVA conversations, VideoChat2 QA with instructions, multi-image sets, LLaVA-Hound
-DPO pairs.
+30 fps at 336 px (and one shorter than 32 frames), a TGIF-style GIF, a clip bounded by start/end
+seconds, COCO-style image paths of real sizes, text-only and multi-turn LLaVA conversations,
+VideoChat2 QA with instructions, multi-image sets, LLaVA-Hound DPO pairs on frame folders
+({:0>6}.jpg, one shorter than 32 frames), MVBench task files.
 """
 
 from __future__ import annotations
@@ -100,6 +101,28 @@ def _clip(seconds: float, fps: int, size: int, seed: int) -> bytes:
     return encode_mp4(frames, fps)
 
 
+def _gif(frames: int, size: int, seed: int) -> bytes:
+    """A TGIF-style animated GIF."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(np.full((size, size, 3), rng.integers(0, 255), dtype=np.uint8)) for _ in range(frames)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=40, loop=0)
+    return buffer.getvalue()
+
+
+def _frame_folder(folder: Path, seconds: float, fps: int, size: int, seed: int) -> None:
+    """LLaVA-Hound's layout: a video as a folder of {:0>6}.jpg frames, numbered from 1."""
+    rng = np.random.default_rng(seed)
+    for index in range(int(seconds * fps)):
+        frame = np.full((size, size, 3), 30, dtype=np.uint8)
+        frame[:, index % size: index % size + 8] = rng.integers(60, 255, size=3)
+        _write(folder / f"{index + 1:0>6}.jpg", encode_jpeg(frame))
+
+
 def _image(height: int, width: int, seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     image = np.broadcast_to(rng.integers(0, 255, size=(1, 1, 3), dtype=np.uint8), (height, width, 3)).copy()
@@ -112,6 +135,36 @@ def _write(path: Path, data: bytes | str) -> None:
     path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
 
 
+def write_authors_sets(root: Path, clips: dict[str, bytes], answer: str) -> None:
+    """The sets of recipes/sft_authors*.yaml in the authors' QA layout (their ppllava_json files)."""
+    annotations = root / "ppllava_json"
+    question = [{"i": "", "q": "<image>\nDescribe it.", "a": answer}, {"i": "", "q": "Anything else?", "a": "No."}]
+    images = []
+    for index, (height, width) in enumerate([(480, 640), (427, 640), (500, 375)]):
+        path = f"coco/train2017/{index:012d}.jpg"
+        _write(root / "llava_v1p5" / path, _image(height, width, 40 + index))
+        images.append({"image": path, "QA": question})
+    _write(annotations / "llava_v1p5_300k.json", json.dumps(images))
+    for index in range(2):
+        _frame_folder(root / "llava_hound" / "train_300k" / f"video_{index}", 8 - 5 * index, 5, 336, 50 + index)
+    hound = [{"video": f"video_{index}", "QA": question} for index in range(2)]
+    _write(annotations / "llavahound_all_vid.json", json.dumps(hound))
+    for name, path in [("k710", "classification/k710"), ("ssv2", "classification/ssv2"), ("next_qa", "reasoning/next_qa"),
+                       ("clevrer_qa", "reasoning/clevrer_qa"), ("clevrer_mc", "reasoning/clevrer_mc")]:
+        _write(root / "videochat2_videos" / name / "clip.mp4", clips["long_0.mp4"])
+        records = [{"video": "clip.mp4", "QA": [{"i": "Answer the question about the video.", "q": "What happens?",
+                                                  "a": "A man opens a door."}]}]
+        _write(root / "VideoChat2-IT" / "video" / path / "train.json", json.dumps(records))
+    sets = []
+    for index in range(2):
+        paths = [f"set_{index}/{k}.png" for k in range(3)]
+        for k, path in enumerate(paths):
+            _write(root / "M4-Instruct-Data" / path, _image(256, 320, 60 + 3 * index + k))
+        sets.append({"multi-image": paths, "QA": [{"i": "", "q": "<image>\n<image>\n<image>\nWhich differs?",
+                                                   "a": "The second."}]})
+    _write(annotations / "m4_multiimage.json", json.dumps(sets))
+
+
 def write_data_root(root: Path) -> Path:
     """Every card's annotation and media for recipes/sft_*.yaml and dpo_*.yaml, a few records each."""
     clips = {"long_0.mp4": _clip(10, 30, 336, 0), "long_1.mp4": _clip(10, 30, 384, 1), "short.mp4": _clip(0.8, 30, 336, 2)}
@@ -120,13 +173,16 @@ def write_data_root(root: Path) -> Path:
     videochat2 = root / "videochat2_it"
     for name, data in clips.items():
         _write(videochat2 / "videos" / "clevrer" / name, data)
+    _write(videochat2 / "videos" / "tgif" / "tumblr_0.gif", _gif(20, 240, 3))
     qa = []
-    for index, name in enumerate(["long_0.mp4", "long_1.mp4", "short.mp4"] * 4):  # 12: more than a rehearsal reads
+    names = ["clevrer/long_0.mp4", "clevrer/long_1.mp4", "clevrer/short.mp4", "tgif/tumblr_0.gif"] * 3
+    for index, name in enumerate(names):  # 12: more than a rehearsal reads
         rounds = [{"i": "Carefully watch the video and pay attention to the cause and sequence of events.",
                    "q": "What is the man doing?", "a": answer}]
         if index % 2:
             rounds.append({"i": "", "q": "And then?", "a": "He closes the door."})
-        qa.append({"video": f"clevrer/{name}", "QA": rounds})
+        qa.append({"video": name, "QA": rounds})
+    qa[1].update(start=2.5, end=7.0)  # a clip of a longer video, in seconds
     _write(videochat2 / "video_train.json", json.dumps(qa))
 
     llava = root / "llava_v1_5"
@@ -152,12 +208,14 @@ def write_data_root(root: Path) -> Path:
             {"from": "human", "value": "Which image shows the largest square?"}, {"from": "gpt", "value": "The first image."}]})
     _write(multi / "train.json", json.dumps(sets))
 
-    hound = root / "llava_hound"
-    for name in ("long_0.mp4", "short.mp4"):
-        _write(hound / "videos" / name, clips[name])
+    hound = root / "llava_hound"  # ShareGPTVideo's frames: one folder per video
+    _frame_folder(hound / "videos" / "v_0", 10, 5, 336, 4)
+    _frame_folder(hound / "videos" / "v_1", 3, 5, 336, 5)  # 15 frames: fewer than 32
     pairs = [{"id": f"p{index}", "video": name, "prompt": "<video>\nWhat is the man doing?", "chosen": answer,
-              "rejected": "A cat sleeps on a sofa."} for index, name in enumerate(["long_0.mp4", "short.mp4"] * 2)]
+              "rejected": "A cat sleeps on a sofa."} for index, name in enumerate(["v_0", "v_1"] * 2)]
     _write(hound / "sft_dpo_17k.jsonl", "\n".join(json.dumps(p) for p in pairs) + "\n")
+
+    write_authors_sets(root, clips, answer)
 
     mvbench = root / "mvbench"  # recipes/eval_gpu.yaml: MVBench's json/<task>.json beside video/<source>/
     for name in ("long_0.mp4", "long_1.mp4"):

@@ -30,7 +30,7 @@ from pipeline.data.sources import READERS
 FORMATS = tuple(READERS)  # a card's format names its annotation reader
 CARD_MODALITIES = (*VISUAL_MODALITIES, "mixed")
 REQUIRED = ("name", "format", "annotation", "media_root", "modality")
-OPTIONAL = ("weight", "license", "description")
+OPTIONAL = ("weight", "repeat", "license", "description")
 
 
 class CardError(ValueError):
@@ -48,6 +48,7 @@ class DatasetCard:
     license: str
     description: str
     source: Path  # the card file itself
+    repeat: int = 1  # times its samples go into an epoch of the mixture (the authors' `repeat`)
 
     def check_paths(self) -> None:
         if not self.annotation.is_file():
@@ -116,6 +117,9 @@ def load_card(path: str | Path, variables: Mapping[str, str] | None = None) -> D
     weight = data.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
         raise CardError(f"{path}: weight must be a positive number, got {weight!r}")
+    repeat = data.get("repeat", 1)
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise CardError(f"{path}: repeat must be a positive whole number, got {repeat!r}")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(data["name"])):
         raise CardError(f"{path}: name {data['name']!r} may only hold letters, digits, '_', '.' and '-'")
 
@@ -127,4 +131,5 @@ def load_card(path: str | Path, variables: Mapping[str, str] | None = None) -> D
         name=str(data["name"]), format=data["format"], annotation=location("annotation"),
         media_root=location("media_root"), modality=data["modality"], weight=float(weight),
         license=str(data.get("license", "")), description=str(data.get("description", "")), source=path,
+        repeat=repeat,
     )

@@ -87,7 +87,8 @@ class SampleProcessor:
             chosen = sample_indices(len(media), count, randomly, sample_seed(sample.key, epoch))
             return frames_to_pixels([read_image(media[i], f"{sample.key}[frame {i}]") for i in chosen], size), (0, 0)
         if sample.modality == "video":
-            frames = read_video(media[0], count, randomly, sample.key, epoch, video_decoder=self.video_decoder)
+            frames = read_video(media[0], count, randomly, sample.key, epoch, video_decoder=self.video_decoder,
+                                bounds=sample.bounds)
             return frames_to_pixels(list(frames), size), (0, 0)
         if sample.modality == "image":
             image = read_image(media[0], sample.key)

@@ -34,7 +34,7 @@ from pipeline.data.records import VISUAL_MODALITIES, Sample
 logger = logging.getLogger(__name__)
 
 # Shard streams a loader can draw from: the SFT modalities, and DPO's preference pairs.
-STREAMS = VISUAL_MODALITIES + ("dpo",)
+STREAMS = VISUAL_MODALITIES + ("text", "dpo")
 
 
 class LoaderError(RuntimeError):
@@ -143,7 +143,7 @@ def media_members(record: dict[str, bytes], sample: Sample) -> list[bytes]:
     """Media members in order: images of a multi-image set, or a video's pre-extracted frames."""
     if sample.modality == "multi_image":
         return [record[s] for s in sorted((s for s in record if s.split(".")[0].isdigit()), key=lambda s: int(s.split(".")[0]))]
-    frames = sorted(s for s in record if s.startswith("f") and s.endswith(".jpg"))
+    frames = sorted((s for s in record if s.startswith("f") and s.endswith(".jpg")), key=lambda s: int(s[1:-4]))
     if sample.modality == "video" and frames:
         return [record[s] for s in frames]
     return [data for suffix, data in record.items() if suffix != "json"][:1]
@@ -158,7 +158,7 @@ class InterleavedStream(IterableDataset):
         manifest = json.loads(Path(manifest_path).read_text())
         self.processor, self.settings = processor, settings
         self.rank, self.world_size, self.start_batch, self.known_bad = rank, world_size, start_batch, known_bad
-        self.shards = {m: [s for s in manifest["shards"] if s["modality"] == m] for m in STREAMS}
+        self.shards = {m: repeated_shards(manifest, m) for m in STREAMS}
         self.weights = {m: float(w) for m, w in settings.weights.items() if w > 0 and self.shards.get(m)}
         unknown = set(settings.weights) - set(STREAMS)
         if unknown:
@@ -227,10 +227,30 @@ def _identity(batch):
     return batch
 
 
+def repeated_shards(manifest: dict, stream: str) -> list[dict]:
+    """A stream's shards, each as many times as its dataset card's ``repeat`` says (one epoch's list)."""
+    repeats = manifest.get("repeats", {})
+    return [shard for shard in manifest["shards"] if shard["modality"] == stream
+            for _ in range(repeats.get(shard.get("dataset"), 1))]
+
+
+def stream_sizes(manifest_path: str | Path) -> dict[str, int]:
+    """Samples per stream in one epoch, repeats counted."""
+    manifest = json.loads(Path(manifest_path).read_text())
+    return {stream: sum(s["samples"] for s in repeated_shards(manifest, stream)) for stream in STREAMS}
+
+
 def manifest_samples(manifest_path: str | Path, weights: dict[str, float]) -> int:
     """Samples the streams with a positive mixture weight hold in a shard manifest (an epoch's worth)."""
-    counts = json.loads(Path(manifest_path).read_text())["counts"]
-    return sum(counts.get(stream, 0) for stream, weight in weights.items() if weight > 0)
+    sizes = stream_sizes(manifest_path)
+    return sum(sizes.get(stream, 0) for stream, weight in weights.items() if weight > 0)
+
+
+def natural_weights(manifest_path: str | Path) -> dict[str, float]:
+    """Mixture weights proportional to each SFT stream's size (repeats counted): every sample as
+    likely as any other, as one list of all datasets concatenated (the authors' mixture)."""
+    sizes = stream_sizes(manifest_path)
+    return {stream: float(sizes[stream]) for stream in STREAMS if stream != "dpo" and sizes[stream] > 0}
 
 
 class StreamingLoader:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -56,6 +56,8 @@ class VideoDecoder(Protocol):
 
     def frame_count(self, data: bytes, key: str) -> int: ...
 
+    def frame_rate(self, data: bytes, key: str) -> float: ...
+
     def read(self, data: bytes, indices: list[int], key: str) -> np.ndarray: ...
 
 
@@ -83,6 +85,15 @@ class PyAVDecoder:
             if stream.frames > 0:
                 return int(stream.frames)
             return sum(1 for _ in self._frames(container, key))  # container without a frame count
+
+    def frame_rate(self, data: bytes, key: str) -> float:
+        container = self._open(data, key)
+        with container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            if not rate:
+                raise MediaError(key, "the video has no frame rate, so start/end bounds cannot be placed")
+            return float(rate)
 
     def _frames(self, container, key: str):
         import av
@@ -123,6 +134,9 @@ class DecordDecoder:
     def frame_count(self, data: bytes, key: str) -> int:
         return len(self._reader(data, key))
 
+    def frame_rate(self, data: bytes, key: str) -> float:
+        return float(self._reader(data, key).get_avg_fps())
+
     def read(self, data: bytes, indices: list[int], key: str) -> np.ndarray:
         import decord
 
@@ -159,14 +173,22 @@ def decoder(name: str = "pyav") -> VideoDecoder:
 
 
 def read_video(data: bytes, count: int, training: bool, key: str, epoch: int = 0, seed: int = 0,
-               video_decoder: VideoDecoder | None = None) -> np.ndarray:
-    """``count`` RGB frames [count, H, W, 3] uint8 of a video, sampled per :func:`sample_indices`."""
+               video_decoder: VideoDecoder | None = None, bounds: Sequence[float] | None = None) -> np.ndarray:
+    """``count`` RGB frames [count, H, W, 3] uint8 of a video, sampled per :func:`sample_indices`;
+    with ``bounds`` (start, end) in seconds, from that part of the video only (frames
+    round(start x fps) .. round(end x fps), clipped to the video)."""
     video_decoder = video_decoder or PyAVDecoder()
     total = video_decoder.frame_count(data, key)
     if total < 1:
         raise MediaError(key, "the video has no frames")
-    indices = sample_indices(total, count, training, sample_seed(key, epoch, seed))
-    return video_decoder.read(data, indices, key)
+    first, last = 0, total - 1
+    if bounds is not None:
+        fps = video_decoder.frame_rate(data, key)
+        first, last = max(0, round(bounds[0] * fps)), min(total - 1, round(bounds[1] * fps))
+        if first > last:
+            raise MediaError(key, f"bounds {list(bounds)} s hold no frame of a {total}-frame video at {fps:g} fps")
+    indices = sample_indices(last - first + 1, count, training, sample_seed(key, epoch, seed))
+    return video_decoder.read(data, [first + i for i in indices], key)
 
 
 def read_image(data: bytes, key: str) -> np.ndarray:

@@ -39,16 +39,18 @@ class Sample:
     turns: list[Turn]
     dataset: str = ""
     system: str = ""
+    bounds: list[float] | None = None  # a video's (start, end) in seconds: only that part is sampled
 
     def to_json(self) -> dict:
         return {"key": self.key, "modality": self.modality, "media": self.media, "dataset": self.dataset,
-                "system": self.system, "turns": [{"role": t.role, "content": t.content} for t in self.turns]}
+                "system": self.system, "bounds": self.bounds,
+                "turns": [{"role": t.role, "content": t.content} for t in self.turns]}
 
     @classmethod
     def from_json(cls, data: dict) -> "Sample":
         return cls(data["key"], data["modality"], list(data["media"]),
                    [Turn(t["role"], t["content"]) for t in data["turns"]], data.get("dataset", ""),
-                   data.get("system", ""))
+                   data.get("system", ""), data.get("bounds"))
 
 
 @dataclass

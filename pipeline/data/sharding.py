@@ -13,7 +13,7 @@ when the whole manifest's fingerprint is unchanged nothing is done at all.
 
 Tar members of one sample: `<n>.json` (the record, its original key inside) and its media:
 `<n>.mp4` / `<n>.jpg` / `<n>.0.jpg`, `<n>.1.jpg`... (multi-image), or with
-``media: frames`` the video's eval-sampled frames as `<n>.f000.jpg`... (for hosts without a
+``media: frames`` the video's eval-sampled frames as `<n>.f00000.jpg`... (a frame folder or GIF: always frames) (for hosts without a
 fast decoder; training frame sampling is then fixed at shard time).
 """
 
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import fsync_rename, sha256_of, write_text_atomically
 from pipeline.data.cards import CardError, DatasetCard, load_card
-from pipeline.data.media import MediaError, PyAVDecoder, read_image, read_video
+from pipeline.data.media import MediaError, PyAVDecoder, read_image, read_video, sample_indices
 from pipeline.data.records import PreferencePair, RecordError, Sample
 from pipeline.data.sources import READERS
 from pipeline.data.synthetic import encode_jpeg
@@ -105,13 +105,16 @@ def _checked_media(card: DatasetCard, record: Sample | PreferencePair, settings:
     members: dict[str, bytes] = {}
     for position, relative in enumerate(paths):
         path = card.media_path(relative)
+        if modality == "video" and (path.is_dir() or path.suffix.lower() == ".gif"):
+            return _video_frames(record.key, path, settings)
         if not path.is_file():
             raise MediaError(record.key, f"media file {relative} not found under {card.media_root}")
         data = path.read_bytes()
         if modality == "video":
-            frames = read_video(data, settings.num_frames, training=False, key=record.key, video_decoder=PyAVDecoder())
+            frames = read_video(data, settings.num_frames, training=False, key=record.key, video_decoder=PyAVDecoder(),
+                                bounds=getattr(record, "bounds", None))
             if settings.media == "frames":
-                members.update({f"f{i:03d}.jpg": encode_jpeg(frame) for i, frame in enumerate(frames)})
+                members.update({f"f{i:05d}.jpg": encode_jpeg(frame) for i, frame in enumerate(frames)})
             else:
                 members[Path(relative).suffix.lstrip(".").lower() or "mp4"] = data
         else:
@@ -119,6 +122,34 @@ def _checked_media(card: DatasetCard, record: Sample | PreferencePair, settings:
             suffix = Path(relative).suffix.lstrip(".").lower() or "jpg"
             members[f"{position}.{suffix}" if modality == "multi_image" else suffix] = data
     return members
+
+
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def _video_frames(key: str, path: Path, settings: ShardSettings) -> dict[str, bytes]:
+    """A video given as a folder of frames (LLaVA-Hound's, any naming that sorts in frame order, e.g.
+    ``{:0>6}.jpg``) or as a GIF (TGIF): its frames become the sample's ``fNNNNN.jpg`` members, all
+    of them (``media: raw``; the loader samples from them like from a decoded video) or the
+    ``num_frames`` eval-sampled ones (``media: frames``). Every kept frame is decoded here once."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES)
+        if not files:
+            raise MediaError(key, f"frame folder {path} has no {'/'.join(FRAME_SUFFIXES)} files")
+        frames = [f.read_bytes() for f in files]
+        if settings.media == "frames":
+            frames = [frames[i] for i in sample_indices(len(frames), settings.num_frames, training=False)]
+        for index, data in enumerate(frames):
+            read_image(data, f"{key}[frame {index}]")
+        return {f"f{index:05d}.jpg": data for index, data in enumerate(frames)}
+    if not path.is_file():
+        raise MediaError(key, f"media file {path.name} not found in {path.parent}")
+    data = path.read_bytes()
+    decoder = PyAVDecoder()  # decord cannot open GIFs
+    total = decoder.frame_count(data, key)
+    indices = (list(range(total)) if settings.media == "raw"
+               else sample_indices(total, settings.num_frames, training=False))
+    return {f"f{index:05d}.jpg": encode_jpeg(frame) for index, frame in enumerate(decoder.read(data, indices, key))}
 
 
 def _unit_name(card: DatasetCard, unit: int) -> str:
@@ -252,6 +283,7 @@ def run_shard(cards: list[str], output: str | Path, settings: ShardSettings | No
         "version": MANIFEST_VERSION, "fingerprint": fingerprint, "sources": sources,
         "settings": {**{k: v for k, v in described.items() if k != "variables"}, "processes": settings.processes},
         "shards": shards, "counts": counts, "records": sum(p["records"] for p in parts),
+        "repeats": {card.name: card.repeat for card in loaded},
         "rejected": [item for part in parts for item in part["rejected"]],
     }
     _write_json_atomically(manifest_path, manifest)

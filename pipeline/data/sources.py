@@ -111,10 +111,17 @@ def _videochat2_record(record: Any, file: str, index: int, dataset: str) -> Samp
     where = f"record {index}"
     if not isinstance(record, dict):
         raise RecordError(file, where, f"expected an object, got {type(record).__name__}")
-    if ("video" in record) == ("image" in record):
-        raise RecordError(file, where, "exactly one of 'video' or 'image' must be set")
-    modality = "video" if "video" in record else "image"
-    media = _text(record, modality, file, where)
+    present = [key for key in ("video", "image", "multi-image") if key in record]
+    if len(present) != 1:
+        raise RecordError(file, where, "exactly one of 'video', 'image' or 'multi-image' must be set")
+    if present[0] == "multi-image":  # the authors' converted M4-Instruct: a list of image paths
+        media = record["multi-image"]
+        if not isinstance(media, list) or len(media) < 2 or not all(isinstance(m, str) and m for m in media):
+            raise RecordError(file, where, f"'multi-image' must be a list of at least two paths, got {media!r}")
+        modality = "multi_image"
+    else:
+        modality = present[0]
+        media = [_text(record, modality, file, where)]
     qa = record.get("QA")
     if not isinstance(qa, list) or not qa:
         raise RecordError(file, where, "'QA' must be a non-empty list of {i, q, a}")
@@ -129,15 +136,22 @@ def _videochat2_record(record: Any, file: str, index: int, dataset: str) -> Samp
         instructions.append(instruction.strip())
         turns.append(Turn("user", _text(item, "q", file, at)))
         turns.append(Turn("assistant", _text(item, "a", file, at)))
-    turns = _with_placeholders(turns, 1, file, where)
+    turns = _with_placeholders(turns, len(media) if modality == "multi_image" else 1, file, where)
+    bounds = None
+    if "start" in record or "end" in record:  # VideoChat2-IT's clips of longer videos, in seconds
+        start, end = record.get("start"), record.get("end")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (start, end)) or not 0 <= start < end:
+            raise RecordError(file, where, f"'start' and 'end' must be seconds with 0 <= start < end, got {start!r}, {end!r}")
+        bounds = [float(start), float(end)]
     # The first QA's instruction is the conversation's system text; later ones are not read (the
     # authors' interleave_sft_dataset.py; VideoChat2-IT repeats one instruction per record).
-    return Sample(f"{dataset}/{index}", modality, [media], turns, dataset, system=instructions[0])
+    return Sample(f"{dataset}/{index}", modality, list(media), turns, dataset, system=instructions[0], bounds=bounds)
 
 
 def read_videochat2(path: str | Path, dataset: str = "") -> Iterator[Sample | RecordError]:
-    """VideoChat2-IT style ``[{"video"|"image": path, "QA": [{"i", "q", "a"}]}]``; the first ``i`` is the
-    system text of the conversation."""
+    """VideoChat2-IT style ``[{"video"|"image": path | "multi-image": [paths], "QA": [{"i", "q", "a"}],
+    "start"?, "end"?}]`` (the authors convert every SFT set to it); the
+    first ``i`` is the system text of the conversation; ``start`` / ``end`` (seconds) bound a video."""
     return _each(Path(path), _videochat2_record, dataset)
 
 

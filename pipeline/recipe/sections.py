@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from pipeline.data.records import VISUAL_MODALITIES
+from pipeline.data.records import MODALITIES
 from pipeline.recipe.checks import existing, fraction, note, positive, written_by_synth
 from pipeline.recipe.typed_yaml import RecipeError
 
@@ -49,6 +49,7 @@ class DataSection:
     variables: dict[str, str] = field(default_factory=dict)   # ${NAME} values for the cards
     manifest: str | None = None            # shards made elsewhere (no shard stage in this recipe)
     weights: dict[str, float] = field(default_factory=lambda: {"video": 1.0, "image": 1.0, "multi_image": 1.0})
+    mixture: Literal["weights", "natural"] = "weights"  # natural: every sample equally likely (the authors')
     interleave: bool = True
     every_modality_first: bool = False     # first batches cycle through the modalities (--rehearse sets it)
     shuffle_buffer: int = 64
@@ -62,9 +63,9 @@ class DataSection:
     def validate(self, recipe: Recipe, missing: list[str] | None) -> None:
         src = recipe.source
         for modality, weight in self.weights.items():
-            if modality not in VISUAL_MODALITIES:
+            if modality not in MODALITIES:
                 raise RecipeError(f"{src}: data.weights.{modality}: unknown modality; expected "
-                                  f"{', '.join(VISUAL_MODALITIES)}")
+                                  f"{', '.join(MODALITIES)}")
             positive(src, f"data.weights.{modality}", weight, allow_zero=True)
         for key in ("shuffle_buffer", "max_length"):
             positive(src, f"data.{key}", getattr(self, key))

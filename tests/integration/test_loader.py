@@ -172,3 +172,25 @@ def test_state_from_another_layout_is_refused(manifest):
     state = StreamingLoader(manifest, tiny_processor(), LoaderSettings(num_workers=0)).state_dict()
     with pytest.raises(LoaderError, match="exact resume needs the same values"):
         loader.load_state_dict(state)
+
+
+def test_card_repeats_and_the_natural_mixture(tmp_path):
+    from collections import Counter
+
+    from pipeline.data.loader import natural_weights, stream_sizes
+
+    generate(tmp_path / "synth", SynthSettings(seed=5, videos=6, images=4, multi_images=0, eval_questions=0,
+                                               dpo_pairs=0, size=48, frames=8))
+    cards = tmp_path / "synth" / "cards"
+    image_card = cards / "synthetic_image.yaml"
+    image_card.write_text(image_card.read_text() + "repeat: 3\n")
+    manifest = run_shard([str(cards / "synthetic_video.yaml"), str(image_card)], tmp_path / "shards",
+                         ShardSettings(max_samples_per_shard=3, num_frames=8))
+    path = tmp_path / "shards" / "manifest.json"
+    assert manifest["repeats"] == {"synthetic_video": 1, "synthetic_image": 3}
+    assert stream_sizes(path)["image"] == 3 * manifest["counts"]["image"] == 12
+    assert natural_weights(path) == {"video": float(manifest["counts"]["video"]), "image": 12.0}
+    loader = StreamingLoader(path, tiny_processor(), LoaderSettings(micro_batch_size=4, weights={"image": 1.0},
+                                                                     shuffle_buffer=1))
+    keys = [key for batch in take_batches(loader, 3) for key in batch.keys]  # one epoch: 12 samples
+    assert set(Counter(keys).values()) == {3} and len(set(keys)) == 4

@@ -100,7 +100,7 @@ def test_processes_and_frames_mode(synth, tmp_path):
     video = next(s for s in frames["shards"] if s["modality"] == "video")
     with tarfile.open(tmp_path / "frames" / video["path"]) as tar:
         names = tar.getnames()
-    assert any(n.endswith(".f003.jpg") for n in names) and not any(n.endswith(".mp4") for n in names)
+    assert any(n.endswith(".f00003.jpg") for n in names) and not any(n.endswith(".mp4") for n in names)
 
 
 def test_two_ranks_split_the_units(synth, tmp_path):
@@ -131,3 +131,49 @@ def test_limit_per_card_shards_the_first_records_of_each_card(synth, tmp_path):
     across_units = run_shard(**settings(root, tmp_path / "units", limit_per_card=4, records_per_unit=1))
     assert records_per_card(across_units) == {card: min(4, everything[card]) for card in cards}
     assert min(everything.values()) < 4 < max(everything.values())  # the limit cuts some cards, not others
+
+
+def test_frame_folders_and_gifs_become_frames_the_loader_samples(tmp_path):
+    """LLaVA-Hound's frame folders ({:0>6}.jpg) and TGIF's GIFs: every frame goes into the tar as
+    fNNNNN.jpg, in order; the processor samples from them as from a decoded video."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import tiny_config_for, tiny_tokenizer
+    from pipeline.data.collate import SampleProcessor
+    from pipeline.data.loader import media_members, read_tar
+    from pipeline.data.records import Sample
+    from pipeline.data.synthetic import encode_jpeg
+
+    media = tmp_path / "media"
+    for index in range(15):  # frame n has brightness 10 n
+        (media / "v_0").mkdir(parents=True, exist_ok=True)
+        (media / "v_0" / f"{index + 1:0>6}.jpg").write_bytes(encode_jpeg(np.full((48, 48, 3), 10 * index, np.uint8)))
+    gif = [Image.fromarray(np.full((48, 48, 3), 20 * i, np.uint8)) for i in range(6)]
+    buffer = io.BytesIO()
+    gif[0].save(buffer, format="GIF", save_all=True, append_images=gif[1:], duration=40)
+    (media / "t.gif").write_bytes(buffer.getvalue())
+    (media / "empty").mkdir()
+    records = [{"video": name, "QA": [{"q": "What happens?", "a": "Things."}]} for name in ("v_0", "t.gif", "empty")]
+    (tmp_path / "qa.json").write_text(json.dumps(records))
+    card = tmp_path / "card.yaml"
+    card.write_text(f"name: folders\nformat: videochat2\nannotation: {tmp_path / 'qa.json'}\nmedia_root: {media}\n"
+                    "modality: video\n")
+    manifest = run_shard([str(card)], tmp_path / "out", ShardSettings(num_frames=8))
+    assert manifest["counts"] == {"video": 2}
+    assert [item["key"] for item in manifest["rejected"]] == ["folders/2"]
+    assert "has no .jpg" in manifest["rejected"][0]["reason"]
+    shard = next(s for s in manifest["shards"])
+    samples = list(read_tar(tmp_path / "out" / shard["path"]))
+    folder, animated = (media_members(s, Sample.from_json(json.loads(s["json"]))) for s in samples)
+    assert len(folder) == 15 and len(animated) == 6
+    tokenizer = tiny_tokenizer()
+    processor = SampleProcessor(tiny_config_for(tokenizer), tokenizer, tokenizer)
+    sample = Sample.from_json(json.loads(samples[0]["json"]))
+    processor.settings.num_frames = 20  # more than the folder holds: all 15, then the last repeated
+    pixels = processor(sample, folder).pixel_values
+    brightness = [round(float(frame.mean()), 1) for frame in pixels]
+    assert len(pixels) == 20 and brightness[15:] == [brightness[14]] * 5
+    assert brightness[:15] == sorted(brightness[:15]) and len(set(brightness[:15])) == 15

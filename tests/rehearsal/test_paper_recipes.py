@@ -98,3 +98,16 @@ def test_a_rehearsal_without_the_model_it_starts_from_says_what_to_do(roots):
     result = run_pipeline("run", "recipes/dpo_gpu.yaml", f"run_dir={roots['root'] / 'nothing'}", "--rehearse",
                           env=roots["env"], timeout=300)
     assert result.returncode == 2 and "dpo.init" in result.stderr
+
+
+def test_the_authors_sft_recipe_rehearses_over_their_layout(roots):
+    """recipes/sft_authors_multi_image_gpu.yaml: every set of the authors' image+video+multi-image SFT,
+    in their QA layout, LLaVA-Hound's videos as frame folders, at their natural sizes."""
+    rehearsal, report = rehearse(roots, "sft_authors_multi_image_gpu.yaml")
+    manifest = json.loads((rehearsal / "shard/manifest.json").read_text())
+    assert manifest["rejected"] == []
+    assert manifest["counts"] == {"image": 3, "video": 2 + 5, "multi_image": 2}
+    history = read_metrics(rehearsal / "sft/metrics.jsonl")
+    seen = {key for m in history for key in m if key.startswith("visual_tokens/")}
+    assert seen == {"visual_tokens/video", "visual_tokens/image", "visual_tokens/multi_image"}
+    assert all(m["loader_skipped"] == 0 and m["truncated"] == 0 for m in history)

@@ -77,3 +77,15 @@ def test_images_and_truncated_images():
     assert read_image(grey.getvalue(), "grey").shape == (10, 12, 3)  # converted to RGB
     with pytest.raises(MediaError, match="img/3: cannot decode image"):
         read_image(data[: len(data) // 3], "img/3")
+
+
+@pytest.mark.parametrize("decoder", [PyAVDecoder(), DecordDecoder()], ids=["pyav", "decord"])
+def test_bounds_sample_only_that_part_of_the_video(counting_video, decoder):
+    """40 frames at 10 fps; seconds 1.0-2.0 are frames 10..20, whose 4 segment middles are 11, 14, 16, 19."""
+    assert decoder.frame_rate(counting_video, "v") == pytest.approx(10.0)
+    frames = read_video(counting_video, 4, training=False, key="v", video_decoder=decoder, bounds=[1.0, 2.0])
+    assert frame_numbers(frames) == [11, 14, 16, 19]
+    trained = read_video(counting_video, 4, training=True, key="v", video_decoder=decoder, bounds=[1.0, 2.0])
+    assert all(10 <= n <= 20 for n in frame_numbers(trained))
+    with pytest.raises(MediaError, match="hold no frame"):
+        read_video(counting_video, 4, training=False, key="v", video_decoder=decoder, bounds=[9.0, 12.0])

@@ -70,8 +70,23 @@ def test_videochat2_qa(tmp_path):
     assert first.system == "Watch carefully."
     assert [t.content for t in first.turns] == ["<image>\nWhat moves?", "A ball.", "Which way?", "Left."]
     assert second.modality == "image" and second.turns[0].content == "<image>\nColour?" and second.system == ""
-    assert "record 2: exactly one of 'video' or 'image'" in str(results[2])
+    assert "record 2: exactly one of 'video', 'image' or 'multi-image'" in str(results[2])
     assert "record 3: 'QA' must be a non-empty list" in str(results[3])
+
+
+def test_videochat2_multi_image_and_bounds(tmp_path):
+    path = write(tmp_path, "m4.json", [
+        {"multi-image": ["a.jpg", "b.jpg"], "QA": [{"i": "", "q": "<image>\n<image>\nSame?", "a": "No."}]},
+        {"multi-image": ["a.jpg"], "QA": [{"q": "?", "a": "!"}]},
+        {"video": "long.mp4", "start": 12, "end": 20.5, "QA": [{"q": "What happens?", "a": "A jump."}]},
+        {"video": "long.mp4", "start": 20, "end": 10, "QA": [{"q": "?", "a": "!"}]},
+    ])
+    multi, single, bounded, backwards = list(read_videochat2(path, dataset="m4"))
+    assert multi.modality == "multi_image" and multi.media == ["a.jpg", "b.jpg"] and multi.system == ""
+    assert multi.turns[0].content == "<image>\n<image>\nSame?"
+    assert "'multi-image' must be a list of at least two paths" in str(single)
+    assert bounded.bounds == [12.0, 20.5] and bounded.media == ["long.mp4"]
+    assert "0 <= start < end" in str(backwards)
 
 
 def test_dpo_jsonl_with_line_numbers(tmp_path):
