@@ -299,5 +299,8 @@ class TrainingRun:
         saved_at = self.saved_at or latest_checkpoint(self.checkpoints)  # resumed at the very end: nothing to train
         last_loss = self.last.get("loss", float("nan"))
         first = float("nan") if self.first_loss is None else self.first_loss
-        return {"steps": self.total_steps, "loss": f"{first:.4f} -> {last_loss:.4f}", "checkpoint": str(saved_at),
-                "metrics": str(self.metrics.path)}
+        summary = {"steps": self.total_steps, "loss": f"{first:.4f} -> {last_loss:.4f}", "checkpoint": str(saved_at),
+                   "metrics": str(self.metrics.path)}
+        if self.loader.reasons:  # this rank's refused samples and why (the counts of all ranks are in the metrics)
+            summary["refused"] = dict(list(self.loader.reasons.items())[:20])
+        return summary

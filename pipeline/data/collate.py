@@ -156,7 +156,8 @@ class Batch:
     keys: list[str]
     truncated: int                         # samples cut to the LLM context
     visual_tokens: dict[str, list[int]]    # per modality name, visual tokens of each sample
-    skipped: list[str] = field(default_factory=list)  # keys the loader dropped (undecodable)
+    skipped: list[str] = field(default_factory=list)  # keys the loader dropped (undecodable, too long)
+    skip_reasons: dict[str, str] = field(default_factory=dict)  # why, per key (refused in this batch)
 
 
 def collate(samples: list[ProcessedSample], pad_token_id: int, clip_pad_token_id: int, image_token: int) -> Batch:

@@ -200,7 +200,7 @@ class InterleavedStream(IterableDataset):
         return [rng.choices(modalities, weights)[0]] * micro
 
     def _fill(self, plan: list[str], streams: dict[str, _ModalityStream], replay: bool) -> Batch | None:
-        processed, skipped = [], []
+        processed, skipped, reasons = [], [], {}
         for modality in plan:
             while True:
                 epoch, record = streams[modality].next()
@@ -216,10 +216,11 @@ class InterleavedStream(IterableDataset):
                 except (MediaError, SampleTooLong) as error:
                     logger.warning("skipping %s: %s", sample.key, error)
                     skipped.append(sample.key)
+                    reasons[sample.key] = str(error)
         if replay:
             return None
         batch = self.processor.collate(processed)
-        batch.skipped = skipped
+        batch.skipped, batch.skip_reasons = skipped, reasons
         return batch
 
 
@@ -261,6 +262,7 @@ class StreamingLoader:
         self.manifest_path, self.processor, self.settings = manifest_path, processor, settings
         self.rank, self.world_size = rank, world_size
         self.batches, self.used, self.bad = 0, 0, []
+        self.reasons: dict[str, str] = {}  # why each refused sample was refused (this process's; for summaries)
 
     def state_dict(self) -> dict:
         return {"batches": self.batches, "used": self.used, "bad": list(self.bad), "seed": self.settings.seed,
@@ -286,6 +288,7 @@ class StreamingLoader:
             self.batches += 1
             fresh = [key for key in batch.skipped if key not in self.bad]
             self.bad += fresh
+            self.reasons.update(batch.skip_reasons)
             self.used += len(batch.keys)
             seen = len(self.bad) + self.used
             fraction = len(self.bad) / max(1, seen)

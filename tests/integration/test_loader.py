@@ -160,6 +160,8 @@ def test_corrupt_media_is_skipped_counted_and_bounded(manifest, tmp_path, caplog
         take(tolerant, 12)
     assert sorted(tolerant.state_dict()["bad"]) == ["corrupt/0", "corrupt/1", "corrupt/2"]
     assert all(f"skipping corrupt/{index}: " in caplog.text for index in range(3))  # logged with the sample key
+    assert sorted(tolerant.reasons) == ["corrupt/0", "corrupt/1", "corrupt/2"]  # and kept, for the stage summary
+    assert all("cannot open video" in reason for reason in tolerant.reasons.values())
     strict = StreamingLoader(tmp_path / "manifest.json", tiny_processor(),
                              LoaderSettings(micro_batch_size=2, weights={"video": 1.0}, shuffle_buffer=2,
                                             max_bad_fraction=0.05, bad_fraction_grace=10))
