@@ -23,7 +23,7 @@ def inputs(recipe, world_size: int) -> dict:
     for path in recipe.data.cards:
         card = load_card(path, recipe.data.variables)
         card.check_paths()
-        sources[path] = source_fingerprint(card)
+        sources[path] = source_fingerprint(card, recipe.shard.limit_per_card)
     return {"shard": settings_fingerprint(recipe.data.cards, "", recipe.shard, recipe.data.variables),
             "sources": sources}
 

@@ -51,7 +51,8 @@ class ProcessorSettings:
     template: str = "plain_v1"      # the authors' SFT and eval format (pipeline/data/templates.py)
     clip_text: str = "conversation"  # what guides pooling in training: the formatted conversation, or "turns"
     max_length: int = 2048          # LLM context, visual tokens included (a 32-frame video: 1024)
-    training: bool = True           # frame sampling and CLIP text (question + answer) follow this
+    training: bool = True           # CLIP text (the conversation, or the questions only) and, unless
+                                    # `frames` says otherwise, frame sampling follow this
     num_frames: int | None = None   # None: the model config's num_frames
     frames: str | None = None       # "random" (one per segment) | "middle"; None: random when training
 

@@ -77,12 +77,32 @@ class _Job:
     variables: dict
 
 
-def source_fingerprint(card: DatasetCard) -> dict:
-    """What the output depends on: the card, the annotation bytes, every media file's size and mtime."""
+def _limited_media(card: DatasetCard, limit: int) -> list[Path]:
+    """The media files the first ``limit`` records name (a frame folder's frames included)."""
+    paths: list[Path] = []
+    for record in islice(READERS[card.format](card.annotation, card.name), limit):
+        if isinstance(record, RecordError):
+            continue
+        for relative in [record.video] if isinstance(record, PreferencePair) else record.media:
+            try:
+                path = card.media_path(relative)
+            except CardError:
+                continue  # the shard stage rejects it, with its reason
+            paths += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return sorted(set(p for p in paths if p.is_file()))
+
+
+def source_fingerprint(card: DatasetCard, limit: int | None = None) -> dict:
+    """What the output depends on: the card, the annotation bytes, every media file's size and mtime
+    (with ``limit``: only the files the first ``limit`` records name, so a rehearsal over a
+    million-file media tree does not stat all of it)."""
     media = hashlib.sha256()
-    for path in sorted(p for p in card.media_root.rglob("*") if p.is_file()):
+    files = (_limited_media(card, limit) if limit is not None
+             else sorted(p for p in card.media_root.rglob("*") if p.is_file()))
+    for path in files:
         stat = path.stat()
-        media.update(f"{path.relative_to(card.media_root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        name = path.relative_to(card.media_root) if path.is_relative_to(card.media_root) else path
+        media.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return {"card_sha256": sha256_of(card.source), "annotation_sha256": sha256_of(card.annotation),
             "media_fingerprint": media.hexdigest()}
 
@@ -234,7 +254,7 @@ def run_shard(cards: list[str], output: str | Path, settings: ShardSettings | No
         raise CardError(f"two cards share a name ({names}); sample keys would collide")
     for card in loaded:
         card.check_paths()
-    sources = {card.name: source_fingerprint(card) for card in loaded}
+    sources = {card.name: source_fingerprint(card, settings.limit_per_card) for card in loaded}
     described = settings_fingerprint(cards, str(output), settings, job.variables)
     fingerprint = hashlib.sha256(json.dumps({"sources": sources, "version": MANIFEST_VERSION,
                                              "settings": {k: v for k, v in described.items() if k != "variables"}},

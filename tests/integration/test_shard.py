@@ -177,3 +177,20 @@ def test_frame_folders_and_gifs_become_frames_the_loader_samples(tmp_path):
     brightness = [round(float(frame.mean()), 1) for frame in pixels]
     assert len(pixels) == 20 and brightness[15:] == [brightness[14]] * 5
     assert brightness[:15] == sorted(brightness[:15]) and len(set(brightness[:15])) == 15
+
+
+def test_a_limited_shard_fingerprints_only_the_media_it_reads(synth, tmp_path):
+    from pipeline.data.cards import load_card
+    from pipeline.data.sharding import source_fingerprint
+
+    root, _ = synth
+    card = load_card(root / "cards" / "synthetic_image.yaml")
+    before_all, before_two = source_fingerprint(card), source_fingerprint(card, limit=2)
+    unread = sorted((root / "media" / "images").glob("*.jpg"))[-1]  # past the first two records
+    original = unread.read_bytes()
+    try:
+        unread.write_bytes(original + b"\0")
+        assert source_fingerprint(card) != before_all
+        assert source_fingerprint(card, limit=2) == before_two
+    finally:
+        unread.write_bytes(original)
