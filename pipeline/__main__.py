@@ -185,7 +185,7 @@ def _chat(args: argparse.Namespace) -> int:
         if not args.question.strip():
             raise InferenceError("the question is empty")
         question = Question.from_media(args.question, videos=args.video or (), images=args.image or ())
-        missing = [str(p) for p in question.media if not p.is_file()]
+        missing = [str(p) for p in question.media if not p.exists()]  # a video may be a frame folder
         if missing:  # before the model loads
             raise InferenceError(f"media file not found: {', '.join(missing)}")
         backend = backends.select(args.backend)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -172,12 +173,22 @@ def decoder(name: str = "pyav") -> VideoDecoder:
     return DECODERS[name]()
 
 
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """A video given as a folder of frames (ShareGPTVideo's ``{:0>6}.jpg``, MVBench's
+    ``{:0>5}.jpg``): its image files in name order, which is frame order for zero-padded names."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES)
+
+
 def read_video(data: bytes, count: int, training: bool, key: str, epoch: int = 0, seed: int = 0,
                video_decoder: VideoDecoder | None = None, bounds: Sequence[float] | None = None) -> np.ndarray:
     """``count`` RGB frames [count, H, W, 3] uint8 of a video, sampled per :func:`sample_indices`;
     with ``bounds`` (start, end) in seconds, from that part of the video only (frames
     round(start x fps) .. round(end x fps), clipped to the video)."""
-    video_decoder = video_decoder or PyAVDecoder()
+    if video_decoder is None or data[:4] == b"GIF8":  # decord cannot open GIFs (TGIF, MVBench)
+        video_decoder = PyAVDecoder()
     total = video_decoder.frame_count(data, key)
     if total < 1:
         raise MediaError(key, "the video has no frames")

@@ -15,7 +15,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.data.cards import media_under_root
+from pipeline.data.media import FRAME_SUFFIXES, frame_files
 from pipeline.data.records import RecordError
+from pipeline.data.sources import read_bounds
 from pipeline.model.inference import Question
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -65,12 +67,16 @@ def _media(record: dict, root: Path, file: str, where: str) -> Question:
             path = media_under_root(root, name)
         except ValueError as error:
             raise RecordError(file, where, str(error)) from None
-        if not path.is_file():
+        folder = present[0] == "video" and path.is_dir()  # a video as a folder of frames
+        if folder and not frame_files(path):
+            raise RecordError(file, where, f"frame folder {name!r} under {root} holds no {'/'.join(FRAME_SUFFIXES)} files")
+        if not folder and not path.is_file():
             raise RecordError(file, where, f"media file {name!r} not found under {root}")
         paths.append(path)
     question = _text(record, "question", file, where)
-    return Question.from_media(question, videos=paths if present[0] == "video" else (),
-                               images=paths if present[0] == "image" else ())
+    asked = Question.from_media(question, videos=paths if present[0] == "video" else (),
+                                images=paths if present[0] == "image" else ())
+    return replace(asked, bounds=read_bounds(record, file, where)) if present[0] == "video" else asked
 
 
 def _answer_index(record: dict, options: list[str], file: str, where: str) -> int:

@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from pipeline.atomic import fsync_rename, sha256_of, write_text_atomically
 from pipeline.data.cards import CardError, DatasetCard, load_card
-from pipeline.data.media import MediaError, PyAVDecoder, read_image, read_video, sample_indices
+from pipeline.data.media import (FRAME_SUFFIXES, MediaError, PyAVDecoder, frame_files, read_image, read_video,
+                                 sample_indices)
 from pipeline.data.records import PreferencePair, RecordError, Sample
 from pipeline.data.sources import READERS
 from pipeline.data.synthetic import encode_jpeg
@@ -144,16 +145,13 @@ def _checked_media(card: DatasetCard, record: Sample | PreferencePair, settings:
     return members
 
 
-FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
 def _video_frames(key: str, path: Path, settings: ShardSettings) -> dict[str, bytes]:
     """A video given as a folder of frames (LLaVA-Hound's, any naming that sorts in frame order, e.g.
     ``{:0>6}.jpg``) or as a GIF (TGIF): its frames become the sample's ``fNNNNN.jpg`` members, all
     of them (``media: raw``; the loader samples from them like from a decoded video) or the
     ``num_frames`` eval-sampled ones (``media: frames``). Every kept frame is decoded here once."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES)
+        files = frame_files(path)
         if not files:
             raise MediaError(key, f"frame folder {path} has no {'/'.join(FRAME_SUFFIXES)} files")
         frames = [f.read_bytes() for f in files]

@@ -35,6 +35,16 @@ def _text(record: dict, key: str, file: str, where: str) -> str:
     return value
 
 
+def read_bounds(record: dict, file: str, where: str) -> list[float] | None:
+    """A record's optional ``start`` / ``end`` (seconds) bounding a clip of a longer video."""
+    if "start" not in record and "end" not in record:
+        return None
+    start, end = record.get("start"), record.get("end")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (start, end)) or not 0 <= start < end:
+        raise RecordError(file, where, f"'start' and 'end' must be seconds with 0 <= start < end, got {start!r}, {end!r}")
+    return [float(start), float(end)]
+
+
 def _with_placeholders(turns: list[Turn], count: int, file: str, where: str) -> list[Turn]:
     """Exactly ``count`` placeholders, all in the first user turn (added in front when absent)."""
     found = [turn.content.count(IMAGE_PLACEHOLDER) for turn in turns]
@@ -137,12 +147,7 @@ def _videochat2_record(record: Any, file: str, index: int, dataset: str) -> Samp
         turns.append(Turn("user", _text(item, "q", file, at)))
         turns.append(Turn("assistant", _text(item, "a", file, at)))
     turns = _with_placeholders(turns, len(media) if modality == "multi_image" else 1, file, where)
-    bounds = None
-    if "start" in record or "end" in record:  # VideoChat2-IT's clips of longer videos, in seconds
-        start, end = record.get("start"), record.get("end")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (start, end)) or not 0 <= start < end:
-            raise RecordError(file, where, f"'start' and 'end' must be seconds with 0 <= start < end, got {start!r}, {end!r}")
-        bounds = [float(start), float(end)]
+    bounds = read_bounds(record, file, where)  # VideoChat2-IT's clips of longer videos
     # The first QA's instruction is the conversation's system text; later ones are not read (the
     # authors' interleave_sft_dataset.py; VideoChat2-IT repeats one instruction per record).
     return Sample(f"{dataset}/{index}", modality, list(media), turns, dataset, system=instructions[0], bounds=bounds)

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from pipeline.data.collate import MODALITY_IDS, ProcessedSample, SampleProcessor, collate, expand_placeholders
-from pipeline.data.media import decoder
+from pipeline.data.media import decoder, frame_files
 from pipeline.data.records import IMAGE_PLACEHOLDER, Sample, Turn
 from pipeline.data.templates import IGNORE_INDEX, encode, encode_prefixed_answer
 from pipeline.layout import CHECKSUMS, CLIP_TOKENIZER_DIR
@@ -59,6 +59,7 @@ class Question:
     media: tuple[Path, ...] = ()
     answer_prefix: str = ""             # the assistant's answer starts with it (not scored), e.g. "Best option:("
     guide: str | None = None            # the text that guides pooling (default: the question)
+    bounds: list[float] | None = None   # a video's (start, end) in seconds: frames from that part only
 
     @classmethod
     def from_media(cls, text: str, videos: Sequence[str | Path] = (), images: Sequence[str | Path] = ()) -> "Question":
@@ -89,6 +90,12 @@ class Question:
 
 
 def read_media(question: Question) -> list[bytes]:
+    """The media's bytes; a video given as a folder of frames gives its frames' bytes, in order."""
+    if question.modality == "video" and question.media and question.media[0].is_dir():
+        frames = frame_files(question.media[0])
+        if not frames:
+            raise InferenceError(f"frame folder {question.media[0]} holds no frames")
+        return [p.read_bytes() for p in frames]
     missing = [str(p) for p in question.media if not p.is_file()]
     if missing:
         raise InferenceError(f"media file not found: {', '.join(missing)}")
@@ -118,7 +125,8 @@ class InferenceModel:
     # -- inputs -------------------------------------------------------------------------------
     def pixels(self, question: Question) -> tuple[torch.Tensor, tuple[int, int]]:
         """Frames [T, 3, S, S] as the model sees them (eval sampling) and an image's (height, width)."""
-        sample = Sample(question.key, question.modality, [str(p) for p in question.media], [question.user_turn()])
+        sample = Sample(question.key, question.modality, [str(p) for p in question.media], [question.user_turn()],
+                        bounds=question.bounds)
         pixel_values, image_size = self.processor.pixels(sample, read_media(question), epoch=0)
         return pixel_values, tuple(int(v) for v in image_size)
 

@@ -10,7 +10,7 @@ import backends
 from backends import DistributedContext
 from pipeline.__main__ import main
 from pipeline.data.collate import ProcessorSettings, SampleProcessor
-from pipeline.data.records import Sample, Turn
+from pipeline.data.records import RecordError, Sample, Turn
 from pipeline.data.synthetic import SynthSettings, generate
 from pipeline.model.inference import InferenceError, Question, load_model_dir
 from pipeline.model.setup import save_processor_config, save_tokenizers
@@ -187,3 +187,33 @@ def test_eval_runs_from_a_recipe_and_is_skipped_when_unchanged(world, tmp_path):
     assert "| eval_multiple_choice | multiple choice | 2 |" in first.stdout
     second = run_pipeline("run", str(recipe), timeout=300)
     assert second.returncode == 0 and "stage eval: skipped" in second.stderr
+
+
+def test_questions_on_frame_folders_and_bounded_clips(world, tmp_path):
+    """MVBench's layouts: a video as a folder of {:0>5}.jpg frames, and start/end seconds of a clip."""
+    from pipeline.data.media import read_video
+    from pipeline.data.questions import read_task
+    from pipeline.data.synthetic import encode_jpeg
+
+    video = world["media"] / world["questions"][0]["video"]
+    folder = tmp_path / "media" / "episode_0"
+    folder.mkdir(parents=True)
+    for index, frame in enumerate(read_video(video.read_bytes(), 12, training=False, key="v")):
+        (folder / f"{index + 1:0>5}.jpg").write_bytes(encode_jpeg(frame))
+    (tmp_path / "media" / "clip.mp4").write_bytes(video.read_bytes())
+    record = {"question": "Which way does the red circle move?", "options": ["left", "right"], "answer": "A"}
+    questions = [{"video": "episode_0", **record}, {"video": "clip.mp4", "start": 0.2, "end": 0.8, **record},
+                 {"video": "clip.mp4", **record}]
+    (tmp_path / "mc.json").write_text(json.dumps(questions))
+    task = read_task(tmp_path / "mc.json", "multiple_choice", str(tmp_path / "media"))
+    folder_item, bounded, whole = task.items
+    assert bounded.question.bounds == [0.2, 0.8] and whole.question.bounds is None
+    model = load_model_dir(world["model"])
+    pixels = [model.pixels(item.question)[0] for item in task.items]
+    assert pixels[0].shape[0] == pixels[1].shape[0] == model.num_frames
+    assert not torch.equal(pixels[1], pixels[2])  # the bounded clip's frames are other frames
+    assert all(len(model.answer_loglikelihoods(item.question, item.options)) == 2 for item in task.items)
+    (tmp_path / "media" / "empty").mkdir()
+    (tmp_path / "bad.json").write_text(json.dumps([{"video": "empty", **record}]))
+    with pytest.raises(RecordError, match="holds no .jpg"):
+        read_task(tmp_path / "bad.json", "multiple_choice", str(tmp_path / "media"))

@@ -89,3 +89,11 @@ def test_bounds_sample_only_that_part_of_the_video(counting_video, decoder):
     assert all(10 <= n <= 20 for n in frame_numbers(trained))
     with pytest.raises(MediaError, match="hold no frame"):
         read_video(counting_video, 4, training=False, key="v", video_decoder=decoder, bounds=[9.0, 12.0])
+
+
+def test_gifs_are_read_with_pyav_whichever_decoder_is_configured():
+    images = [Image.fromarray(np.full((32, 32, 3), 6 * i, np.uint8)) for i in range(10)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=40)
+    frames = read_video(buffer.getvalue(), 5, training=False, key="g", video_decoder=DecordDecoder())
+    assert frames.shape == (5, 32, 32, 3) and frame_numbers(frames) == [1, 3, 5, 7, 9]
