@@ -3,8 +3,9 @@
 Multiple-choice records (MVBench style): {"video" | "image": path or, for images, a list of
 paths, "question": str, "options" | "candidates": [str, ...], "answer": a letter "A".. or the
 answer's text}; open-ended records: {"video" | "image": path, "question": str, "answer": str
-(optional)}. Media paths are relative to a media root (default: the file's folder) and may not
-leave it. ``read_task`` checks every record before any model loads, and names the file, the
+(optional)}. A video may be a file, a GIF or a folder of frames, and may carry "start" / "end"
+seconds (MVBench's bounded tasks). Media paths are relative to a media root (default: the
+file's folder) and may not leave it. ``read_task`` checks every record before any model loads, and names the file, the
 record index and the reason of the first bad one (RecordError).
 """
 
