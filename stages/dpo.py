@@ -169,6 +169,7 @@ def run(context: StageContext) -> dict:
     if dpo.template is not None:  # LLaVA-Hound's Vicuna v1 by default; the model directory keeps the SFT one
         processor_settings.template = dpo.template
     processor_settings.frames = dpo.frames
+    processor_settings.frame_scheme = recipe.data.frame_sampling
     processor = PairProcessor(SampleProcessor(model.config, tokenizer, clip_tokenizer, processor_settings,
                                               video_decoder=decoder(recipe.data.decoder)))
     loader = StreamingLoader(recipe.manifest_path, processor,

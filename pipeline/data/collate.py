@@ -55,6 +55,7 @@ class ProcessorSettings:
                                     # `frames` says otherwise, frame sampling follow this
     num_frames: int | None = None   # None: the model config's num_frames
     frames: str | None = None       # "random" (one per segment) | "middle"; None: random when training
+    frame_scheme: str = "segments"  # "authors": their exact index arithmetic (media.authors_indices)
 
 
 @dataclass
@@ -85,11 +86,11 @@ class SampleProcessor:
         count = self.settings.num_frames or self.config.num_frames
         randomly = self.settings.training if self.settings.frames is None else self.settings.frames == "random"
         if sample.modality == "video" and len(media) > 1:  # frames pre-extracted by the shard stage
-            chosen = sample_indices(len(media), count, randomly, sample_seed(sample.key, epoch))
+            chosen = sample_indices(len(media), count, randomly, sample_seed(sample.key, epoch), self.settings.frame_scheme)
             return frames_to_pixels([read_image(media[i], f"{sample.key}[frame {i}]") for i in chosen], size), (0, 0)
         if sample.modality == "video":
             frames = read_video(media[0], count, randomly, sample.key, epoch, video_decoder=self.video_decoder,
-                                bounds=sample.bounds)
+                                bounds=sample.bounds, scheme=self.settings.frame_scheme)
             return frames_to_pixels(list(frames), size), (0, 0)
         if sample.modality == "image":
             image = read_image(media[0], sample.key)

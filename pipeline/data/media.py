@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import random
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -31,16 +32,24 @@ def sample_seed(key: str, epoch: int, seed: int = 0) -> int:
     return int.from_bytes(digest, "little")
 
 
-def sample_indices(total: int, count: int, training: bool, seed: int = 0) -> list[int]:
+FRAME_SCHEMES = ("segments", "authors")
+
+
+def sample_indices(total: int, count: int, training: bool, seed: int = 0, scheme: str = "segments") -> list[int]:
     """``count`` frame indices of a ``total``-frame video, split into ``count`` equal segments.
 
     Training: a random point inside each segment (``seed`` from :func:`sample_seed`); a video
     shorter than ``count`` gives all its frames, then its last frame repeated at the tail (the
     authors' datasets/utils.py). Eval: each segment's middle (a short video's frames repeat in
-    place, as the authors' eval sampling spreads them).
+    place, as the authors' eval sampling spreads them). ``scheme="authors"`` reproduces the
+    authors' arithmetic exactly (:func:`authors_indices`).
     """
     if total < 1:
         raise ValueError("a video needs at least one frame")
+    if scheme not in FRAME_SCHEMES:
+        raise ValueError(f"frame sampling must be one of {FRAME_SCHEMES}, got {scheme!r}")
+    if scheme == "authors":
+        return authors_indices(total, count, training, seed)
     if training and total < count:
         return list(range(total)) + [total - 1] * (count - total)
     edges = np.linspace(0, total, count + 1)
@@ -50,6 +59,26 @@ def sample_indices(total: int, count: int, training: bool, seed: int = 0) -> lis
     else:
         points = (edges[:-1] + edges[1:]) / 2
     return np.clip(np.floor(points).astype(int), 0, total - 1).tolist()
+
+
+def authors_indices(total: int, count: int, training: bool, seed: int = 0) -> list[int]:
+    """The authors' frame arithmetic, off-by-ones included. Training (their datasets/utils.py,
+    'rand'): segment bounds ``int(linspace(0, total, n + 1))``, a random frame in
+    ``[start, next_start - 2]`` (their range excludes each segment's last frame), a random sorted
+    subset when a segment is too narrow for that, and the last frame repeated at the tail of a
+    short video. Eval (their test/video_utils.py): ``int(seg / 2 + round(seg * k))`` with
+    ``seg = (total - 1) / count`` (the last frame ends no segment)."""
+    if not training:
+        segment = (total - 1) / count
+        return [int(segment / 2 + np.round(segment * k)) for k in range(count)]
+    rng = random.Random(seed)
+    kept = min(count, total)
+    bounds = np.linspace(0, total, kept + 1).astype(int)
+    try:
+        indices = [rng.choice(range(int(bounds[k]), int(bounds[k + 1]) - 1)) for k in range(kept)]
+    except IndexError:  # a segment of one frame: their fallback
+        indices = sorted(rng.sample(range(total), kept))
+    return indices + [indices[-1]] * (count - kept)
 
 
 class VideoDecoder(Protocol):
@@ -183,7 +212,8 @@ def frame_files(folder: Path) -> list[Path]:
 
 
 def read_video(data: bytes, count: int, training: bool, key: str, epoch: int = 0, seed: int = 0,
-               video_decoder: VideoDecoder | None = None, bounds: Sequence[float] | None = None) -> np.ndarray:
+               video_decoder: VideoDecoder | None = None, bounds: Sequence[float] | None = None,
+               scheme: str = "segments") -> np.ndarray:
     """``count`` RGB frames [count, H, W, 3] uint8 of a video, sampled per :func:`sample_indices`;
     with ``bounds`` (start, end) in seconds, from that part of the video only (frames
     round(start x fps) .. round(end x fps), clipped to the video)."""
@@ -198,7 +228,7 @@ def read_video(data: bytes, count: int, training: bool, key: str, epoch: int = 0
         first, last = max(0, round(bounds[0] * fps)), min(total - 1, round(bounds[1] * fps))
         if first > last:
             raise MediaError(key, f"bounds {list(bounds)} s hold no frame of a {total}-frame video at {fps:g} fps")
-    indices = sample_indices(last - first + 1, count, training, sample_seed(key, epoch, seed))
+    indices = sample_indices(last - first + 1, count, training, sample_seed(key, epoch, seed), scheme)
     return video_decoder.read(data, [first + i for i in indices], key)
 
 

@@ -88,14 +88,16 @@ def build_model(recipe: Recipe, tokenizer, attn_implementation: str) -> PPLLaVAF
 
 def build_processor(recipe: Recipe, config, tokenizer, clip_tokenizer, training: bool = True) -> SampleProcessor:
     settings = ProcessorSettings(template=recipe.data.template, clip_text=recipe.data.clip_text,
-                                 max_length=recipe.data.max_length, training=training)
+                                 max_length=recipe.data.max_length, training=training,
+                                 frame_scheme=recipe.data.frame_sampling)
     return SampleProcessor(config, tokenizer, clip_tokenizer, settings, video_decoder=decoder(recipe.data.decoder))
 
 
 def save_processor_config(recipe: Recipe, config, directory: Path) -> None:
     """processor_config.json: how inputs were prepared in training (chat template, context, frames,
     kernels), so inference prepares them the same way."""
-    settings = {"template": recipe.data.template, "clip_text": recipe.data.clip_text, "max_length": recipe.data.max_length,
+    settings = {"template": recipe.data.template, "clip_text": recipe.data.clip_text,
+                "frame_sampling": recipe.data.frame_sampling, "max_length": recipe.data.max_length,
                 "num_frames": config.num_frames, "video_kernel": list(config.video_kernel),
                 "image_kernel": list(config.image_kernel), "multi_image_kernel": list(config.multi_image_kernel),
                 "clip_context_length": config.clip_context_length}
@@ -106,7 +108,8 @@ def load_processor_settings(directory: Path) -> ProcessorSettings:
     """Inference settings (eval-mode frame sampling, prompt-only CLIP text) of a model directory."""
     path = Path(directory) / PROCESSOR_CONFIG
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    return ProcessorSettings(template=saved.get("template", "vicuna_v1"), max_length=saved.get("max_length", ProcessorSettings.max_length),
+    return ProcessorSettings(template=saved.get("template", "vicuna_v1"), frame_scheme=saved.get("frame_sampling", "segments"),
+                             max_length=saved.get("max_length", ProcessorSettings.max_length),
                              training=False)
 
 

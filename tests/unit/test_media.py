@@ -97,3 +97,16 @@ def test_gifs_are_read_with_pyav_whichever_decoder_is_configured():
     images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=40)
     frames = read_video(buffer.getvalue(), 5, training=False, key="g", video_decoder=DecordDecoder())
     assert frames.shape == (5, 32, 32, 3) and frame_numbers(frames) == [1, 3, 5, 7, 9]
+
+
+def test_the_authors_frame_arithmetic_is_available_exactly():
+    """Golden values from their test/video_utils.py (eval) and datasets/utils.py (training)."""
+    assert sample_indices(100, 4, training=False, scheme="authors") == [12, 37, 62, 86]  # ours ends at 87
+    eval32 = sample_indices(32, 32, training=False, scheme="authors")
+    assert 31 not in eval32 and eval32.count(16) == 2  # the last frame ends no segment
+    picks = sample_indices(300, 32, training=True, seed=3, scheme="authors")
+    starts = [int(300 * k / 32) for k in range(33)]
+    assert all(starts[k] <= i <= starts[k + 1] - 2 for k, i in enumerate(picks))
+    assert sample_indices(15, 32, training=True, seed=3, scheme="authors") == list(range(15)) + [14] * 17
+    with pytest.raises(ValueError, match="frame sampling must be one of"):
+        sample_indices(10, 4, training=False, scheme="uniform")
