@@ -75,8 +75,7 @@ def with_image_newlines(text: str) -> str:
     return text.replace(IMAGE_PLACEHOLDER, f"{IMAGE_PLACEHOLDER}\n")
 
 
-def role_pieces(turns: list[Turn], template: str, system: str | None = None,
-                add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
+def role_pieces(turns: list[Turn], template: str, system: str | None = None) -> list[tuple[str, bool]]:
     """(text, is_answer) pieces of a role template's rendering, in order; an answer piece is
     followed by the end-of-turn token. A conversation ending with a user turn ends with the
     generation prompt ("ASSISTANT:" and, for plain_v1, its space)."""
@@ -125,16 +124,16 @@ def encode_with_tokenizer_template(turns: list[Turn], tokenizer, image_token_ind
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": t.role, "content": t.content.replace(IMAGE_PLACEHOLDER, image_token)} for t in turns]
 
-    def render(count: int, prompt: bool) -> str:
+    def rendered(count: int, prompt: bool) -> str:
         return tokenizer.apply_chat_template(messages[:count], tokenize=False, add_generation_prompt=prompt)
 
-    text = render(len(messages), add_generation_prompt)
+    text = rendered(len(messages), add_generation_prompt)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start, end = len(render(index, True)), len(render(index + 1, False))
-        if not text.startswith(render(index + 1, False)):
+        start, end = len(rendered(index, True)), len(rendered(index + 1, False))
+        if not text.startswith(rendered(index + 1, False)):
             raise ValueError("the tokenizer's chat template does not render a conversation prefix as a prefix")
         spans.append((start, end))
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
