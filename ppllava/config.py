@@ -49,7 +49,9 @@ class PPLLaVAConfig(PreTrainedConfig):
     projection_dim / logit_scale_init_value: CLIP's joint space and temperature (eq.1's tau = exp).
     video_kernel, image_kernel, multi_image_kernel: pooling windows (kt, kh, kw) per modality;
         the matching ``*_stride`` of None means stride = kernel.
-    pooling_mode: "weighted" (eq.3, paper default), or the Table 7 ablations "max", "separate"
+    pooling_mode: "weighted" (eq.3, paper default); the baselines "average" (plain window mean, the
+        prompt unused: PLLaVA / the authors' avp) and "none" (every visual token); or the Table 7
+        ablations "max", "separate"
         (spatial and temporal pooled apart, concatenated), "multi_kernel" (two kernels, concatenated;
         the second one is ``second_video_kernel``).
     window_temperature: the official per-window softmax temperature (0.01); None = plain eq.3.
@@ -89,7 +91,7 @@ class PPLLaVAConfig(PreTrainedConfig):
     multi_image_kernel: list | None = None
     multi_image_stride: list | None = None
     second_video_kernel: list | None = None
-    pooling_mode: Literal["weighted", "max", "separate", "multi_kernel"] = "weighted"
+    pooling_mode: Literal["weighted", "max", "average", "none", "separate", "multi_kernel"] = "weighted"
     window_temperature: float | None = 0.01
     clip_context_length: int = 248
     clip_keep_positions: int = 20

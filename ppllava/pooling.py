@@ -109,6 +109,8 @@ def window_weights(
 
     weighted: softmax(s / temperature) inside each window (official), or s itself (plain eq.3).
     max: one-hot on the most relevant token of each window (Table 7's prompt-guided max pooling).
+    average: every token of the window alike, whatever the prompt (PLLaVA's pooling, the authors'
+    `avp` baseline): the same windows and token count without the guidance.
     """
     windows = _windows(relevance.to(torch.promote_types(relevance.dtype, torch.float32)), kernel, stride)
     flat = windows.flatten(start_dim=4)
@@ -116,8 +118,10 @@ def window_weights(
         weights = F.one_hot(flat.argmax(dim=-1), flat.shape[-1]).to(flat.dtype)
     elif reduce == "weighted":
         weights = flat if window_temperature is None else (flat / window_temperature).softmax(dim=-1)
+    elif reduce == "average":
+        weights = torch.full_like(flat, 1.0 / flat.shape[-1])
     else:
-        raise ValueError(f"reduce must be 'weighted' or 'max', got {reduce!r}")
+        raise ValueError(f"reduce must be 'weighted', 'max' or 'average', got {reduce!r}")
     return weights.reshape(windows.shape)
 
 
@@ -151,6 +155,9 @@ def prompt_guided_pool(
     return _WindowWeightedSum.apply(features, weights, kernel, stride)
 
 
+POOLING_MODES = ("weighted", "max", "average", "none", "separate", "multi_kernel")
+
+
 def pool_tokens(
     features: torch.Tensor,
     relevance: torch.Tensor,
@@ -164,6 +171,8 @@ def pool_tokens(
 
     weighted      eq.3 with ``kernel``/``stride`` (the paper's method)
     max           the most relevant token of each window
+    average       the plain mean of each window, prompt unused (PLLaVA; the authors' `avp` baseline)
+    none          every visual token, unpooled (T*H*W of them: only for small grids)
     separate      spatial and temporal pooled apart: every (h, w) over all frames (H*W tokens),
                   then every frame over all positions (T tokens); 576 + 32 = 608 for a video
     multi_kernel  ``kernel`` and ``second_kernel`` pools concatenated ((1,6,6)+(8,2,2) -> 1088)
@@ -175,15 +184,17 @@ def pool_tokens(
     frames, height, width = features.shape[1:4]
     if mode == "weighted":
         return pooled(kernel, stride)
-    if mode == "max":
-        return pooled(kernel, stride, reduce="max")
+    if mode in ("max", "average"):
+        return pooled(kernel, stride, reduce=mode)
+    if mode == "none":
+        return features.flatten(start_dim=1, end_dim=3)
     if mode == "separate":
         return torch.cat([pooled((frames, 1, 1)), pooled((1, height, width))], dim=1)
     if mode == "multi_kernel":
         if second_kernel is None:
             raise ValueError("pooling mode 'multi_kernel' needs second_kernel")
         return torch.cat([pooled(kernel, stride), pooled(second_kernel)], dim=1)
-    raise ValueError(f"unknown pooling mode {mode!r}; expected weighted, max, separate or multi_kernel")
+    raise ValueError(f"unknown pooling mode {mode!r}; expected one of {POOLING_MODES}")
 
 
 def pooled_token_count(
@@ -198,8 +209,10 @@ def pooled_token_count(
         t, h, w = pooled_size(size, k, d)
         return t * h * w
 
-    if mode in ("weighted", "max"):
+    if mode in ("weighted", "max", "average"):
         return count(kernel, stride)
+    if mode == "none":
+        return size[0] * size[1] * size[2]
     if mode == "separate":
         return size[1] * size[2] + max(size[0], 1)
     if mode == "multi_kernel":

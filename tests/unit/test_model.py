@@ -133,11 +133,14 @@ def test_llm_families(family):
     assert output.logits.shape == (*batch["input_ids"].shape, model.config.text_config.vocab_size)
 
 
-@pytest.mark.parametrize("mode", ["max", "separate", "multi_kernel"])
-def test_table7_pooling_modes_run_end_to_end(mode):
+@pytest.mark.parametrize("mode", ["max", "separate", "multi_kernel", "average", "none"])
+def test_table7_and_baseline_pooling_modes_run_end_to_end(mode):
     model = tiny_model(pooling_mode=mode)
     batch = build_batch(model.config, INTERLEAVED)  # placeholders sized by the processor for this mode
     assert torch.isfinite(model(**batch).loss)
+    video_tokens = int((batch["input_ids"][0] == model.config.image_token_index).sum())
+    expected = {"average": 16, "none": 8 * 6 * 6}  # 8 frames of 6x6 patches: (2,3,3) windows, or all of them
+    assert video_tokens == expected.get(mode, video_tokens)
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():

@@ -96,6 +96,7 @@ def test_paper_token_counts():
 
 @pytest.mark.parametrize(
     "mode,kernel,second", [("weighted", (2, 3, 3), None), ("max", (2, 3, 3), None), ("separate", (2, 3, 3), None),
+                           ("average", (2, 3, 3), None), ("none", (2, 3, 3), None),
                            ("multi_kernel", (1, 6, 6), (8, 2, 2)), ("multi_kernel", (4, 3, 3), (2, 4, 4))]
 )
 def test_pool_tokens_counts_match_pooled_token_count(mode, kernel, second):
@@ -111,6 +112,22 @@ def test_max_mode_takes_the_most_relevant_token_of_each_window():
         window = scores[0, 2 * t : 2 * t + 2, 3 * h : 3 * h + 3, 3 * w : 3 * w + 3]
         i, j, k = divmod(int(window.argmax()), 9)[0], *divmod(int(window.argmax()) % 9, 3)
         torch.testing.assert_close(pooled[0, t, h, w], features[0, 2 * t + i, 3 * h + j, 3 * w + k])
+
+
+def test_average_mode_is_the_plain_window_mean_whatever_the_prompt():
+    """PLLaVA's pooling / the authors' avp baseline: torch's avg_pool3d over the same windows."""
+    features, scores = random_inputs(1, 4, 6, 6, channels=5)
+    tokens = pool_tokens(features, scores, (2, 3, 3), mode="average")
+    expected = torch.nn.functional.avg_pool3d(features[0].permute(3, 0, 1, 2), (2, 3, 3)).permute(1, 2, 3, 0)
+    torch.testing.assert_close(tokens[0], expected.reshape(-1, 5), atol=1e-6, rtol=1e-5)
+    other = pool_tokens(features, torch.rand_like(scores), (2, 3, 3), mode="average")
+    torch.testing.assert_close(tokens, other)  # the prompt's relevance does not enter
+
+
+def test_none_mode_passes_every_visual_token():
+    features, scores = random_inputs(1, 2, 6, 6, channels=5)
+    tokens = pool_tokens(features, scores, (2, 3, 3), mode="none")
+    assert torch.equal(tokens[0], features[0].reshape(-1, 5)) and tokens.shape[1] == pooled_token_count((2, 6, 6), (2, 3, 3), mode="none")
 
 
 def test_separate_mode_is_spatial_then_temporal_weighted_pools():
