@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import shutil
 from pathlib import Path
 
 from pipeline.layout import COMPLETE, MANIFEST, METRICS, PROCESSOR_CONFIG
+from pipeline.metrics import read_metrics
 from pipeline.recipe import Recipe, RecipeError
-
-logger = logging.getLogger(__name__)
 
 REHEARSAL_DIR = "rehearsal"
 SEED = 0
@@ -132,8 +130,6 @@ def rehearsal_report(recipe: Recipe) -> str:
         metrics_path = root / stage / METRICS
         if not metrics_path.is_file():
             continue
-        from pipeline.metrics import read_metrics
-
         history = read_metrics(metrics_path)
         summary = _summary(root / stage)
         visual = {key.split("/", 1)[1]: round(value) for key, value in history[-1].items()
@@ -155,5 +151,6 @@ def rehearsal_report(recipe: Recipe) -> str:
 
 
 def _summary(stage_dir: Path) -> dict:
-    path = stage_dir / COMPLETE
-    return json.loads(path.read_text()).get("summary", {}) if path.is_file() else {}
+    from pipeline.runner import read_complete
+
+    return (read_complete(stage_dir) or {}).get("summary", {})

@@ -138,7 +138,7 @@ def multiple_choice_prompt(item: Item, style: str = "mvbench") -> tuple[Question
     guide = f"Question: {item.question.text}\nOptions:\n" + "\n".join(lettered)
     question = replace(item.question, text=f"{guide}\n{MVBENCH_INSTRUCTION}", answer_prefix=MVBENCH_ANSWER_PREFIX,
                        guide=guide)
-    return question, [f"{LETTERS[i]}) {option}" for i, option in enumerate(item.options)]
+    return question, [line[1:] for line in lettered]  # "A) option": the answer after "Best option:("
 
 
 def read_task(path: str | Path, kind: str, media_root: str | None = None, limit: int | None = None) -> Task:

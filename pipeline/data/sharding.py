@@ -12,9 +12,10 @@ a complete shard. A unit whose manifest exists with the same fingerprint is not 
 when the whole manifest's fingerprint is unchanged nothing is done at all.
 
 Tar members of one sample: `<n>.json` (the record, its original key inside) and its media:
-`<n>.mp4` / `<n>.jpg` / `<n>.0.jpg`, `<n>.1.jpg`... (multi-image), or with
-``media: frames`` the video's eval-sampled frames as `<n>.f00000.jpg`... (a frame folder or GIF: always frames) (for hosts without a
-fast decoder; training frame sampling is then fixed at shard time).
+`<n>.mp4` / `<n>.jpg` / `<n>.0.jpg`, `<n>.1.jpg`... (multi-image), or a video's frames as
+`<n>.f00000.jpg`...: with ``media: frames`` its eval-sampled ones (for hosts without a fast
+decoder; training frame sampling is then fixed at shard time), and for a video given as a frame
+folder or GIF all of them.
 """
 
 from __future__ import annotations
@@ -154,9 +155,9 @@ def _video_frames(key: str, path: Path, settings: ShardSettings) -> dict[str, by
         files = frame_files(path)
         if not files:
             raise MediaError(key, f"frame folder {path} has no {'/'.join(FRAME_SUFFIXES)} files")
+        if settings.media == "frames":  # read only the frames kept
+            files = [files[i] for i in sample_indices(len(files), settings.num_frames, training=False)]
         frames = [f.read_bytes() for f in files]
-        if settings.media == "frames":
-            frames = [frames[i] for i in sample_indices(len(frames), settings.num_frames, training=False)]
         for index, data in enumerate(frames):
             read_image(data, f"{key}[frame {index}]")
         return {f"f{index:05d}.jpg": data for index, data in enumerate(frames)}

@@ -67,10 +67,11 @@ def _defaults(overrides: dict, why: str) -> tuple[PPLLaVAConfig, str, bool]:
     return PPLLaVAConfig(**overrides), f"PPLLaVA defaults ({why})", False
 
 
-def _directory_config(path: str | None, what: str) -> tuple[PPLLaVAConfig, str, bool]:
+def _directory_config(path: str | None, what: str, overrides: dict | None = None) -> tuple[PPLLaVAConfig, str, bool]:
+    """A model directory's config with ``overrides`` applied as ``build_model`` applies them."""
     if path and (Path(path) / "config.json").is_file():
-        return PPLLaVAConfig.from_pretrained(path), str(path), True
-    return _defaults({}, f"{what} {path} is not there yet")
+        return PPLLaVAConfig.from_pretrained(path, **(overrides or {})), str(path), True
+    return _defaults(overrides or {}, f"{what} {path} is not there yet")
 
 
 def training_model_config(recipe: Recipe) -> tuple[PPLLaVAConfig, str, bool]:
@@ -89,10 +90,7 @@ def training_model_config(recipe: Recipe) -> tuple[PPLLaVAConfig, str, bool]:
 
         llava_next, clip = (AutoConfig.from_pretrained(p) for p in (model.llava_next_path, model.clip_path))
         return config_from_sources(llava_next, clip, **overrides), str(model.llava_next_path), True
-    config, where, known = _directory_config(model.pretrained_path, "model.pretrained_path")
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config, where, known
+    return _directory_config(model.pretrained_path, "model.pretrained_path", overrides)
 
 
 def stage_model_config(recipe: Recipe, stage: str) -> tuple[PPLLaVAConfig, str, bool]:
@@ -111,16 +109,15 @@ def stage_model_config(recipe: Recipe, stage: str) -> tuple[PPLLaVAConfig, str, 
 def stage_budget(recipe: Recipe, stage: str) -> StageBudget:
     config, where, known = stage_model_config(recipe, stage)
     llm_context = getattr(config.text_config, "max_position_embeddings", None) if known else None
-    frames, kernel = config.num_frames, tuple(config.video_kernel)
+    eval_kernel = recipe.eval.video_kernel if stage == "eval" else None  # stride = kernel, as inference sets it
+    frames, kernel = config.num_frames, tuple(eval_kernel or config.video_kernel)
     if stage == "eval":
         frames = recipe.eval.num_frames or frames
-        kernel = tuple(recipe.eval.video_kernel or kernel)
         # Inference prompts may use the whole LLM context (pipeline/model/inference.py).
         context, context_key = (llm_context, "the LLM's max_position_embeddings") if llm_context else \
             (recipe.data.max_length, "data.max_length")
     else:
         context, context_key = recipe.data.max_length, "data.max_length"
-    eval_kernel = recipe.eval.video_kernel if stage == "eval" else None  # stride = kernel, as inference sets it
     video = visual_token_count(config, VIDEO, frames, eval_kernel)
     largest = max(image_token_count(config, (int(h), int(w))) for h, w in config.image_grid_pinpoints)
     per_image = visual_token_count(config, MULTI_IMAGE, 1)

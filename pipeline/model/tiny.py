@@ -61,9 +61,10 @@ def shrunk_config(config: PPLLaVAConfig) -> PPLLaVAConfig:
     data = config.to_dict()
     for part, sizes in SHRUNK_WIDTH.items():
         sub = data[part]
+        grouped = sub.get("num_key_value_heads") and sub["num_key_value_heads"] < sub.get("num_attention_heads", 0)
         sub.update(sizes)
         if sub.get("num_key_value_heads"):  # grouped-query attention stays grouped
-            sub["num_key_value_heads"] = 2 if sub["num_key_value_heads"] < sub.get("num_attention_heads", 0) else 4
+            sub["num_key_value_heads"] = 2 if grouped else sizes["num_attention_heads"]
         if sub.get("head_dim"):
             sub["head_dim"] = sizes["hidden_size"] // sizes["num_attention_heads"]
         if "projection_dim" in sub:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import INTERLEAVED, build_batch, tiny_model
-from ppllava import IMAGE, MULTI_IMAGE, TEXT, VIDEO
+from ppllava import IMAGE, MULTI_IMAGE, TEXT, VIDEO, PPLLaVAConfig
 from ppllava.processing import visual_token_count
 
 pytestmark = pytest.mark.unit
@@ -235,3 +235,22 @@ def test_prompts_guide_pooling_with_the_tiny_tokenizers_end_token():
     with torch.no_grad():
         hidden = model.clip_text(input_ids=ids, attention_mask=mask).last_hidden_state
         torch.testing.assert_close(model.encode_prompts(ids, mask), model.text_projection(hidden[:, end]))
+
+
+def test_a_shrunk_config_keeps_everything_but_width_and_depth():
+    """The rehearsal's model: real vocabularies, special ids, geometry; grouped-query attention stays grouped."""
+    from pipeline.model.tiny import shrunk_config
+
+    real = PPLLaVAConfig(text_config={"model_type": "llama", "vocab_size": 32064, "num_attention_heads": 32,
+                                      "num_key_value_heads": 8, "max_position_embeddings": 4096},
+                         clip_text_config={"vocab_size": 49408, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+                                           "max_position_embeddings": 248})
+    shrunk = shrunk_config(real)
+    assert (shrunk.text_config.hidden_size, shrunk.text_config.num_hidden_layers) == (64, 2)
+    assert (shrunk.text_config.num_attention_heads, shrunk.text_config.num_key_value_heads) == (4, 2)
+    assert (shrunk.text_config.vocab_size, shrunk.text_config.max_position_embeddings) == (32064, 4096)
+    assert (shrunk.clip_text_config.eos_token_id, shrunk.clip_text_config.vocab_size) == (2, 49408)
+    assert (shrunk.vision_config.image_size, shrunk.num_frames, shrunk.image_token_index) == (336, 32, 32000)
+    full = shrunk_config(PPLLaVAConfig(text_config={"model_type": "llama", "num_attention_heads": 32,
+                                                    "num_key_value_heads": 32}))
+    assert full.text_config.num_key_value_heads == 4  # plain multi-head attention stays plain
