@@ -188,6 +188,9 @@ class PPLLaVAConfig(PreTrainedConfig):
         settings = {
             "image_token_index": 159,
             "projection_dim": 16,
+            # CLIP's trained temperature (tau = 100), as the real towers carry it: eq.1 as sharp as in
+            # the real model (the untrained CLIP default, tau = 14, barely tells tokens apart).
+            "logit_scale_init_value": 4.6052,
             "num_frames": 8,
             "second_video_kernel": [1, 6, 6],
             "image_grid_pinpoints": [[48, 96], [96, 48], [96, 96]],

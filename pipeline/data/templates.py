@@ -171,7 +171,7 @@ def encode_prefixed_answer(turns: list[Turn], prefix: str, answer: str | None, t
     return Encoded(ids, labels)
 
 
-CLIP_TEXTS = ("conversation", "turns")
+CLIP_TEXTS = ("conversation", "turns", "questions")
 
 
 def clip_text(turns: list[Turn], training: bool, style: str = "conversation", template: str = "plain_v1",
@@ -181,7 +181,9 @@ def clip_text(turns: list[Turn], training: bool, style: str = "conversation", te
     Training, ``conversation`` (the authors'): the whole formatted conversation, roles,
     placeholders, answers and end tokens included, as the LLM reads it. Training, ``turns``: the
     questions and answers alone, joined by spaces (no roles or placeholders, which spend CLIP's
-    context on text that says nothing about the picture). Inference and DPO: the questions only.
+    context on text that says nothing about the picture). Training, ``questions``: the questions
+    alone, as at inference (the answer cannot guide the pooling it is read from). Inference and
+    DPO: the questions only.
     """
     if training and style == "conversation":
         if template in ROLE_TEMPLATES:
@@ -191,5 +193,5 @@ def clip_text(turns: list[Turn], training: bool, style: str = "conversation", te
         return tokenizer.apply_chat_template(chat, tokenize=False)
     if training and style not in CLIP_TEXTS:
         raise ValueError(f"unknown CLIP text {style!r}; expected one of {CLIP_TEXTS}")
-    parts = [t.content for t in turns if training or t.role == "user"]
+    parts = [t.content for t in turns if (training and style == "turns") or t.role == "user"]
     return " ".join(" ".join(p.replace(IMAGE_PLACEHOLDER, " ").split()) for p in parts)

@@ -14,11 +14,12 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(vocab_size: int = 300, chat_template: bool = False):
+def tiny_tokenizer(vocab_size: int = 512, chat_template: bool = False):
     """A byte-level BPE tokenizer trained here on a few sentences (nothing downloaded)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from pipeline.data.synthetic import VOCABULARY
     from pipeline.data.templates import VICUNA_SYSTEM
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -26,7 +27,8 @@ def tiny_tokenizer(vocab_size: int = 300, chat_template: bool = False):
     model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     model.decoder = decoders.ByteLevel()
     corpus = [VICUNA_SYSTEM, "USER: ASSISTANT: What colour is the red circle? It moves left right up down.",
-              "Which image contains the blue square? Image 1. There are 3 shapes. The triangle is green."]
+              "Which image contains the blue square? Image 1. There are 3 shapes. The triangle is green.",
+              VOCABULARY]
     model.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
@@ -41,7 +43,10 @@ def tiny_config_for(tokenizer, **overrides) -> PPLLaVAConfig:
     and the CLIP text tower (the tiny tokenizer serves as both in data tests)."""
     ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
-    return PPLLaVAConfig.tiny(text_config=ids, clip_text_config=ids,
+    # Sub-config overrides (e.g. a wider LLM) merge with the ids rather than replace them.
+    text = {**ids, **(overrides.pop("text_config", None) or {})}
+    clip_text = {**ids, **(overrides.pop("clip_text_config", None) or {})}
+    return PPLLaVAConfig.tiny(text_config=text, clip_text_config=clip_text,
                               image_token_index=tokenizer.convert_tokens_to_ids("<image>"), **overrides)
 
 

@@ -56,7 +56,7 @@ class DataSection:
     num_workers: int = 2
     max_bad_fraction: float = 0.01
     template: Literal["plain_v1", "vicuna_v1", "tokenizer"] = "plain_v1"
-    clip_text: Literal["conversation", "turns"] = "conversation"  # what guides pooling in SFT
+    clip_text: Literal["conversation", "turns", "questions"] = "conversation"  # what guides pooling in SFT
     frame_sampling: Literal["segments", "authors"] = "segments"  # authors: their exact index arithmetic
     max_length: int = 2048                 # LLM context, visual tokens included (pipeline/model/budget.py)
     decoder: Literal["auto", "pyav", "decord"] = "pyav"

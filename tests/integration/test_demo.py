@@ -1,23 +1,31 @@
 """`python -m pipeline run recipes/demo_cpu.yaml`: synth -> shard -> sft -> dpo -> export -> eval end
-to end on CPU, the files it leaves, a loss that falls, and a second run that trains nothing."""
+to end on CPU, the files it leaves, a loss that falls, every modality's held-out questions
+scored beside the untrained model, and a second run that trains nothing.
+
+The demo trains for 2,000 steps (about five minutes); the test trains the same recipe for STEPS
+of them."""
 
 import json
 
 import pytest
 
 from conftest import run_pipeline
+from pipeline.data.synthetic import EVAL_CHANCE
 from pipeline.metrics import read_metrics
 from pipeline.recipe import load_recipe
 
 pytestmark = pytest.mark.integration
 
 DEMO = "recipes/demo_cpu.yaml"
+STEPS = 100
+SHORTER = (f"sft.max_steps={STEPS}", "sft.save_every=40", "sft.keep_last=2", "sft.log_every=10")
+QUESTIONS = 3 * 64
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("demo") / "run"
-    result = run_pipeline("run", DEMO, f"run_dir={run_dir}", timeout=900)
+    result = run_pipeline("run", DEMO, f"run_dir={run_dir}", *SHORTER, timeout=900)
     assert result.returncode == 0, result.stderr[-6000:]
     return run_dir, result
 
@@ -28,7 +36,7 @@ def relative_files(root) -> set[str]:
 
 def test_the_demo_leaves_the_expected_files(demo):
     run_dir, _ = demo
-    steps = 48
+    steps = STEPS
     files = relative_files(run_dir)
     expected = {
         "recipe.yaml", "synth/COMPLETE", "synth/video_qa.json", "synth/cards/synthetic_video.yaml",
@@ -39,15 +47,16 @@ def test_the_demo_leaves_the_expected_files(demo):
         "sft/checkpoints/latest", f"sft/checkpoints/step_{steps}/trainer_state.json",
         f"sft/checkpoints/step_{steps}/recipe.yaml", f"sft/checkpoints/step_{steps}/rank_00000.pt",
         f"sft/checkpoints/step_{steps}/deepspeed/mp_rank_00_model_states.pt",
-        "sft/checkpoints/step_40/trainer_state.json",  # save_every 20, keep_last 2: step_40 and the end
+        "sft/checkpoints/step_80/trainer_state.json",  # save_every 40, keep_last 2: step_80 and the end
         "dpo/COMPLETE", "dpo/metrics.jsonl", "dpo/reference_logps.json", "dpo/init/model.safetensors",
         "dpo/checkpoints/latest", "dpo/checkpoints/step_4/trainer_state.json",
         "export/COMPLETE", "export/config.json", "export/model.safetensors", "export/README.md",
         "export/generation_config.json", "export/processor_config.json", "export/clip_tokenizer/tokenizer.json",
-        "eval/COMPLETE", "eval/results.json", "eval/results.md",
+        "eval/COMPLETE", "eval/results.json", "eval/results.md", "synth/eval_video.json", "synth/eval_image.json",
+        "synth/eval_multi_image.json",
     }
     assert expected <= files, sorted(expected - files)
-    assert not any(f.startswith("sft/checkpoints/step_20/") for f in files), "keep_last 2 prunes older checkpoints"
+    assert not any(f.startswith("sft/checkpoints/step_40/") for f in files), "keep_last 2 prunes older checkpoints"
     assert not any(".tmp" in f for f in files)
     assert any(f.startswith("sft/tensorboard/events.out.tfevents") for f in files)
     for modality in ("video", "image", "multi_image"):
@@ -56,13 +65,13 @@ def test_the_demo_leaves_the_expected_files(demo):
     state = json.loads((run_dir / "sft/checkpoints" / f"step_{steps}" / "trainer_state.json").read_text())
     assert state["step"] == steps and state["world_size"] == 1
     resolved = load_recipe(run_dir / "recipe.yaml")
-    assert resolved.run_dir == str(run_dir) and resolved.sft.global_batch_size == 8
+    assert resolved.run_dir == str(run_dir) and resolved.sft.global_batch_size == 16
 
 
 def test_the_loss_falls_and_every_metric_is_logged(demo):
     run_dir, result = demo
     history = read_metrics(run_dir / "sft" / "metrics.jsonl")
-    assert [m["step"] for m in history] == list(range(1, 49))
+    assert [m["step"] for m in history] == list(range(10, STEPS + 1, 10))  # log_every 10
     tenth = len(history) // 10
     first = sum(m["loss"] for m in history[:tenth]) / tenth
     last = sum(m["loss"] for m in history[-tenth:]) / tenth
@@ -71,24 +80,34 @@ def test_the_loss_falls_and_every_metric_is_logged(demo):
                 "nonfinite_skipped", "visual_tokens/video", "visual_tokens/image", "visual_tokens/multi_image"):
         assert key in history[-1], key
     assert history[-1]["visual_tokens/video"] == 16  # 8 frames of 6x6 patches, kernel (2,3,3) -> 4x2x2
-    assert history[0]["lr"] < history[2]["lr"] and history[-1]["lr"] < history[len(history) // 2]["lr"]  # warmup, cosine
+    assert history[-1]["lr"] < history[len(history) // 2]["lr"] < history[0]["lr"]  # cosine decay after the warmup
     assert f"run demo_cpu finished: {run_dir}" in result.stdout
-    assert f"loss: {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}" in result.stdout
+    assert f" -> {history[-1]['loss']:.4f}, checkpoint" in result.stdout  # the summary: first step's loss -> last
     # the run ends with the eval table and the export's path
     assert "| task | kind | questions | accuracy | untrained |" in result.stdout
-    assert "| **overall** | multiple choice | 8 |" in result.stdout and f"export {run_dir / 'export'}" in result.stdout
+    assert f"| **overall** | multiple choice | {QUESTIONS} |" in result.stdout
+    assert f"export {run_dir / 'export'}" in result.stdout
     dpo = read_metrics(run_dir / "dpo" / "metrics.jsonl")
     assert [m["step"] for m in dpo] == [1, 2, 3, 4] and all("rewards/margins" in m for m in dpo)
-    overall = json.loads((run_dir / "eval" / "results.json").read_text())["overall"]
-    assert overall["questions"] == 8 and 0 <= overall["accuracy"] <= 1 and 0 <= overall["untrained_accuracy"] <= 1
+
+
+def test_every_modality_is_scored_beside_the_untrained_model(demo):
+    """64 held-out questions per modality, four options each (chance 25 %)."""
+    run_dir, _ = demo
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert results["overall"]["questions"] == QUESTIONS
+    for name in ("eval_video", "eval_image", "eval_multi_image"):
+        task = results["multiple_choice"][name]
+        assert task["questions"] == 64 and 0 <= task["accuracy"] <= 1 and 0 <= task["untrained_accuracy"] <= 1, name
+    assert abs(results["overall"]["untrained_accuracy"] - EVAL_CHANCE) < 0.1, results["overall"]
 
 
 def test_a_second_run_skips_every_stage_and_status_reports_the_run(demo):
     run_dir, _ = demo
     metrics_before = (run_dir / "sft" / "metrics.jsonl").read_text()
-    checkpoint = run_dir / "sft" / "checkpoints" / "step_48" / "trainer_state.json"
+    checkpoint = run_dir / "sft" / "checkpoints" / f"step_{STEPS}" / "trainer_state.json"
     stamp = checkpoint.stat().st_mtime_ns
-    again = run_pipeline("run", DEMO, f"run_dir={run_dir}", timeout=300)
+    again = run_pipeline("run", DEMO, f"run_dir={run_dir}", *SHORTER, timeout=300)
     assert again.returncode == 0, again.stderr[-4000:]
     for stage in ("synth", "shard", "sft", "dpo", "export", "eval"):
         assert f"stage {stage}: skipped (complete, inputs unchanged" in again.stderr
@@ -98,19 +117,20 @@ def test_a_second_run_skips_every_stage_and_status_reports_the_run(demo):
 
     status = run_pipeline("status", str(run_dir), timeout=60)
     assert status.returncode == 0
-    assert "sft    complete" in status.stdout and "latest checkpoint: step_48 (kept: step_40, step_48)" in status.stdout
-    assert '"step": 48' in status.stdout
+    assert "sft    complete" in status.stdout and f"latest checkpoint: step_{STEPS} (kept: step_80, step_{STEPS})" in status.stdout
+    assert f'"step": {STEPS}' in status.stdout
 
 
 def test_a_changed_training_key_reruns_sft_and_the_stages_after_it_and_keeps_the_old_outputs(demo):
     run_dir, _ = demo
-    changed = run_pipeline("run", DEMO, f"run_dir={run_dir}", "sft.max_steps=3", timeout=300)
+    changed = run_pipeline("run", DEMO, f"run_dir={run_dir}", *SHORTER[1:3], "sft.max_steps=3", "sft.log_every=1",
+                           timeout=300)
     assert changed.returncode == 0, changed.stderr[-4000:]
     assert "stage synth: skipped" in changed.stderr and "stage shard: skipped" in changed.stderr
     for stage in ("sft", "dpo", "export", "eval"):
         assert f"stage {stage}: starting" in changed.stderr, stage
     kept = [p for p in run_dir.iterdir() if p.name.startswith("sft.replaced-")]
-    assert len(kept) == 1 and (kept[0] / "checkpoints" / "step_48" / "trainer_state.json").exists()
+    assert len(kept) == 1 and (kept[0] / "checkpoints" / f"step_{STEPS}" / "trainer_state.json").exists()
     assert [m["step"] for m in read_metrics(run_dir / "sft" / "metrics.jsonl")] == [1, 2, 3]
 
 

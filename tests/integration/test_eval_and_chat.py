@@ -37,12 +37,12 @@ def world(tmp_path_factory):
     PPLLaVAForConditionalGeneration(config).save_pretrained(model_dir)
     save_tokenizers(tokenizer, tokenizer, model_dir)
     save_processor_config(Recipe(name="tiny", run_dir=str(root)), config, model_dir)
-    questions = json.loads((root / "synth" / "eval_multiple_choice.json").read_text())
+    questions = json.loads((root / "synth" / "eval_video.json").read_text())
     open_ended = [{"video": q["video"], "question": q["question"], "answer": q["options"][0]}
                   for q in questions[:3]] + [{"image": "images/image_0000.jpg", "question": "What colour is the circle?"}]
     (root / "open_qa.json").write_text(json.dumps(open_ended))
     return {"root": root, "model": model_dir, "media": root / "synth" / "media", "questions": questions,
-            "mc": root / "synth" / "eval_multiple_choice.json", "open": root / "open_qa.json"}
+            "mc": root / "synth" / "eval_video.json", "open": root / "open_qa.json"}
 
 
 def eval_context(world, run_dir, **section) -> StageContext:
@@ -76,16 +76,16 @@ def test_eval_stage_scores_every_question_by_likelihood(world, tmp_path, capsys)
     summary = eval_stage.run(context)
     out = context.directory
     results = json.loads((out / "results.json").read_text())
-    task = results["multiple_choice"]["eval_multiple_choice"]
+    task = results["multiple_choice"]["eval_video"]
     assert task["questions"] == len(world["questions"]) == 5
     assert 0 <= task["accuracy"] <= 1 and 0 <= task["accuracy_by_sum"] <= 1
     assert results["overall"]["questions"] == 5 and summary["questions"] == 5
     assert results["open_ended"]["open_qa"]["questions"] == 4
-    assert "| eval_multiple_choice | multiple choice | 5 |" in (out / "results.md").read_text()
-    assert "| eval_multiple_choice | multiple choice | 5 |" in capsys.readouterr().out
+    assert "| eval_video | multiple choice | 5 |" in (out / "results.md").read_text()
+    assert "| eval_video | multiple choice | 5 |" in capsys.readouterr().out
 
     # The prediction is the argmax of log-likelihoods computed independently, for every question.
-    choices = [json.loads(line) for line in (out / "eval_multiple_choice.choices.jsonl").read_text().splitlines()]
+    choices = [json.loads(line) for line in (out / "eval_video.choices.jsonl").read_text().splitlines()]
     assert len(choices) == 5
     model = load_model_dir(world["model"])
     for line, record in zip(choices, world["questions"]):
@@ -106,7 +106,7 @@ def test_the_mvbench_prompt_scores_lettered_options_after_best_option(world, tmp
 
     context = eval_context(world, tmp_path / "run", multiple_choice=[str(world["mc"])], limit=2)
     eval_stage.run(context)
-    choices = [json.loads(line) for line in (context.directory / "eval_multiple_choice.choices.jsonl").read_text().splitlines()]
+    choices = [json.loads(line) for line in (context.directory / "eval_video.choices.jsonl").read_text().splitlines()]
     model = load_model_dir(world["model"])
     task = read_task(world["mc"], "multiple_choice", str(world["media"]), limit=2)
     for line, item in zip(choices, task.items):
@@ -183,8 +183,8 @@ def test_eval_runs_from_a_recipe_and_is_skipped_when_unchanged(world, tmp_path):
     first = run_pipeline("run", str(recipe), timeout=300)
     assert first.returncode == 0, first.stderr
     results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
-    assert results["multiple_choice"]["eval_multiple_choice"]["questions"] == 2
-    assert "| eval_multiple_choice | multiple choice | 2 |" in first.stdout
+    assert results["multiple_choice"]["eval_video"]["questions"] == 2
+    assert "| eval_video | multiple choice | 2 |" in first.stdout
     second = run_pipeline("run", str(recipe), timeout=300)
     assert second.returncode == 0 and "stage eval: skipped" in second.stderr
 

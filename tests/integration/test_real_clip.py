@@ -61,9 +61,9 @@ def test_llava_next_with_legacy_clip_ids_trains_evaluates_and_chats(tmp_path):
     clip_tokenizer = AutoTokenizer.from_pretrained(export / "clip_tokenizer")
     assert clip_tokenizer("a photo")["input_ids"] == [START_OF_TEXT, 320, 1125, END_OF_TEXT]
     results = json.loads((run / "eval/results.json").read_text())
-    assert results["multiple_choice"]["eval_multiple_choice"]["questions"] == 4
+    assert results["multiple_choice"]["eval_video"]["questions"] == 4
 
-    video = run / "synth/media" / json.loads((run / "synth/eval_multiple_choice.json").read_text())[0]["video"]
+    video = run / "synth/media" / json.loads((run / "synth/eval_video.json").read_text())[0]["video"]
     chat = run_pipeline("chat", str(export), "--video", str(video), "--max-new-tokens", "4", "--backend", "cpu",
                         "Which way does the red circle move?", timeout=300)
     assert chat.returncode == 0, chat.stderr[-3000:]

@@ -12,7 +12,7 @@ from pipeline.data.cards import load_card
 from pipeline.data.media import MediaError, PyAVDecoder, read_image, read_video
 from pipeline.data.records import RecordError
 from pipeline.data.sources import read_dpo, read_llava, read_videochat2, strict
-from pipeline.data.synthetic import SynthSettings, generate
+from pipeline.data.synthetic import EVAL_FILES, SynthSettings, generate
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 def test_generated_data_reads_back_and_is_deterministic(tmp_path):
     settings = SynthSettings(seed=3, videos=4, images=3, multi_images=2, eval_questions=2, dpo_pairs=2, broken=1)
     counts = generate(tmp_path / "a", settings)
-    assert counts == {"videos": 5, "images": 4, "multi_images": 2, "eval_questions": 2, "dpo_pairs": 2, "broken": 2}
+    assert counts == {"videos": 5, "images": 4, "multi_images": 2, "eval_questions": 6, "dpo_pairs": 2, "broken": 2}
     generate(tmp_path / "b", settings)
     assert _tree_bytes(tmp_path / "a") == _tree_bytes(tmp_path / "b")
 
@@ -30,7 +30,7 @@ def test_generated_data_reads_back_and_is_deterministic(tmp_path):
     multi = list(strict(read_llava(root / "multi_image_conversations.json", "synthetic_multi_image")))
     pairs = list(strict(read_dpo(root / "dpo_pairs.jsonl", "synthetic_dpo")))
     assert [len(videos), len(images), len(multi), len(pairs)] == [5, 4, 2, 2]
-    assert {s.modality for s in multi} == {"multi_image"} and all(2 <= len(s.media) <= 4 for s in multi)
+    assert {s.modality for s in multi} == {"multi_image"} and all(len(s.media) == 3 for s in multi)
 
     good_videos = [s for s in videos if "broken" not in s.media[0]]
     frames = read_video((root / "media" / good_videos[0].media[0]).read_bytes(), 8, True, good_videos[0].key,
@@ -41,12 +41,17 @@ def test_generated_data_reads_back_and_is_deterministic(tmp_path):
     with pytest.raises(MediaError):
         read_image((root / "media/images/broken_0000.jpg").read_bytes(), "broken")
 
-    # Answers depend on the question: the colour asked about is the one in the answer.
-    question, answer = videos[0].turns[0].content, videos[0].turns[1].content
-    shape = question.split("the ")[-1].rstrip("?")
-    assert answer.startswith(f"The {shape} is ")
-    choice = json.loads((root / "eval_multiple_choice.json").read_text())[0]
-    assert len(choice["options"]) == 4 and choice["answer"] in "ABCD"
+    # Answers depend on the question: the shape asked about is the one in the answer.
+    for sample in (videos[0], images[0], multi[0]):
+        question, answer = sample.turns[0].content, sample.turns[1].content
+        shape = question.split("the ")[-1].rstrip("?")
+        assert answer.startswith(f"The {shape} is ")
+    # One multiple-choice file per modality, four options, the others' colours among the wrong ones.
+    for modality, name in EVAL_FILES.items():
+        records = json.loads((root / name).read_text())
+        assert len(records) == 2 and all(len(r["options"]) == 4 and r["answer"] in "ABCD" for r in records)
+        assert ("video" if modality == "video" else "image") in records[0]
+    assert len(json.loads((root / "eval_multi_image.json").read_text())[0]["image"]) == 3
     assert sorted(p.name for p in (root / "cards").iterdir()) == [
         "synthetic_dpo.yaml", "synthetic_image.yaml", "synthetic_multi_image.yaml", "synthetic_video.yaml"]
     assert not isinstance(pairs[0], RecordError) and pairs[0].chosen != pairs[0].rejected
@@ -63,7 +68,7 @@ def test_videos_are_a_function_of_the_seed_byte_for_byte(tmp_path):
     settings = SynthSettings(seed=5, videos=24, images=0, multi_images=0, eval_questions=0, dpo_pairs=0)
     generate(tmp_path / "here", settings)
     generate(tmp_path / "again", settings)
-    script = ("import sys; from pipeline.data.synthetic import SynthSettings, generate; "
+    script = ("import sys; from pipeline.data.synthetic import EVAL_FILES, SynthSettings, generate; "
               "generate(sys.argv[1], SynthSettings(seed=5, videos=24, images=0, multi_images=0, eval_questions=0, "
               "dpo_pairs=0)); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "fresh")], check=True, cwd=REPO_ROOT)
