@@ -82,8 +82,9 @@ def test_truncation_keeps_visual_tokens_or_refuses(setup):
 
 def test_mismatched_clip_tokenizer_and_placeholders_are_reported(setup):
     config, tokenizer, _, _ = setup
-    other = PPLLaVAConfig.tiny()  # a CLIP vocabulary of 128, smaller than the tiny tokenizer's 300
-    with pytest.raises(ValueError, match="CLIP tokenizer has 300 tokens but the CLIP text tower's vocabulary has 128"):
+    other = PPLLaVAConfig.tiny()  # a CLIP vocabulary of 128, smaller than the tiny tokenizer's
+    with pytest.raises(ValueError, match=f"CLIP tokenizer has {len(tokenizer)} tokens but the CLIP text tower's "
+                                         f"vocabulary has 128"):
         SampleProcessor(other, tokenizer, tokenizer)
     with pytest.raises(ValueError, match="k/1: the text has 1 image placeholders but the media need 2"):
         expand_placeholders([1, 9, 2], [-100, -100, 2], [4, 4], 9, "k/1")

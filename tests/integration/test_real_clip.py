@@ -46,8 +46,8 @@ def test_llava_next_with_legacy_clip_ids_trains_evaluates_and_chats(tmp_path):
     recipe["model"] = {"source": "llava_next", "llava_next_path": str(llava_dir), "clip_path": str(clip_dir),
                        "config_overrides": {"num_frames": 8}}
     recipe["synth"].update(videos=12, images=6, multi_images=4, eval_questions=4, dpo_pairs=8)
-    recipe["sft"].update(max_steps=3, save_every=100)
-    recipe["dpo"].update(max_steps=2)
+    recipe["sft"].update(max_steps=3, save_every=100, log_every=1)
+    recipe["dpo"].update(max_steps=2, epochs=2)
     recipe["eval"]["baseline"] = False
     result = run_pipeline("run", str(write_recipe(tmp_path / "recipe.yaml", recipe)), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
