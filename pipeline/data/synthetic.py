@@ -77,9 +77,6 @@ class Shape:
     y: float
     direction: str = ""
 
-    def describe(self) -> str:
-        return f"{self.colour} {self.kind}"
-
 
 def _draw(shapes: list[Shape], size: int, radius: float) -> np.ndarray:
     canvas = Image.new("RGB", (size, size), (245, 245, 245))
@@ -162,9 +159,11 @@ def _video(rng: random.Random, settings: SynthSettings) -> tuple[bytes, list[Sha
     return encode_mp4(np.stack(frames), settings.fps), shapes
 
 
-# The question every modality asks, with its answer and its multiple-choice options (the right
-# one first; the eval shuffles them). Wrong colours: the other objects' first, then absent ones.
-def colour_question(rng: random.Random, shapes: list[Shape], target: Shape) -> tuple[str, str, list[str]]:
+def colour_question(rng: random.Random, shapes: list[Shape]) -> tuple[str, str, list[str]]:
+    """The question every modality asks about one of ``shapes`` (drawn here), its answer and its
+    multiple-choice options, the right one first (the eval shuffles them). Wrong colours: the
+    other objects' first, then absent ones."""
+    target = rng.choice(shapes)
     others = [s.colour for s in shapes if s is not target]
     absent = [c for c in sorted(COLOURS) if c not in {s.colour for s in shapes}]
     wrong = (rng.sample(others, len(others)) + rng.sample(absent, len(absent)))[: OPTIONS - 1]
@@ -172,13 +171,9 @@ def colour_question(rng: random.Random, shapes: list[Shape], target: Shape) -> t
             [f"The {target.kind} is {c}." for c in (target.colour, *wrong)])
 
 
-def _asked(rng: random.Random, shapes: list[Shape]) -> tuple[str, list[str]]:
-    question, _, options = colour_question(rng, shapes, rng.choice(shapes))
-    return question, options
-
-
-def _multiple_choice(rng: random.Random, media: dict, question: str, options: list[str]) -> dict:
-    """An eval record with the options shuffled; options[0] is the right one."""
+def _multiple_choice(rng: random.Random, media: dict, shapes: list[Shape]) -> dict:
+    """An eval record: the colour question, its options shuffled."""
+    question, _, options = colour_question(rng, shapes)
     order = list(range(len(options)))
     rng.shuffle(order)
     return {**media, "question": question, "options": [options[i] for i in order], "answer": "ABCD"[order.index(0)]}
@@ -219,10 +214,10 @@ def generate(out_dir: str | Path, settings: SynthSettings | None = None) -> dict
     for index in range(settings.videos):
         name = f"videos/video_{index:04d}.mp4"
         shapes = video(name)
-        question, answer, _ = colour_question(rng, shapes, rng.choice(shapes))
+        question, answer, _ = colour_question(rng, shapes)
         video_records.append({"video": name, "QA": [{"i": "", "q": question, "a": answer}]})
         if index < settings.dpo_pairs:  # the right colour (chosen) against another object's (rejected)
-            question, answer, options = colour_question(rng, shapes, rng.choice(shapes))
+            question, answer, options = colour_question(rng, shapes)
             dpo_lines.append({"id": f"dpo_{index:04d}", "video": name, "prompt": question, "chosen": answer,
                               "rejected": options[1]})
 
@@ -230,14 +225,14 @@ def generate(out_dir: str | Path, settings: SynthSettings | None = None) -> dict
     for index in range(settings.images):
         name = f"images/image_{index:04d}.jpg"
         shapes = image(name)
-        question, answer, _ = colour_question(rng, shapes, rng.choice(shapes))
+        question, answer, _ = colour_question(rng, shapes)
         image_records.append({"id": f"image_{index:04d}", "image": name, "conversations": [
             {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
 
     multi_records = []
     for index in range(settings.multi_images):
         names, shapes = image_set(f"multi/set_{index:04d}")
-        question, answer, _ = colour_question(rng, shapes, rng.choice(shapes))
+        question, answer, _ = colour_question(rng, shapes)
         multi_records.append({"id": f"multi_{index:04d}", "images": names, "conversations": [
             {"from": "human", "value": " ".join(["<image>"] * len(names)) + f"\n{question}"},
             {"from": "gpt", "value": answer}]})
@@ -247,12 +242,12 @@ def generate(out_dir: str | Path, settings: SynthSettings | None = None) -> dict
     for index in range(settings.eval_questions):
         name = f"videos/eval_{index:04d}.mp4"
         shapes = video(name)
-        evals["video"].append(_multiple_choice(rng, {"video": name}, *_asked(rng, shapes)))
+        evals["video"].append(_multiple_choice(rng, {"video": name}, shapes))
         name = f"images/eval_{index:04d}.jpg"
         shapes = image(name)
-        evals["image"].append(_multiple_choice(rng, {"image": name}, *_asked(rng, shapes)))
+        evals["image"].append(_multiple_choice(rng, {"image": name}, shapes))
         names, shapes = image_set(f"multi/eval_{index:04d}")
-        evals["multi_image"].append(_multiple_choice(rng, {"image": names}, *_asked(rng, shapes)))
+        evals["multi_image"].append(_multiple_choice(rng, {"image": names}, shapes))
 
     for index in range(settings.broken):
         good_video = (media / video_records[index % len(video_records)]["video"]).read_bytes()

@@ -6,11 +6,12 @@ The demo trains for 2,000 steps (about five minutes); the test trains the same r
 of them."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from conftest import run_pipeline
-from pipeline.data.synthetic import EVAL_CHANCE
+from pipeline.data.synthetic import EVAL_CHANCE, EVAL_FILES
 from pipeline.metrics import read_metrics
 from pipeline.recipe import load_recipe
 
@@ -52,8 +53,7 @@ def test_the_demo_leaves_the_expected_files(demo):
         "dpo/checkpoints/latest", "dpo/checkpoints/step_4/trainer_state.json",
         "export/COMPLETE", "export/config.json", "export/model.safetensors", "export/README.md",
         "export/generation_config.json", "export/processor_config.json", "export/clip_tokenizer/tokenizer.json",
-        "eval/COMPLETE", "eval/results.json", "eval/results.md", "synth/eval_video.json", "synth/eval_image.json",
-        "synth/eval_multi_image.json",
+        "eval/COMPLETE", "eval/results.json", "eval/results.md", *(f"synth/{name}" for name in EVAL_FILES.values()),
     }
     assert expected <= files, sorted(expected - files)
     assert not any(f.startswith("sft/checkpoints/step_40/") for f in files), "keep_last 2 prunes older checkpoints"
@@ -96,7 +96,7 @@ def test_every_modality_is_scored_beside_the_untrained_model(demo):
     run_dir, _ = demo
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert results["overall"]["questions"] == QUESTIONS
-    for name in ("eval_video", "eval_image", "eval_multi_image"):
+    for name in (Path(file).stem for file in EVAL_FILES.values()):
         task = results["multiple_choice"][name]
         assert task["questions"] == 64 and 0 <= task["accuracy"] <= 1 and 0 <= task["untrained_accuracy"] <= 1, name
     assert abs(results["overall"]["untrained_accuracy"] - EVAL_CHANCE) < 0.1, results["overall"]
