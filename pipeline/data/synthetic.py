@@ -49,6 +49,7 @@ DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 OPTIONS = 4                                   # every eval question has four options
 EVAL_CHANCE = 1 / OPTIONS
 EVAL_FILES = {"video": "eval_video.json", "image": "eval_image.json", "multi_image": "eval_multi_image.json"}
+BACKGROUND = (245, 245, 245)
 RADIUS = 0.18                                 # shape radius, a fraction of the frame side
 # Every word the generated questions and answers use (the tiny tokenizer learns them whole).
 VOCABULARY = "What colour is the shape? The " + " ".join([*COLOURS, *SHAPES, *DIRECTIONS])
@@ -67,6 +68,9 @@ class SynthSettings:
     fps: int = 8
     objects: int = 3          # moving shapes per video (2 or 3)
     broken: int = 0           # truncated videos and images added to the annotations
+    # > 0: the synth stage also writes synth/model, a tiny PPLLaVA whose CLIP is pretrained on these
+    # shapes for this many steps (pipeline/model/tiny_clip.py), for `model.source: pretrained`
+    clip_pretrain_steps: int = 0
 
 
 @dataclass
@@ -78,8 +82,9 @@ class Shape:
     direction: str = ""
 
 
-def _draw(shapes: list[Shape], size: int, radius: float) -> np.ndarray:
-    canvas = Image.new("RGB", (size, size), (245, 245, 245))
+def draw_shapes(shapes: list[Shape], size: int, radius: float) -> np.ndarray:
+    """RGB picture [size, size, 3] of ``shapes`` on the background, later shapes drawn over earlier ones."""
+    canvas = Image.new("RGB", (size, size), BACKGROUND)
     pen = ImageDraw.Draw(canvas)
     for shape in shapes:
         box = (shape.x - radius, shape.y - radius, shape.x + radius, shape.y + radius)
@@ -155,7 +160,7 @@ def _video(rng: random.Random, settings: SynthSettings) -> tuple[bytes, list[Sha
     for step in range(settings.frames):
         moved = [Shape(s.kind, s.colour, s.x + DIRECTIONS[s.direction][0] * travel * step,
                        s.y + DIRECTIONS[s.direction][1] * travel * step, s.direction) for s in shapes]
-        frames.append(_draw(moved, settings.size, radius))
+        frames.append(draw_shapes(moved, settings.size, radius))
     return encode_mp4(np.stack(frames), settings.fps), shapes
 
 
@@ -198,7 +203,7 @@ def generate(out_dir: str | Path, settings: SynthSettings | None = None) -> dict
 
     def image(name: str) -> list[Shape]:
         shapes = _still_shapes(rng, len(SHAPES), settings.size)
-        (media / name).write_bytes(encode_jpeg(_draw(shapes, settings.size, radius)))
+        (media / name).write_bytes(encode_jpeg(draw_shapes(shapes, settings.size, radius)))
         return shapes
 
     def image_set(name: str) -> tuple[list[str], list[Shape]]:
@@ -207,7 +212,7 @@ def generate(out_dir: str | Path, settings: SynthSettings | None = None) -> dict
         rng.shuffle(shapes)
         names = [f"{name}_{position}.jpg" for position in range(len(shapes))]
         for shape, path in zip(shapes, names):
-            (media / path).write_bytes(encode_jpeg(_draw([shape], settings.size, radius)))
+            (media / path).write_bytes(encode_jpeg(draw_shapes([shape], settings.size, radius)))
         return names, shapes
 
     video_records, dpo_lines = [], []

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.recipe import Recipe, RecipeError
+from pipeline.recipe.checks import written_by_synth
 from ppllava.config import MULTI_IMAGE, VIDEO, PPLLaVAConfig
 from ppllava.processing import image_token_count, visual_token_count
 
@@ -90,6 +91,8 @@ def training_model_config(recipe: Recipe) -> tuple[PPLLaVAConfig, str, bool]:
 
         llava_next, clip = (AutoConfig.from_pretrained(p) for p in (model.llava_next_path, model.clip_path))
         return config_from_sources(llava_next, clip, **overrides), str(model.llava_next_path), True
+    if written_by_synth(model.pretrained_path, recipe.synth_dir) and not Path(model.pretrained_path).is_dir():
+        return PPLLaVAConfig.tiny(**overrides), "the tiny model the synth stage writes", True
     return _directory_config(model.pretrained_path, "model.pretrained_path", overrides)
 
 

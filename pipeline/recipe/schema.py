@@ -25,6 +25,7 @@ import yaml
 from pipeline.data.sharding import ShardSettings
 from pipeline.data.synthetic import SynthSettings
 from pipeline.layout import MANIFEST
+from pipeline.recipe.checks import positive
 from pipeline.recipe.sections import (ClusterSection, DataSection, DPOSection, EvalSection, ExportSection,
                                       ModelSection, SFTSection)
 from pipeline.recipe.typed_yaml import RecipeError
@@ -120,6 +121,8 @@ def validate(recipe: Recipe, missing_paths: list[str] | None = None) -> None:
     if "${" in recipe.run_dir:
         raise RecipeError(f"{src}: run_dir: {recipe.run_dir} uses a variable that is not set in the environment")
     recipe.cluster.validate(recipe)
+    if recipe.synth is not None:
+        positive(src, "synth.clip_pretrain_steps", recipe.synth.clip_pretrain_steps, allow_zero=True)
     recipe.data.validate(recipe, missing_paths)
     if recipe.shard is not None:
         for key, what in recipe.shard.problems():

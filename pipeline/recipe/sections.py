@@ -40,7 +40,11 @@ class ModelSection:
             existing(src, "model.llava_next_path", self.llava_next_path, "LLaVA-NeXT checkpoint directory", missing)
             existing(src, "model.clip_path", self.clip_path, "CLIP checkpoint directory", missing)
         elif self.source == "pretrained":
-            existing(src, "model.pretrained_path", self.pretrained_path, "PPLLaVA model directory", missing)
+            if not written_by_synth(self.pretrained_path, recipe.synth_dir):
+                existing(src, "model.pretrained_path", self.pretrained_path, "PPLLaVA model directory", missing)
+            elif recipe.synth.clip_pretrain_steps <= 0:  # the demo's starting model: the synth stage writes it
+                raise RecipeError(f"{src}: model.pretrained_path: {self.pretrained_path} is under the synth stage's "
+                                  "directory, but synth.clip_pretrain_steps is 0, so nothing writes a model there")
 
 
 @dataclass

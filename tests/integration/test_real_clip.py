@@ -45,7 +45,7 @@ def test_llava_next_with_legacy_clip_ids_trains_evaluates_and_chats(tmp_path):
     recipe.update(name="legacy_clip", run_dir=str(tmp_path / "run"))
     recipe["model"] = {"source": "llava_next", "llava_next_path": str(llava_dir), "clip_path": str(clip_dir),
                        "config_overrides": {"num_frames": 8}}
-    recipe["synth"].update(videos=12, images=6, multi_images=4, eval_questions=4, dpo_pairs=8)
+    recipe["synth"].update(videos=12, images=6, multi_images=4, eval_questions=4, dpo_pairs=8, clip_pretrain_steps=0)
     recipe["sft"].update(max_steps=3, save_every=100, log_every=1)
     recipe["dpo"].update(max_steps=2, epochs=2)
     recipe["eval"]["baseline"] = False
