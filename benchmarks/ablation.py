@@ -1,7 +1,7 @@
 """The demo's pooling ablation, a miniature of the paper's Table 7: the same starting model trained
 on the same data, its videos pooled prompt-guided (weighted, eq.3), by plain window average
-(PLLaVA-style, the authors' `avp`), by window max, or not at all (all 288 patch tokens of the 8
-frames), then scored on the demo's held-out questions. Pooled arms give the LLM 16 tokens per
+(PLLaVA-style, the authors' `avp`), by each window's most relevant token (max), or not at all
+(all 288 patch tokens of the 8 frames), then scored on the demo's held-out questions. Pooled arms give the LLM 16 tokens per
 video; no pooling gives it 288.
 
 Per seed: the demo's synth and shard stages with that seed (new videos, images, eval questions,
@@ -96,7 +96,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for mode, entries in runs.items():
         cells = [spread([e[task] for e in entries]) for task in TASKS]
-        print(f"| {mode} | {entries[0]['tokens']} | " + " | ".join(cells)
+        print(f"| {mode} | {int(entries[0]['tokens'])} | " + " | ".join(cells)
               + f" | {statistics.fmean(e['sft_s'] for e in entries):.0f} s |")
     if "weighted" in runs and "average" in runs:
         gains = [w["eval_video"] - a["eval_video"] for w, a in zip(runs["weighted"], runs["average"])]
