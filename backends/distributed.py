@@ -15,7 +15,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Mapping, MutableMapping, NoReturn
+from typing import Any, Callable, Mapping, MutableMapping, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -198,6 +198,22 @@ def broadcast_from_rank0(value: Any) -> Any:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def decided_on_rank0(decide: Callable[[], Any], errors: tuple[type[BaseException], ...]) -> Any:
+    """``decide()`` run on rank 0 only (work worth doing once: reading every file of a checkpoint or
+    a dataset), its result on every rank; one of ``errors`` raised there is raised on every rank, so
+    no rank waits in a collective for one that has left."""
+    outcome = None
+    if not is_distributed() or dist.get_rank() == 0:
+        try:
+            outcome = ("ok", decide())
+        except errors as error:
+            outcome = ("error", error)
+    kind, payload = broadcast_from_rank0(outcome)
+    if kind == "error":
+        raise payload
+    return payload
 
 
 def gather_objects(value: Any) -> list[Any]:

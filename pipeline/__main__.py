@@ -101,7 +101,7 @@ def _run_here(recipe, only: list[str] | None, args: argparse.Namespace) -> NoRet
     """Run the stages in this process (one rank of the job) and leave with its exit code."""
     import backends
     from backends import BackendUnavailable
-    from pipeline.checkpoint import CheckpointError
+    from pipeline.checkpoint import CheckpointError, CheckpointWriteFailed
     from pipeline.data.loader import LoaderError
     from pipeline.runner import StageFailed, StoppedForRequeue, run_recipe
 
@@ -118,7 +118,7 @@ def _run_here(recipe, only: list[str] | None, args: argparse.Namespace) -> NoRet
     except (RecipeError, CardError, CheckpointError, LoaderError, BackendUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         code = ExitCode.BAD_INPUT
-    except StageFailed as error:
+    except (StageFailed, CheckpointWriteFailed) as error:
         print(f"error: {error}", file=sys.stderr)
         code = ExitCode.FAILED
     except Exception:  # noqa: BLE001 - reported in full, then the same clean exit as every other path
@@ -135,7 +135,7 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from pipeline.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
+    from pipeline.checkpoint import CheckpointError, checkpoint_state, complete_checkpoints, latest_checkpoint
     from pipeline.layout import METRICS, RECIPE_FILE, checkpoints_dir
     from pipeline.metrics import read_metrics
     from pipeline.recipe import STAGE_ORDER
@@ -164,8 +164,13 @@ def _status(args: argparse.Namespace) -> int:
             except CheckpointError as error:
                 print(f"         {error}")
                 latest = None
-            kept = ", ".join(p.name for p in complete_checkpoints(checkpoints))
-            print(f"         latest checkpoint: {latest.name if latest else 'none'} (kept: {kept or 'none'})")
+            kept = complete_checkpoints(checkpoints)
+            print(f"         latest checkpoint: {latest.name if latest else 'none'} "
+                  f"(kept: {', '.join(p.name for p in kept) or 'none'})")
+            for path in kept:  # sizes and sha256 against each one's files.json
+                print(f"           {path.name}: {checkpoint_state(path)}")
+            for path in sorted(checkpoints.glob("step_*.tmp")):
+                print(f"           {path.name}: partial (its writer was interrupted; removed at the next start)")
         history = read_metrics(directory / METRICS)
         if history:
             print(f"         last metrics: {json.dumps(history[-1])}")

@@ -6,7 +6,8 @@
         COMPLETE                      written last by the runner: fingerprint, inputs, wall time, summary
       shard/manifest.json             shards, counts, source fingerprints, rejected samples
       sft/, dpo/                      training stages:
-        checkpoints/step_N/           deepspeed/, rank_00000.pt ..., trainer_state.json, recipe.yaml
+        checkpoints/step_N/           deepspeed/, rank_00000.pt ..., trainer_state.json, recipe.yaml,
+                                      files.json (every file's size and sha256, checked on resume)
         checkpoints/latest            the name of the newest complete step_N
         metrics.jsonl, tensorboard/
         model/                        the model directory without weights: config.json, tokenizer,
@@ -33,6 +34,7 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_FILES = "files.json"      # size (and sha256) of every file of a step_N checkpoint
 DEEPSPEED_TAG = "deepspeed"          # the engine's files inside a step_N checkpoint
 
 MODEL_DIR = "model"

@@ -33,7 +33,7 @@ from typing import Any
 
 import backends
 from backends import Backend, DistributedContext
-from backends.distributed import barrier, broadcast_from_rank0, is_distributed, sum_across_ranks
+from backends.distributed import barrier, broadcast_from_rank0, decided_on_rank0, is_distributed, sum_across_ranks
 from pipeline.atomic import set_aside, write_text_atomically
 from pipeline.layout import COMPLETE, RECIPE_FILE
 from pipeline.recipe import Recipe, RecipeError
@@ -146,22 +146,6 @@ def decide(recipe: Recipe, stage: str, world_size: int, upstream: str, upstream_
     return fingerprint, inputs, "rerun" if stale else "run"
 
 
-def decide_on_rank0(recipe: Recipe, stage: str, world_size: int, upstream: str, upstream_changed: bool,
-                    only: list[str] | None, is_main: bool) -> tuple[str, dict, str]:
-    """``decide`` on rank 0 only (fingerprinting a dataset walks every media file: once, not once
-    per rank), broadcast to the others; an error there is raised on every rank."""
-    outcome = None
-    if is_main:
-        try:
-            outcome = ("ok", decide(recipe, stage, world_size, upstream, upstream_changed, only))
-        except (RecipeError, ValueError) as error:  # CardError is a ValueError
-            outcome = ("error", error)
-    kind, payload = broadcast_from_rank0(outcome)
-    if kind == "error":
-        raise payload
-    return payload
-
-
 def check_shared_run_dir(run_dir: Path, context: DistributedContext, device) -> None:
     """Every rank must see rank 0's run directory (checkpoints are completed by rank 0 from files
     every rank wrote): rank 0 leaves a token there, every rank reads it, all agree or all stop."""
@@ -209,8 +193,10 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, resume: str | None
             if stop.received:
                 raise StoppedForRequeue(f"{stop.received} received; stopping before stage {stage} (nothing to save)")
             directory = recipe.stage_dir(stage)
-            fingerprint, inputs, action = decide_on_rank0(recipe, stage, context.world_size, upstream,
-                                                          upstream_changed, only, context.is_main)
+            # decided on rank 0 only: fingerprinting a dataset walks every media file once, not once per rank
+            fingerprint, inputs, action = decided_on_rank0(
+                lambda: decide(recipe, stage, context.world_size, upstream, upstream_changed, only),
+                (RecipeError, ValueError))  # CardError is a ValueError
             if action == "stop":
                 break
             upstream = fingerprint

@@ -31,12 +31,12 @@ import torch
 from tqdm import tqdm
 
 from backends.deepspeed_engine import EngineSettings
-from backends.distributed import sum_across_ranks
+from backends.distributed import decided_on_rank0, sum_across_ranks
 from pipeline.atomic import sha256_of
-from pipeline.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_trainer_state,
-                                 remove_partial, restore_rng_state, rng_state, save_checkpoint,
-                                 set_aside_later_checkpoints)
-from pipeline.data.loader import LoaderSettings
+from pipeline.checkpoint import (CheckpointError, check_resume_path, latest_checkpoint,
+                                 load_checkpoint, read_trainer_state, remove_partial, restore_rng_state, rng_state,
+                                 save_checkpoint, set_aside_later_checkpoints, sound_resume_point)
+from pipeline.data.loader import LoaderError, LoaderSettings, check_shards
 from pipeline.layout import checkpoints_dir, is_checkpoint
 from pipeline.metrics import MetricsLog
 from pipeline.recipe import Recipe, RecipeError, TrainingSection, differences
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 # Keys that do not change what is trained: never part of the fingerprint, free to change on resume
 # (recomputing activations gives the same gradients, so it may be switched on after an OOM).
-RUNTIME_KEYS = ("log_every", "save_every", "keep_last", "max_nonfinite_in_a_row")
+RUNTIME_KEYS = ("log_every", "save_every", "keep_last", "verify_checkpoints", "max_nonfinite_in_a_row")
 RUNTIME_MODEL_KEYS = ("gradient_checkpointing",)
 # Keys a resumed run may change: the schedule continues from the checkpoint's step with the new values.
 SCHEDULE_KEYS = ("lr", "max_steps", "epochs")
@@ -61,6 +61,7 @@ def stage_inputs(recipe: Recipe, stage: str, world_size: int) -> dict:
     data = asdict(recipe.data)
     for key in ("cards", "variables"):  # reach training through the shard stage's fingerprint
         data.pop(key)
+    data.pop("verify_shards")  # how they are checked, not what is trained
     found = {"seed": recipe.seed, "model": model, "data": data, stage: section, "world_size": world_size}
     if recipe.shard is None:  # shards made elsewhere: their manifest is this stage's data input
         found["manifest_sha256"] = sha256_of(Path(recipe.data.manifest))
@@ -145,6 +146,9 @@ class TrainingRun:
         """Open the logs and restore from --resume (refusing a checkpoint of other training); returns
         the first step to run."""
         context, ranks = self.context, self.context.ranks
+        if context.recipe.shard is None:  # shards made elsewhere: all there, at their recorded sizes?
+            hashes = context.recipe.data.verify_shards == "hash"
+            decided_on_rank0(lambda: check_shards(context.recipe.manifest_path, hashes), (LoaderError,))
         if ranks.is_main:
             remove_partial(self.checkpoints)
         context.barrier()
@@ -179,14 +183,16 @@ class TrainingRun:
                                       f"{found.name}); pass --resume auto to continue it, or move the directory away "
                                       f"to start over")
             return None
+        hashes = self.section.verify_checkpoints == "hash"
         if resume == "auto":
-            found = latest_checkpoint(checkpoints)
+            found = decided_on_rank0(lambda: sound_resume_point(checkpoints, hashes), (CheckpointError,))
             if found is None:
                 logger.info("--resume auto: no checkpoint in %s yet; starting from step 0", checkpoints)
             return found
         path = Path(resume)
         if not is_checkpoint(path):
             raise CheckpointError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
+        decided_on_rank0(lambda: check_resume_path(path, hashes), (CheckpointError,))
         return path
 
     def _check_same_training(self, saved_inputs: dict, path: Path) -> None:
@@ -286,7 +292,8 @@ class TrainingRun:
                  "first_loss": self.first_loss, "last_metrics": self.last}
         rank_state = {"loader": self.loader.state_dict(), "rng": rng_state(context.backend.device_module())}
         return save_checkpoint(self.engine, self.checkpoints, step, state, rank_state, context.recipe.to_yaml(),
-                               ranks.rank, self.section.keep_last, context.barrier)
+                               ranks.rank, self.section.keep_last, context.barrier,
+                               hashes=self.section.verify_checkpoints == "hash")
 
     # -- after the loop ------------------------------------------------------------------------------
     def _close(self) -> None:

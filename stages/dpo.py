@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -256,20 +257,41 @@ def _stored_reference(context: StageContext, engine, processor: PairProcessor, m
     finds it (its policy has moved on), a changed start model or data recomputes it. Rank 0
     decides for all, so ranks never disagree about entering the collective pass."""
     path, expected = context.directory / REFERENCE_LOGPS, _reference_inputs(context)
-    valid = context.ranks.is_main and path.is_file() and json.loads(path.read_text()).get("inputs") == expected
+    valid = context.ranks.is_main and _stored_reference_is_usable(path, expected)
     if not broadcast_from_rank0(valid):
         found = _precompute_reference(context, engine, processor, micro)
         if context.ranks.is_main:
-            write_text_atomically(path, json.dumps({"inputs": expected, "logps": found}))
+            write_text_atomically(path, json.dumps({"inputs": expected, "sha256": _logps_digest(found), "logps": found}))
             logger.info("dpo: reference log-probs of %d pairs written to %s", len(found), path)
         context.barrier()
     return json.loads(path.read_text())["logps"]
 
 
+def _logps_digest(logps: dict) -> str:
+    return hashlib.sha256(json.dumps(logps, sort_keys=True).encode()).hexdigest()
+
+
+def _stored_reference_is_usable(path: Path, expected: dict) -> bool:
+    """The stored log-probs are for these inputs and intact (their sha256 is stored beside them); a
+    damaged file is computed again, with a warning naming it."""
+    if not path.is_file():
+        return False
+    try:
+        stored = json.loads(path.read_text())
+        intact = stored.get("sha256") == _logps_digest(stored["logps"])
+    except (ValueError, KeyError, TypeError) as error:
+        logger.warning("%s is damaged (%s): computing the reference log-probs again", path, error)
+        return False
+    if stored.get("inputs") != expected:
+        return False
+    if not intact:
+        logger.warning("%s is damaged (its log-probs do not match the sha256 stored with them): computing the "
+                       "reference log-probs again", path)
+    return intact
+
+
 def _digest(module: torch.nn.Module) -> str:
     """sha256 of this rank's parameter bytes (its partitions under ZeRO-3)."""
-    import hashlib
-
     digest = hashlib.sha256()
     for name, parameter in module.named_parameters():
         local = getattr(parameter, "ds_tensor", parameter).detach().cpu().contiguous()

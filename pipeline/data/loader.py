@@ -27,6 +27,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.atomic import sha256_of
 from pipeline.data.collate import Batch, SampleProcessor, SampleTooLong
 from pipeline.data.media import MediaError
 from pipeline.data.records import VISUAL_MODALITIES, Sample
@@ -239,6 +240,25 @@ def stream_sizes(manifest_path: str | Path) -> dict[str, int]:
     """Samples per stream in one epoch, repeats counted."""
     manifest = json.loads(Path(manifest_path).read_text())
     return {stream: sum(s["samples"] for s in repeated_shards(manifest, stream)) for stream in STREAMS}
+
+
+def check_shards(manifest_path: str | Path, hashes: bool = False) -> None:
+    """Every tar a shard manifest lists is there at the size it records (and, with ``hashes``, its
+    sha256): shards made elsewhere are checked before training reads them. LoaderError names
+    each missing, truncated or corrupted tar."""
+    manifest_path = Path(manifest_path)
+    root, problems = manifest_path.parent, []
+    for shard in json.loads(manifest_path.read_text())["shards"]:
+        path = root / shard["path"]
+        if not path.is_file():
+            problems.append(f"{shard['path']} is missing")
+        elif "bytes" in shard and path.stat().st_size != shard["bytes"]:
+            problems.append(f"{shard['path']} is {path.stat().st_size} bytes, the manifest says {shard['bytes']}")
+        elif hashes and "sha256" in shard and sha256_of(path) != shard["sha256"]:
+            problems.append(f"{shard['path']} is corrupted (its sha256 differs from the manifest's)")
+    if problems:
+        raise LoaderError(f"{manifest_path}: {'; '.join(problems[:10])}" + (f" (and {len(problems) - 10} more)"
+                          if len(problems) > 10 else "") + ": copy the shards again, or run the shard stage")
 
 
 def manifest_samples(manifest_path: str | Path, weights: dict[str, float]) -> int:

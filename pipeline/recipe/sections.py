@@ -52,6 +52,7 @@ class DataSection:
     cards: list[str] = field(default_factory=list)
     variables: dict[str, str] = field(default_factory=dict)   # ${NAME} values for the cards
     manifest: str | None = None            # shards made elsewhere (no shard stage in this recipe)
+    verify_shards: Literal["size", "hash"] = "size"  # how shards made elsewhere are checked when training starts
     weights: dict[str, float] = field(default_factory=lambda: {"video": 1.0, "image": 1.0, "multi_image": 1.0})
     mixture: Literal["weights", "natural"] = "weights"  # natural: every sample equally likely (the authors')
     interleave: bool = True
@@ -168,6 +169,7 @@ class TrainingSection:
     log_every: int = 10
     save_every: int = 500
     keep_last: int = 2
+    verify_checkpoints: Literal["hash", "size"] = "hash"  # files.json: sha256 + size, or sizes only
     max_nonfinite_in_a_row: int = 5
 
     def validate_training(self, recipe: Recipe, stage: str) -> None:

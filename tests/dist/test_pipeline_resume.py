@@ -1,6 +1,7 @@
 """`run` on a recipe asking for 2 local processes: the pipeline launches both ranks itself (gloo,
 ZeRO-2); SIGTERM to the job checkpoints on every rank and exits 3; --resume auto continues with
-exactly the losses an uninterrupted 2-process run has."""
+exactly the losses an uninterrupted 2-process run has, also when the newest checkpoint holds a
+damaged file of the other rank (rank 0 checks, both ranks fall back to the same older one)."""
 
 import json
 import signal
@@ -79,3 +80,28 @@ def test_a_failing_rank_stops_the_whole_job(tmp_path, manifest):
     assert result.returncode not in (0, 3), result.stderr[-4000:]
     assert time.monotonic() - start < 180
     assert (tmp_path / "run/sft/checkpoints/latest").read_text().strip() == "step_3"
+
+
+def test_two_processes_fall_back_together_from_a_checkpoint_damaged_in_rank_1s_file(tmp_path, manifest):
+    straight_recipe = two_process_recipe(tmp_path / "straight", manifest)
+    assert run_pipeline("run", str(straight_recipe), timeout=600).returncode == 0
+    expected = losses(tmp_path / "straight" / "run")
+
+    recipe = two_process_recipe(tmp_path / "killed", manifest)
+    data = yaml.safe_load(recipe.read_text())
+    data["sft"]["save_every"] = 2
+    recipe.write_text(yaml.safe_dump(data))
+    killed = run_pipeline("run", str(recipe), timeout=600, env=pipeline_env(PIPELINE_TEST_FAULT="before_rename:6"))
+    assert killed.returncode not in (0, 3), killed.stderr[-4000:]
+    checkpoints = tmp_path / "killed" / "run" / "sft" / "checkpoints"
+    damaged = checkpoints / "step_4" / "rank_00001.pt"
+    content = bytearray(damaged.read_bytes())
+    content[len(content) // 2] ^= 0x01
+    damaged.write_bytes(bytes(content))
+
+    resumed = run_pipeline("run", str(recipe), "--resume", "auto", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert "step_4 is damaged: rank_00001.pt is corrupted" in resumed.stderr
+    assert "resuming from step_2 instead, so steps 3 to 4 are trained again" in resumed.stderr
+    after = losses(tmp_path / "killed" / "run")
+    assert [after[s] for s in sorted(after)] == pytest.approx([expected[s] for s in sorted(expected)], abs=1e-6, rel=0)

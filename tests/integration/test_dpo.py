@@ -95,7 +95,10 @@ def test_random_frames_with_a_live_reference_the_authors_setting(sft_then_dpo, t
     assert refused.returncode == 2 and "dpo.frames: 'random'" in refused.stderr
 
 
-def test_dpo_resumes_exactly_after_a_kill(sft_then_dpo, tmp_path):
+@pytest.mark.parametrize("reference", ["intact", "truncated", "edited"])
+def test_dpo_resumes_exactly_after_a_kill(sft_then_dpo, tmp_path, reference):
+    """Also with the stored reference log-probs damaged meanwhile: found (their sha256 is stored
+    with them), computed again with a warning, and the losses are the same."""
     root, manifest, _ = sft_then_dpo
     straight = read_metrics(root / "run" / "dpo" / "metrics.jsonl")
     recipe = training_recipe(tmp_path / "run", manifest)
@@ -104,9 +107,19 @@ def test_dpo_resumes_exactly_after_a_kill(sft_then_dpo, tmp_path):
     path = write_recipe(tmp_path / "recipe.yaml", recipe)
     killed = run_pipeline("run", str(path), env=pipeline_env(**{FAULT_ENV: "before_rename:2"}))
     assert killed.returncode == -signal.SIGKILL
+    stored = tmp_path / "run" / "dpo" / "reference_logps.json"
+    if reference == "truncated":
+        stored.write_text(stored.read_text()[:-40])
+    elif reference == "edited":  # valid JSON, one log-prob changed: only the sha256 can tell
+        data = json.loads(stored.read_text())
+        key = sorted(data["logps"])[0]
+        data["logps"][key] = [value + 1.0 for value in data["logps"][key]]  # (chosen, rejected)
+        stored.write_text(json.dumps(data))
     resumed = run_pipeline("run", str(path), "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-6000:]
     assert "resumed from" in resumed.stderr and "step 1" in resumed.stderr
+    recomputed = f"{stored} is damaged" in resumed.stderr and "computing the reference log-probs again" in resumed.stderr
+    assert recomputed == (reference != "intact"), resumed.stderr[-3000:]
     after = read_metrics(tmp_path / "run" / "dpo" / "metrics.jsonl")
     assert [m["step"] for m in after] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in after] == pytest.approx([m["loss"] for m in straight], abs=1e-6)

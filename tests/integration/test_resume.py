@@ -1,11 +1,16 @@
 """Exact resume of the SFT stage: SIGTERM -> checkpoint -> exit 3 -> --resume auto gives the same
-per-step losses as an uninterrupted run; kill -9 while a checkpoint is written loses nothing."""
+per-step losses as an uninterrupted run; kill -9 while a checkpoint is written loses nothing; a
+checkpoint damaged after it was written is found (files.json) and skipped; a full disk stops the
+run with one message and the previous checkpoint intact."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +124,132 @@ def test_resume_refuses_a_changed_recipe_but_allows_a_new_lr(tmp_path, manifest)
     logged = read_metrics(run_dir / "sft" / "metrics.jsonl")
     assert [m["step"] for m in logged] == [1, 2, 3, 4, 5]
     assert logged[2]["lr"] < 1e-4 and logged[1]["lr"] > 1e-3  # the new peak applies from the resumed step on
+
+
+def damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # one bit flipped in the middle: same size, only the sha256 can tell
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how, file", [("truncated", "deepspeed/mp_rank_00_model_states.pt"),
+                                       ("bit-flipped", "rank_00000.pt")])
+def test_a_damaged_checkpoint_is_named_refused_as_a_path_and_skipped_by_resume_auto(tmp_path, manifest, straight,
+                                                                                   how, file):
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "sft" / "checkpoints"
+    recipe = write_recipe(tmp_path / "recipe.yaml", training_recipe(run_dir, manifest, max_steps=STEPS, save_every=2))
+    killed = run_pipeline("run", str(recipe), env=pipeline_env(**{FAULT_ENV: "before_rename:6"}))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    listed = json.loads((checkpoints / "step_4" / "files.json").read_text())["files"]
+    assert file in listed and len(listed[file]["sha256"]) == 64 and "trainer_state.json" in listed
+    damage(checkpoints / "step_4" / file, how)
+
+    status = run_pipeline("status", str(run_dir), timeout=60)
+    assert "step_2: verified" in status.stdout and f"step_4: damaged ({file} is " in status.stdout, status.stdout
+    assert "step_6.tmp: partial" in status.stdout
+
+    refused = run_pipeline("run", str(recipe), "--resume", str(checkpoints / "step_4"))
+    assert refused.returncode == 2, refused.stderr[-4000:]
+    assert f"the checkpoint is damaged: {file} is" in refused.stderr and "step_2 checks out" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    resumed = run_pipeline("run", str(recipe), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"{checkpoints / 'step_4'} is damaged: {file} is" in resumed.stderr
+    assert "resuming from step_2 instead, so steps 3 to 4 are trained again" in resumed.stderr
+    assert f"resumed from {checkpoints / 'step_2'} at step 2" in resumed.stderr
+    after = losses(run_dir)
+    assert [after[s] for s in range(1, STEPS + 1)] == pytest.approx([straight[s] for s in range(1, STEPS + 1)], abs=1e-6)
+    abandoned = [p for p in checkpoints.parent.iterdir() if p.name.startswith("checkpoints.abandoned-")]
+    assert len(abandoned) == 1 and (abandoned[0] / "step_4" / file).exists()  # kept, never deleted
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs the test mounts (root only) and sizes: yields a function taking the size in bytes."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command here")
+    mounted = []
+
+    def mount(size: int) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def bytes_below(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def sizes(tmp_path_factory, manifest):
+    """(one checkpoint, everything else a short run writes) in bytes, from a run on a normal disk."""
+    root = tmp_path_factory.mktemp("sizes")
+    recipe = write_recipe(root / "recipe.yaml", training_recipe(root / "run", manifest, max_steps=2, save_every=2))
+    assert run_pipeline("run", str(recipe)).returncode == 0
+    checkpoint = bytes_below(root / "run" / "sft" / "checkpoints" / "step_2")
+    return checkpoint, bytes_below(root / "run") - checkpoint
+
+
+def test_no_room_for_the_next_checkpoint_stops_plainly_with_the_previous_one_latest(tmp_path, manifest, sizes,
+                                                                                    small_disk):
+    checkpoint, other = sizes
+    disk = small_disk(other + checkpoint * 3 // 2 + (1 << 20))
+    run_dir = disk / "run"
+    recipe = write_recipe(tmp_path / "recipe.yaml", training_recipe(run_dir, manifest, max_steps=STEPS, save_every=2))
+    full = run_pipeline("run", str(recipe))
+    assert full.returncode == 1, full.stderr[-4000:]
+    assert "Traceback" not in full.stderr
+    assert f"not enough space for checkpoint step_4 in {run_dir / 'sft' / 'checkpoints'}: the previous one (step_2) " \
+           "takes" in full.stderr and "step_2 is intact and still `latest`" in full.stderr
+    checkpoints = run_dir / "sft" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_2"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_2"]
+
+
+def test_a_checkpoint_write_that_fills_the_disk_is_one_message_and_leaves_no_partial_directory(
+        tmp_path, manifest, sizes, small_disk):
+    checkpoint, other = sizes
+    disk = small_disk(other + checkpoint // 2 + (1 << 20))
+    run_dir = disk / "run"
+    recipe = write_recipe(tmp_path / "recipe.yaml", training_recipe(run_dir, manifest, max_steps=STEPS, save_every=2))
+    full = run_pipeline("run", str(recipe))
+    assert full.returncode == 1, full.stderr[-4000:]
+    assert "Traceback" not in full.stderr
+    assert f"writing checkpoint step_2 in {run_dir / 'sft' / 'checkpoints'} failed (rank 0: " in full.stderr
+    assert "The partial step_2.tmp was removed (the file system now has " in full.stderr
+    assert "free); there is no earlier checkpoint" in full.stderr
+    assert sorted(p.name for p in (run_dir / "sft" / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.parametrize("how, verify", [("truncated", "size"), ("bit-flipped", "hash")])
+def test_shards_made_elsewhere_are_checked_before_training(tmp_path, manifest, how, verify):
+    """A tar of a data.manifest run that was truncated (or, with data.verify_shards: hash, altered)
+    stops the run with the tar named, exit 2, before a step is trained."""
+    shards = tmp_path / "shards"
+    shutil.copytree(manifest.parent, shards)
+    tar = sorted(shards.rglob("*.tar"))[0]
+    damage(tar, how)
+    recipe = training_recipe(tmp_path / "run", shards / "manifest.json", max_steps=2)
+    recipe["data"]["verify_shards"] = verify
+    result = run_pipeline("run", str(write_recipe(tmp_path / "recipe.yaml", recipe)))
+    assert result.returncode == 2, result.stderr[-4000:]
+    named = tar.relative_to(shards).as_posix()
+    expected = f"{named} is {tar.stat().st_size} bytes, the manifest says" if how == "truncated" else f"{named} is corrupted"
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "sft" / "metrics.jsonl").exists() or not losses(tmp_path / "run")
