@@ -167,14 +167,28 @@ def _status(args: argparse.Namespace) -> int:
             kept = complete_checkpoints(checkpoints)
             print(f"         latest checkpoint: {latest.name if latest else 'none'} "
                   f"(kept: {', '.join(p.name for p in kept) or 'none'})")
-            for path in kept:  # sizes and sha256 against each one's files.json
-                print(f"           {path.name}: {checkpoint_state(path)}")
+            hashes = _run_setting(run_dir, stage, "verify_checkpoints", "hash") == "hash"
+            for path in kept:  # sizes (and sha256, as the run records them) against each one's files.json
+                print(f"           {path.name}: {checkpoint_state(path, hashes)}")
             for path in sorted(checkpoints.glob("step_*.tmp")):
                 print(f"           {path.name}: partial (its writer was interrupted; removed at the next start)")
         history = read_metrics(directory / METRICS)
         if history:
             print(f"         last metrics: {json.dumps(history[-1])}")
     return ExitCode.OK
+
+
+def _run_setting(run_dir: Path, section: str, key: str, default):
+    """A key of the run's resolved recipe (run_dir/recipe.yaml), or ``default`` without one."""
+    import yaml
+
+    from pipeline.layout import RECIPE_FILE
+
+    try:
+        recipe = yaml.safe_load((run_dir / RECIPE_FILE).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return default
+    return ((recipe.get(section) or {}) if isinstance(recipe, dict) else {}).get(key, default)
 
 
 def _chat(args: argparse.Namespace) -> int:

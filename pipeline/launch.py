@@ -41,6 +41,7 @@ class LaunchOptions:
     command: str = ""                   # the launch command, quoted in the script's first lines
     overrides: list[str] = field(default_factory=list)  # key=value passed on to `run`
     stages: list[str] | None = None     # `run --stages`
+    python: str = field(default_factory=lambda: sys.executable)  # slurm: the interpreter the job runs
 
 
 def cluster_overrides(args: argparse.Namespace) -> list[str]:
@@ -58,6 +59,12 @@ def check_job(recipe: Recipe, backend: str, stages: list[str] | None = None) -> 
         raise RecipeError(f"{src}: backend: {backend!r}; a cluster job needs a named backend (cuda or npu): set "
                           f"`backend` in the recipe or pass --backend")
     recipe.cluster.validate(recipe, backend)
+    limit = None if recipe.cluster.time is None else slurm_seconds(recipe.cluster.time, "--time / cluster.time")
+    if limit is not None and limit <= recipe.cluster.signal_seconds:
+        raise RecipeError(f"{src}: --time / cluster.time {recipe.cluster.time} ({limit} s) is not longer than "
+                          f"cluster.signal_seconds ({recipe.cluster.signal_seconds}): SLURM would send the checkpoint "
+                          f"signal (USR1@{recipe.cluster.signal_seconds}) at the job's first check, and every restart "
+                          f"would checkpoint and requeue at once. Ask for more time or lower cluster.signal_seconds")
     for stage in stages or ():
         if stage not in recipe.stages:
             raise RecipeError(f"{src}: --stages: {stage!r} is not one of this recipe's stages ({', '.join(recipe.stages)})")
@@ -87,10 +94,29 @@ def env_lines(backend: str) -> list[str]:
     return lines
 
 
-def run_command(recipe_path: str, overrides: list[str], stages: list[str] | None = None) -> str:
+def run_arguments(recipe_path: str, overrides: list[str], stages: list[str] | None = None) -> str:
+    """What follows the interpreter: `-m pipeline run RECIPE ... --resume auto OVERRIDES`, quoted."""
     selection = ["--stages", ",".join(stages)] if stages else []
-    return " ".join(shlex.quote(word) for word in ["python", "-m", "pipeline", "run", recipe_path, *selection,
+    return " ".join(shlex.quote(word) for word in ["-m", "pipeline", "run", recipe_path, *selection,
                                                    "--resume", "auto", *overrides])
+
+
+def slurm_seconds(value: str, where: str) -> int | None:
+    """SLURM's time limit formats (minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+    days-hours:minutes, days-hours:minutes:seconds) in seconds; None for UNLIMITED."""
+    text = str(value).strip()
+    if text.upper() in ("UNLIMITED", "INFINITE", "-1"):
+        return None
+    try:
+        days, _, clock = text.rpartition("-")
+        parts = [int(part) for part in clock.split(":")]
+        if days:  # days-hours[:minutes[:seconds]]
+            hours, minutes, seconds = (parts + [0, 0])[:3]
+        else:     # minutes, minutes:seconds, hours:minutes:seconds
+            hours, minutes, seconds = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+        return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+    except (ValueError, KeyError):
+        raise RecipeError(f"{where}: {value!r} is not a SLURM time (e.g. 90, 1:30:00, 2-00:00:00)") from None
 
 
 def slurm_script(recipe: Recipe, recipe_path: str, options: LaunchOptions) -> str:
@@ -106,7 +132,9 @@ def slurm_script(recipe: Recipe, recipe_path: str, options: LaunchOptions) -> st
             header.append(f"--{key}={getattr(cluster, key)}")
     header += [f"--output={Path(recipe.run_dir) / 'logs'}/%x-%j.out", "--open-mode=append", f"--chdir={workdir}",
                f"--signal=USR1@{cluster.signal_seconds}", "--requeue", *cluster.extra_sbatch]
-    srun = ["srun", f"--nodes={cluster.nodes}", f"--ntasks-per-node={cluster.procs_per_node}"]
+    # --kill-on-bad-exit: a rank that dies ends the step at once, instead of its peers waiting in a
+    # collective for up to cluster.dist_timeout_minutes.
+    srun = ["srun", f"--nodes={cluster.nodes}", f"--ntasks-per-node={cluster.procs_per_node}", "--kill-on-bad-exit=1"]
     if cluster.cpus_per_task:  # srun does not inherit sbatch's --cpus-per-task (SLURM >= 22.05)
         srun.append(f"--cpus-per-task={cluster.cpus_per_task}")
     lines = [
@@ -119,10 +147,16 @@ def slurm_script(recipe: Recipe, recipe_path: str, options: LaunchOptions) -> st
         "",
         "set -eu",
         "",
-        "# SIGUSR1 (--signal, before the time limit) goes to the job step's tasks: every rank checkpoints and",
-        "# exits 3. SIGTERM (pre-emption, scancel) reaches the ranks too; the batch shell only notes it and",
-        "# waits for the step, so the exit code below is still handled.",
-        "trap 'echo \"batch shell: SIGTERM; waiting for the ranks to checkpoint\" >&2' TERM",
+        "# Signals (docs/cluster.md): SIGUSR1 (--signal, before the time limit) goes to the step's tasks:",
+        "# every rank checkpoints and exits 3, and this shell requeues the job. A SIGUSR1 sent to this shell",
+        "# (--signal=B:USR1, scancel --batch -s USR1) is forwarded to the step. SIGTERM (scancel,",
+        "# pre-emption, the hard limit) reaches every process: the ranks checkpoint and exit 3, and this shell",
+        "# does not requeue (a cancellation is the user's; SLURM requeues a pre-empted job itself).",
+        'stop=""',
+        'step=""',
+        "trap 'stop=USR1; echo \"batch shell: SIGUSR1; forwarding it to the job step\" >&2; "
+        "if [ -n \"$step\" ]; then pkill -USR1 -P \"$step\" || true; fi' USR1",
+        "trap 'stop=TERM; echo \"batch shell: SIGTERM; the ranks checkpoint; no requeue from here\" >&2' TERM",
         "",
     ]
     if cluster.setup:  # environment scripts (CANN's set_env.sh) often read unset variables: no `set -u` there
@@ -138,12 +172,32 @@ def slurm_script(recipe: Recipe, recipe_path: str, options: LaunchOptions) -> st
         'echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s), '
         'master $MASTER_ADDR:$MASTER_PORT" >&2',
         "",
-        "code=0",
-        " ".join(srun) + " " + run_command(recipe_path, options.overrides, options.stages) + ' || code="$?"',
+        "# The interpreter `launch` ran under (on shared storage, the same path on every node); export",
+        "# PIPELINE_PYTHON before sbatch to use another.",
+        f'PYTHON="${{PIPELINE_PYTHON:-{_double_quoted(options.python)[1:-1]}}}"',
+        'if ! command -v "$PYTHON" > /dev/null; then',
+        '    echo "error: python interpreter $PYTHON not found on $(hostname): export PIPELINE_PYTHON=<its path> or '
+        'activate the environment in cluster.setup" >&2',
+        f"    exit {int(ExitCode.FAILED)}",
+        "fi",
         "",
-        f'if [ "$code" -eq {int(ExitCode.REQUEUE)} ]; then',
+        "# The step runs in a background group so that the traps above run while it does (bash defers a trap",
+        "# until its foreground command ends); the group outlives a TERM to note the step's exit code, which",
+        "# `wait` cannot give reliably once a trapped signal has interrupted it.",
+        'status="$(mktemp)"',
+        "{ trap ':' TERM USR1; rc=0; " + " ".join(srun) + ' "$PYTHON" '
+        + run_arguments(recipe_path, options.overrides, options.stages) + ' || rc="$?"; echo "$rc" > "$status"; } &',
+        'step="$!"',
+        'while kill -0 "$step" 2> /dev/null; do wait "$step" || true; done',
+        'code="$(cat "$status" 2> /dev/null || true)"',
+        'code="${code:-1}"',
+        'rm -f "$status"',
+        "",
+        f'if [ "$code" -eq {int(ExitCode.REQUEUE)} ] && [ "$stop" != TERM ]; then',
         '    echo "stopped after a checkpoint (exit code 3): requeueing job $SLURM_JOB_ID" >&2',
         '    scontrol requeue "$SLURM_JOB_ID" || echo "scontrol requeue failed: submit this script again" >&2',
+        f'elif [ "$code" -eq {int(ExitCode.REQUEUE)} ]; then',
+        '    echo "stopped after a checkpoint on SIGTERM: not requeued (sbatch this script again to continue)" >&2',
         "fi",
         'exit "$code"',
     ]
@@ -168,7 +222,7 @@ def torchrun_lines(recipe: Recipe, recipe_path: str, options: LaunchOptions) -> 
                  "--rdzv-conf", f"join_timeout={int(cluster.dist_timeout_minutes * 60)}",
                  "--max-restarts", "0", "--signals-to-handle", "SIGTERM,SIGUSR1",
                  "--shutdown-timeout", str(cluster.signal_seconds),
-                 "-m", run_command(recipe_path, options.overrides, options.stages).removeprefix("python -m ")]
+                 run_arguments(recipe_path, options.overrides, options.stages)]
         lines.append(" ".join(words) + f"    # node {rank}")
     return "\n".join(lines) + "\n"
 

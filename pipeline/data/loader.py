@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import signal
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +230,17 @@ def _identity(batch):
     return batch
 
 
+def _leave_stop_signals_to_the_rank(_worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and SIGUSR1: those are the rank's, to checkpoint on. SLURM (a
+    scancel, pre-emption, the time limit) signals every process of a job step; a worker killed by
+    it made its rank fail ("DataLoader worker ... is killed by signal: Terminated") instead of
+    checkpointing, and a worker keeping the handler it inherited from the rank logged the signal a
+    second time. The rank shuts its workers down when it stops, and a worker whose rank died
+    exits on its own (torch's watchdog)."""
+    for stop in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(stop, signal.SIG_IGN)
+
+
 def repeated_shards(manifest: dict, stream: str) -> list[dict]:
     """A stream's shards, each as many times as its dataset card's ``repeat`` says (one epoch's list)."""
     repeats = manifest.get("repeats", {})
@@ -303,7 +315,8 @@ class StreamingLoader:
         # Our own generator: starting the iterator draws a worker seed, which must not come from the
         # global RNG (a resumed run starts its iterator at another point of the global sequence).
         loader = DataLoader(dataset, batch_size=None, num_workers=self.settings.num_workers, collate_fn=_identity,
-                            persistent_workers=False, generator=torch.Generator().manual_seed(self.settings.seed))
+                            persistent_workers=False, generator=torch.Generator().manual_seed(self.settings.seed),
+                            worker_init_fn=_leave_stop_signals_to_the_rank)
         for batch in loader:
             self.batches += 1
             fresh = [key for key in batch.skipped if key not in self.bad]

@@ -42,28 +42,39 @@ def losses(run_dir) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(run_dir / "sft" / "metrics.jsonl")}
 
 
-def run_until_signalled(recipe, run_dir, after_step: int, sig=signal.SIGTERM) -> subprocess.CompletedProcess:
-    """Start `run`, send ``sig`` once ``after_step`` steps are logged, wait for it to exit."""
+def run_until_signalled(recipe, run_dir, after_step: int, sig=signal.SIGTERM,
+                        whole_group: bool = False) -> subprocess.CompletedProcess:
+    """Start `run`, send ``sig`` once ``after_step`` steps are logged, wait for it to exit. With
+    ``whole_group`` the signal goes to every process of the run (its loader workers too), as SLURM
+    signals every process of a job step."""
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(recipe)], cwd=REPO_ROOT,
-                               env=pipeline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env=pipeline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=whole_group)
     deadline = time.monotonic() + 300
     while max(losses(run_dir), default=0) < after_step:
         assert process.poll() is None, f"run ended before the signal: {process.communicate()[1][-4000:]}"
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.05)
-    process.send_signal(sig)
+    if whole_group:
+        os.killpg(process.pid, sig)
+    else:
+        process.send_signal(sig)
     stdout, stderr = process.communicate(timeout=300)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-@pytest.mark.parametrize("sig, resume", [(signal.SIGTERM, "auto"), (signal.SIGUSR1, "step_2")],
-                         ids=["SIGTERM-resume-auto", "SIGUSR1-resume-older-path"])
-def test_a_signal_checkpoints_and_resume_reproduces_every_loss(tmp_path, manifest, straight, sig, resume):
+@pytest.mark.parametrize("sig, resume, whole_group", [(signal.SIGTERM, "auto", False), (signal.SIGUSR1, "step_2", False),
+                                                      (signal.SIGTERM, "auto", True)],
+                         ids=["SIGTERM-resume-auto", "SIGUSR1-resume-older-path", "SIGTERM-to-every-process-and-worker"])
+def test_a_signal_checkpoints_and_resume_reproduces_every_loss(tmp_path, manifest, straight, sig, resume, whole_group):
     run_dir = tmp_path / "run"
     checkpoints = run_dir / "sft" / "checkpoints"
     recipe = write_recipe(tmp_path / "recipe.yaml", training_recipe(run_dir, manifest, max_steps=STEPS, save_every=2))
-    stopped = run_until_signalled(recipe, run_dir, after_step=3, sig=sig)
+    stopped = run_until_signalled(recipe, run_dir, after_step=3, sig=sig, whole_group=whole_group)
     assert stopped.returncode == 3, stopped.stderr[-4000:]
+    # two loader workers got the signal too: they leave it to the rank (no dead worker, one log line)
+    assert "DataLoader worker" not in stopped.stderr
+    assert stopped.stderr.count(f"{sig.name} received") == 1, stopped.stderr[-4000:]
     stopped_at = int((checkpoints / "latest").read_text().strip().split("_")[1])
     assert 3 <= stopped_at < STEPS, "the signal must stop the run before its end (slow machine?)"
     assert not (run_dir / "sft" / "COMPLETE").exists()

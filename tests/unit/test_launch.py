@@ -48,11 +48,12 @@ def test_gpu_script_asks_for_2_nodes_of_8_gpus_and_runs_one_srun_task_per_gpu(ca
     assert not any("HCCL" in line for line in lines)
     assert 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in lines
     assert "export MASTER_ADDR" in lines
+    assert f'PYTHON="${{PIPELINE_PYTHON:-{sys.executable}}}"' in lines  # the interpreter launch ran under
     assert 'export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"' in lines
-    assert ("srun --nodes=2 --ntasks-per-node=8 python -m pipeline run recipes/sft_gpu.yaml --resume auto "
-            '|| code="$?"') in lines
-    branch = lines.index('if [ "$code" -eq 3 ]; then')
-    assert 'scontrol requeue "$SLURM_JOB_ID"' in lines[branch + 2] and lines[branch + 3] == "fi"
+    assert ("{ trap ':' TERM USR1; rc=0; srun --nodes=2 --ntasks-per-node=8 --kill-on-bad-exit=1 \"$PYTHON\" -m pipeline run recipes/sft_gpu.yaml --resume auto "
+            '|| rc="$?"; echo "$rc" > "$status"; } &') in lines
+    branch = lines.index('if [ "$code" -eq 3 ] && [ "$stop" != TERM ]; then')
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in lines[branch + 2] and lines[branch + 3].startswith("elif")
     assert lines[-1] == 'exit "$code"'
 
 
@@ -65,9 +66,9 @@ def test_npu_script_asks_for_4_nodes_of_8_tasks_and_exports_hccl_settings(capsys
     for key, value in (("DS_ACCELERATOR", "npu"), ("HCCL_CONNECT_TIMEOUT", "1200"), ("HCCL_EXEC_TIMEOUT", "1800"),
                        ("TASK_QUEUE_ENABLE", "2"), ("PYTORCH_NPU_ALLOC_CONF", "expandable_segments:True")):
         assert f'export {key}="${{{key}:-{value}}}"' in lines, key
-    assert ("srun --nodes=4 --ntasks-per-node=8 python -m pipeline run recipes/sft_npu.yaml --resume auto "
-            '|| code="$?"') in lines
-    assert 'if [ "$code" -eq 3 ]; then' in lines
+    assert ("{ trap ':' TERM USR1; rc=0; srun --nodes=4 --ntasks-per-node=8 --kill-on-bad-exit=1 \"$PYTHON\" -m pipeline run recipes/sft_npu.yaml --resume auto "
+            '|| rc="$?"; echo "$rc" > "$status"; } &') in lines
+    assert 'if [ "$code" -eq 3 ] && [ "$stop" != TERM ]; then' in lines
 
 
 def test_scripts_are_valid_bash_and_keep_a_users_environment(capsys, tmp_path):
@@ -126,8 +127,8 @@ def test_torchrun_prints_one_line_per_node_with_its_rank(capsys):
 def test_job_layout_and_overrides_reach_the_run_line(capsys):
     lines = script_for(capsys, "recipes/sft_gpu.yaml", "sft.lr=1e-5", "--nodes", "4")
     assert "#SBATCH --nodes=4" in lines
-    assert ("srun --nodes=4 --ntasks-per-node=8 python -m pipeline run recipes/sft_gpu.yaml --resume auto "
-            'sft.lr=1e-5 cluster.nodes=4 || code="$?"') in lines
+    assert ("{ trap ':' TERM USR1; rc=0; srun --nodes=4 --ntasks-per-node=8 --kill-on-bad-exit=1 \"$PYTHON\" -m pipeline run recipes/sft_gpu.yaml --resume auto "
+            'sft.lr=1e-5 cluster.nodes=4 || rc="$?"; echo "$rc" > "$status"; } &') in lines
 
 
 def test_procs_that_do_not_divide_the_global_batch_fail_with_the_key(capsys):
@@ -196,8 +197,87 @@ def test_a_shard_job_on_cpu_nodes_runs_only_that_stage(capsys):
     assert "#SBATCH --nodes=2" in lines and "#SBATCH --ntasks-per-node=1" in lines and "#SBATCH --partition=cpu" in lines
     assert "#SBATCH --cpus-per-task=64" in lines and not any("HCCL" in line for line in lines)
     assert 'export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"' in lines
-    assert ("srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=64 python -m pipeline run recipes/full_npu.yaml "
+    assert ("{ trap ':' TERM USR1; rc=0; srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=64 \"$PYTHON\" -m pipeline run recipes/full_npu.yaml "
             "--stages shard --resume auto cluster.cpus_per_task=64 shard.processes=64 backend=cpu cluster.nodes=2 "
-            'cluster.procs_per_node=1 || code="$?"') in lines
+            'cluster.procs_per_node=1 || rc="$?"; echo "$rc" > "$status"; } &') in lines
     code, _, err = launch(capsys, "recipes/full_npu.yaml", "--scheduler", "slurm", "--stages", "synth")
     assert code == 2 and "--stages: 'synth' is not one of this recipe's stages" in err
+
+
+@pytest.mark.parametrize("limit, seconds", [("90", 5400), ("15:30", 930), ("1:00:00", 3600), ("2-00", 172800),
+                                            ("1-2:30", 95400), ("0-0:15:01", 901)])
+def test_slurm_time_formats(limit, seconds):
+    from pipeline.launch import slurm_seconds
+    assert slurm_seconds(limit, "--time") == seconds
+    assert slurm_seconds("UNLIMITED", "--time") is None
+
+
+@pytest.mark.parametrize("limit", ["1", "15:00", "0:10:00"])
+def test_a_time_limit_within_the_signal_lead_is_refused(capsys, limit):
+    """USR1@900 with a limit of 15 min or less would signal the job at its first check, every restart."""
+    code, out, err = launch(capsys, "recipes/sft_gpu.yaml", "--scheduler", "slurm", "--time", limit)
+    assert code == 2 and out == ""
+    assert f"is not longer than cluster.signal_seconds (900)" in err and limit in err
+    code, _, err = launch(capsys, "recipes/sft_gpu.yaml", "--scheduler", "slurm", "--time", "1:61:xx")
+    assert code == 2 and "is not a SLURM time" in err
+    code, _, err = launch(capsys, "recipes/sft_gpu.yaml", "--scheduler", "slurm", "--time", "15:01")
+    assert code == 0, err
+
+
+def test_a_job_without_its_interpreter_fails_with_a_message_not_a_bad_input_code(capsys, tmp_path):
+    """srun would exit 2 (our "bad input") on `execve(): python: No such file`; the script checks first."""
+    script = tmp_path / "job.sh"
+    script.write_text("\n".join(script_for(capsys, "recipes/sft_npu.yaml")) + "\n")
+    env = {"PATH": os.environ["PATH"], "PIPELINE_PYTHON": str(tmp_path / "no" / "python"), "SLURM_JOB_ID": "1",
+           "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "1"}
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scontrol").write_text("#!/bin/bash\necho n1\n")
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    env["PATH"] = f"{tmp_path / 'bin'}:{env['PATH']}"
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and f"python interpreter {tmp_path / 'no' / 'python'} not found" in result.stderr
+
+
+@pytest.mark.parametrize("signal_name, to_group, requeued", [("USR1", False, True), ("TERM", True, False)],
+                         ids=["USR1-to-the-batch-shell-is-forwarded-and-requeues",
+                              "TERM-to-every-process-checkpoints-without-requeue"])
+def test_the_batch_shell_forwards_usr1_and_does_not_requeue_after_a_cancellation(capsys, tmp_path, signal_name,
+                                                                                  to_group, requeued):
+    """`scancel --batch -s USR1` (or --signal=B:USR1) signals only the batch shell: it must reach the
+    ranks. `scancel` and pre-emption signal every process with TERM: the ranks checkpoint and exit 3,
+    and the job must not requeue itself (the user cancelled it; SLURM requeues a pre-empted job)."""
+    import signal
+    import time
+
+    script = tmp_path / "job.sh"
+    script.write_text("\n".join(script_for(capsys, "recipes/sft_npu.yaml")) + "\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # srun stand-in: a step whose ranks checkpoint and exit 3 on USR1 or TERM, as the pipeline's do
+    (bin_dir / "srun").write_text('#!/bin/bash\ntrap \'echo USR1 >> "$LOG"; exit 3\' USR1\n'
+                                  'trap \'echo TERM >> "$LOG"; exit 3\' TERM\n'
+                                  'echo started >> "$LOG"\nwhile :; do sleep 0.05; done\n')
+    (bin_dir / "scontrol").write_text('#!/bin/bash\nif [ "$1" = show ]; then echo n1; else echo "$*" >> "$LOG.scontrol"; fi\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    log = tmp_path / "step.log"
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log), "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "1"}
+    job = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not (log.exists() and "started" in log.read_text()):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.05)
+    sig = getattr(signal, f"SIG{signal_name}")
+    if to_group:
+        os.killpg(job.pid, sig)
+    else:
+        job.send_signal(sig)
+    _, stderr = job.communicate(timeout=30)
+    assert job.returncode == 3, stderr
+    assert log.read_text().split() == ["started", signal_name]
+    scontrol = Path(f"{log}.scontrol")
+    assert (scontrol.read_text() == "requeue 7\n") if requeued else not scontrol.exists()
+    if not requeued:
+        assert "not requeued" in stderr
