@@ -217,7 +217,7 @@ def test_a_time_limit_within_the_signal_lead_is_refused(capsys, limit):
     """USR1@900 with a limit of 15 min or less would signal the job at its first check, every restart."""
     code, out, err = launch(capsys, "recipes/sft_gpu.yaml", "--scheduler", "slurm", "--time", limit)
     assert code == 2 and out == ""
-    assert f"is not longer than cluster.signal_seconds (900)" in err and limit in err
+    assert "is not longer than cluster.signal_seconds (900)" in err and limit in err
     code, _, err = launch(capsys, "recipes/sft_gpu.yaml", "--scheduler", "slurm", "--time", "1:61:xx")
     assert code == 2 and "is not a SLURM time" in err
     code, _, err = launch(capsys, "recipes/sft_gpu.yaml", "--scheduler", "slurm", "--time", "15:01")
