@@ -12,6 +12,8 @@ import contextlib
 import importlib
 import logging
 import math
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,8 +167,31 @@ def model_init_context(settings: EngineSettings, dtype: torch.dtype):
         integration.unset_hf_deepspeed_config()
 
 
+@contextlib.contextmanager
+def stop_signals_held():
+    """SIGTERM and SIGUSR1 blocked in this thread while DeepSpeed may compile an op: its JIT
+    builds run a compiler in child processes, which inherit the block. SLURM signals every
+    process of a job step, and a compiler killed by the time-limit USR1 failed the whole job. This
+    process still gets the signal: another of its threads takes it, or this one once the build
+    is over, and the stop flag then checkpoints at the next step boundary as for any other."""
+    stops = {signal.SIGTERM, signal.SIGUSR1}
+    if threading.current_thread() is not threading.main_thread():  # (signals are the main thread's)
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def build_engine(model: torch.nn.Module, backend: Backend, settings: EngineSettings, local_rank: int = 0):
     """(engine, optimizer, scheduler) for ``model`` on ``backend``; ``init_distributed`` first."""
+    with stop_signals_held():
+        return _build_engine(model, backend, settings, local_rank)
+
+
+def _build_engine(model: torch.nn.Module, backend: Backend, settings: EngineSettings, local_rank: int):
     settings.validate()
     dtype = backend.resolve_dtype(settings.precision, local_rank)
     groups = parameter_groups(model, settings.weight_decay)
@@ -201,6 +226,7 @@ def build_frozen_model(model: torch.nn.Module, backend: Backend, settings: Engin
         return model.to(device=backend.device(local_rank), dtype=dtype)
     config = deepspeed_config(settings, dtype)
     config.pop("gradient_clipping")
-    engine, *_ = deepspeed_module().initialize(model=model, config=config, dist_init_required=False)
+    with stop_signals_held():
+        engine, *_ = deepspeed_module().initialize(model=model, config=config, dist_init_required=False)
     engine.eval()
     return engine

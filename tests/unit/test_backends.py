@@ -153,3 +153,30 @@ def test_deepspeed_config_follows_the_settings():
     assert deepspeed_config(EngineSettings(zero_stage=2), torch.float16)["fp16"]["enabled"] is True
     with pytest.raises(ValueError, match="offload_optimizer needs ZeRO stage 2 or 3"):
         EngineSettings(zero_stage=0, offload_optimizer=True).validate()
+
+
+def test_stop_signals_wait_while_deepspeed_may_compile_and_spare_the_compiler():
+    """SLURM's time-limit USR1 reaches every process of the step, a JIT compiler's too: inside
+    stop_signals_held a child (standing in for the compiler) survives it, and this process still
+    gets it (by the end of the build at the latest)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from backends.deepspeed_engine import stop_signals_held
+
+    got = []
+    previous = signal.signal(signal.SIGUSR1, lambda number, frame: got.append(number))
+    try:
+        with stop_signals_held():
+            compiler = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+            os.kill(compiler.pid, signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert compiler.wait(timeout=30) == 0  # not killed by the signal
+        assert got == [signal.SIGUSR1]
+        outside = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+        os.kill(outside.pid, signal.SIGUSR1)
+        assert outside.wait(timeout=30) == -signal.SIGUSR1  # what a compiler met without the block
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -49,6 +49,7 @@ def test_gpu_script_asks_for_2_nodes_of_8_gpus_and_runs_one_srun_task_per_gpu(ca
     assert 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in lines
     assert "export MASTER_ADDR" in lines
     assert f'PYTHON="${{PIPELINE_PYTHON:-{sys.executable}}}"' in lines  # the interpreter launch ran under
+    assert "export TORCH_EXTENSIONS_DIR" in lines  # JIT-built ops kept per environment
     assert 'export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"' in lines
     assert ("{ trap ':' TERM USR1; rc=0; srun --nodes=2 --ntasks-per-node=8 --kill-on-bad-exit=1 \"$PYTHON\" -m pipeline run recipes/sft_gpu.yaml --resume auto "
             '|| rc="$?"; echo "$rc" > "$status"; } &') in lines
@@ -175,7 +176,8 @@ def test_exit_code_3_requeues_the_job_and_every_code_reaches_the_scheduler(capsy
     script.write_text("\n".join(script_for(capsys, "recipes/sft_npu.yaml")) + "\n")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text(f'#!/bin/bash\necho "$MASTER_ADDR:$MASTER_PORT $DS_ACCELERATOR $*" > "$LOG"\n'
+    (bin_dir / "srun").write_text(f'#!/bin/bash\necho "$MASTER_ADDR:$MASTER_PORT $DS_ACCELERATOR $* '
+                                  f'TORCH_EXTENSIONS_DIR=$TORCH_EXTENSIONS_DIR" > "$LOG"\n'
                                   f"exit {step_code}\n")
     (bin_dir / "scontrol").write_text('#!/bin/bash\nif [ "$1" = show ]; then printf "npu-a01\\nnpu-a02\\n"; '
                                       'else echo "$*" >> "$LOG.scontrol"; fi\n')
@@ -187,6 +189,7 @@ def test_exit_code_3_requeues_the_job_and_every_code_reaches_the_scheduler(capsy
     result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == step_code, result.stderr
     assert log.read_text().split()[:3] == ["npu-a01:24242", "npu", "--nodes=4"]
+    assert f"TORCH_EXTENSIONS_DIR={sys.prefix}/torch_extensions" in log.read_text().split()
     scontrol = Path(f"{log}.scontrol")
     assert (scontrol.read_text() == "requeue 4242\n") if requeued else not scontrol.exists()
 
