@@ -68,6 +68,8 @@ class StopFlag:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:  # already stopping (SLURM may deliver a signal twice: directly and via srun)
+            return
         self.received = signal.Signals(signum).name
         logger.warning("%s received: checkpointing at the next step boundary, then exiting for requeue", self.received)
 
