@@ -138,13 +138,17 @@ def _status(args: argparse.Namespace) -> int:
     from pipeline.checkpoint import CheckpointError, checkpoint_state, complete_checkpoints, latest_checkpoint
     from pipeline.layout import METRICS, RECIPE_FILE, checkpoints_dir
     from pipeline.metrics import read_metrics
-    from pipeline.recipe import STAGE_ORDER
+    from pipeline.recipe import STAGE_ORDER, RecipeError, load_recipe
     from pipeline.runner import read_complete
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         print(f"error: {run_dir} is not a run directory", file=sys.stderr)
         return ExitCode.BAD_INPUT
+    try:  # the run's resolved recipe says whether its checkpoints record sha256 (else: check them all)
+        recipe = load_recipe(run_dir / RECIPE_FILE)
+    except (OSError, RecipeError):
+        recipe = None
     print(f"run directory {run_dir}" + (f" (recipe: {RECIPE_FILE})" if (run_dir / RECIPE_FILE).exists() else ""))
     for stage in STAGE_ORDER:
         directory = run_dir / stage
@@ -167,7 +171,7 @@ def _status(args: argparse.Namespace) -> int:
             kept = complete_checkpoints(checkpoints)
             print(f"         latest checkpoint: {latest.name if latest else 'none'} "
                   f"(kept: {', '.join(p.name for p in kept) or 'none'})")
-            hashes = _run_setting(run_dir, stage, "verify_checkpoints", "hash") == "hash"
+            hashes = getattr(getattr(recipe, stage, None), "verify_checkpoints", "hash") == "hash"
             for path in kept:  # sizes (and sha256, as the run records them) against each one's files.json
                 print(f"           {path.name}: {checkpoint_state(path, hashes)}")
             for path in sorted(checkpoints.glob("step_*.tmp")):
@@ -176,19 +180,6 @@ def _status(args: argparse.Namespace) -> int:
         if history:
             print(f"         last metrics: {json.dumps(history[-1])}")
     return ExitCode.OK
-
-
-def _run_setting(run_dir: Path, section: str, key: str, default):
-    """A key of the run's resolved recipe (run_dir/recipe.yaml), or ``default`` without one."""
-    import yaml
-
-    from pipeline.layout import RECIPE_FILE
-
-    try:
-        recipe = yaml.safe_load((run_dir / RECIPE_FILE).read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return default
-    return ((recipe.get(section) or {}) if isinstance(recipe, dict) else {}).get(key, default)
 
 
 def _chat(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
 """Durable, all-or-nothing writes (a file or directory is complete under its final name), outputs
-set aside rather than deleted, and file digests.
+set aside rather than deleted, file digests, and files checked against what was recorded of them.
 
 Write under a temporary name, fsync the data, rename (atomic on POSIX file systems), then fsync
 the parent directory so the rename itself survives a crash:
@@ -31,6 +31,22 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_problems(root: Path, recorded, hashes: bool, source: str) -> list[str]:
+    """What differs between the files below ``root`` and what ``source`` (a file list, a manifest)
+    recorded of them: for each ``(name, size, sha256)`` in ``recorded``, the file missing, of
+    another size, or with ``hashes`` of another sha256 (a size or sha256 of None was not recorded)."""
+    problems = []
+    for name, size, digest in recorded:
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif size is not None and path.stat().st_size != size:
+            problems.append(f"{name} is {path.stat().st_size} bytes, {source} says {size}")
+        elif hashes and digest is not None and sha256_of(path) != digest:
+            problems.append(f"{name} is corrupted (its sha256 differs from the one {source} records)")
+    return problems
 
 
 def fsync_directory(directory: Path) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from backends.distributed import broadcast_from_rank0, gather_objects
-from pipeline.atomic import (aside_path, fsync_tree, publish_directory, sha256_of, temporary_directory,
+from pipeline.atomic import (aside_path, file_problems, fsync_tree, publish_directory, sha256_of, temporary_directory,
                              write_text_atomically)
 from pipeline.layout import CHECKPOINT_FILES, DEEPSPEED_TAG, LATEST, RECIPE_FILE, TRAINER_STATE, is_checkpoint
 
@@ -229,16 +229,8 @@ def checkpoint_problems(checkpoint: Path, hashes: bool = True) -> list[str] | No
         files = json.loads(listing.read_text())["files"]
     except (ValueError, KeyError) as error:
         return [f"{CHECKPOINT_FILES} is unreadable ({error})"]
-    problems = []
-    for name, entry in files.items():
-        path = checkpoint / name
-        if not path.is_file():
-            problems.append(f"{name} is missing")
-        elif path.stat().st_size != entry["size"]:
-            problems.append(f"{name} is {path.stat().st_size} bytes, {entry['size']} were written")
-        elif hashes and "sha256" in entry and sha256_of(path) != entry["sha256"]:
-            problems.append(f"{name} is corrupted (its sha256 differs from the one recorded when it was written)")
-    return problems
+    recorded = [(name, entry["size"], entry.get("sha256")) for name, entry in files.items()]
+    return file_problems(checkpoint, recorded, hashes, CHECKPOINT_FILES)
 
 
 def checkpoint_state(checkpoint: Path, hashes: bool = True) -> str:

@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.atomic import sha256_of
+from pipeline.atomic import file_problems
 from pipeline.data.collate import Batch, SampleProcessor, SampleTooLong
 from pipeline.data.media import MediaError
 from pipeline.data.records import VISUAL_MODALITIES, Sample
@@ -259,15 +259,9 @@ def check_shards(manifest_path: str | Path, hashes: bool = False) -> None:
     sha256): shards made elsewhere are checked before training reads them. LoaderError names
     each missing, truncated or corrupted tar."""
     manifest_path = Path(manifest_path)
-    root, problems = manifest_path.parent, []
-    for shard in json.loads(manifest_path.read_text())["shards"]:
-        path = root / shard["path"]
-        if not path.is_file():
-            problems.append(f"{shard['path']} is missing")
-        elif "bytes" in shard and path.stat().st_size != shard["bytes"]:
-            problems.append(f"{shard['path']} is {path.stat().st_size} bytes, the manifest says {shard['bytes']}")
-        elif hashes and "sha256" in shard and sha256_of(path) != shard["sha256"]:
-            problems.append(f"{shard['path']} is corrupted (its sha256 differs from the manifest's)")
+    shards = json.loads(manifest_path.read_text())["shards"]
+    recorded = [(shard["path"], shard.get("bytes"), shard.get("sha256")) for shard in shards]
+    problems = file_problems(manifest_path.parent, recorded, hashes, "the manifest")
     if problems:
         raise LoaderError(f"{manifest_path}: {'; '.join(problems[:10])}" + (f" (and {len(problems) - 10} more)"
                           if len(problems) > 10 else "") + ": copy the shards again, or run the shard stage")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.atomic import sha256_of
+from pipeline.atomic import file_problems, sha256_of
 from pipeline.layout import CHECKSUMS, COMPLETE
 
 from ppllava import IMAGE, MULTI_IMAGE, VIDEO, PPLLaVAConfig
@@ -86,14 +86,9 @@ def verify_checksums(directory: Path) -> None:
     listing = directory / CHECKSUMS
     if not listing.is_file():
         raise ModelFilesError(f"{directory} has no {CHECKSUMS}: not an export of this pipeline, or incomplete")
-    problems = []
-    for line in listing.read_text().splitlines():
-        digest, name = line.split("  ", 1)
-        path = directory / name
-        if not path.is_file():
-            problems.append(f"{name} is missing")
-        elif sha256_of(path) != digest:
-            problems.append(f"{name} is corrupted (its sha256 differs from the one recorded at export)")
+    lines = (line.split("  ", 1) for line in listing.read_text().splitlines())  # `sha256sum` format: digest, name
+    recorded = [(name, None, digest) for digest, name in lines]
+    problems = file_problems(directory, recorded, True, f"{CHECKSUMS} (written at export)")
     if problems:
         raise ModelFilesError(f"{directory}: " + "; ".join(problems) + "; export the model again or restore the files")
 

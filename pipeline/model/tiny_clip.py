@@ -84,7 +84,7 @@ def patch_cover(shapes: list[Shape], size: int, patch: int) -> np.ndarray:
 
 
 def _pictures(rng: random.Random, count: int, size: int, patch: int, names, shapes_per_picture=(1, 3)):
-    """(pixels [N, 3, size, size], labels [N, captions, patches], shapes of each picture)."""
+    """(pixels [N, 3, size, size], labels [N, captions, patches], (shapes, patch_cover) of each picture)."""
     pixels, labels, drawn = [], [], []
     for _ in range(count):
         shapes = random_picture(rng, size, rng.randint(*shapes_per_picture))
@@ -96,7 +96,7 @@ def _pictures(rng: random.Random, count: int, size: int, patch: int, names, shap
                     label[row] |= patches
         pixels.append(draw_shapes(shapes, size, size * RADIUS))
         labels.append(label.astype(np.float32))
-        drawn.append(shapes)
+        drawn.append((shapes, cover))
     return normalize([Image.fromarray(p) for p in pixels]), torch.from_numpy(np.stack(labels)), drawn
 
 
@@ -120,7 +120,7 @@ class _Towers:
         return self.model.encode_prompts(self.ids, self.mask)
 
 
-def relevance_on_target(towers: _Towers, pixels: torch.Tensor, drawn: list[list[Shape]], size: int, patch: int,
+def relevance_on_target(towers: _Towers, pixels: torch.Tensor, drawn: list[tuple[list[Shape], np.ndarray]],
                         rng: random.Random) -> float:
     """Mean eq.1 relevance mass that "What colour is the {kind}?" puts on the patches of that
     shape, over pictures of two or three shapes (a uniform map gives about 0.15)."""
@@ -129,9 +129,9 @@ def relevance_on_target(towers: _Towers, pixels: torch.Tensor, drawn: list[list[
     with torch.no_grad():
         visual, text = towers.patches(pixels), towers.texts()
         total = 0.0
-        for index, shapes in enumerate(drawn):
+        for index, (shapes, covers) in enumerate(drawn):
             target = rng.randrange(len(shapes))
-            cover = torch.from_numpy(patch_cover(shapes, size, patch)[target])
+            cover = torch.from_numpy(covers[target])
             scores = relevance(visual[index : index + 1], text[question[shapes[target].kind]][None],
                                towers.model.logit_scale)[0]
             total += float(scores[cover].sum())
@@ -143,7 +143,7 @@ def pretrain_clip(model: PPLLaVAForConditionalGeneration, tokenizer, steps: int,
     the final loss and the relevance mass on the asked-about shape, on held-out pictures."""
     size, patch = model.config.vision_config.image_size, model.config.vision_config.patch_size
     rng = random.Random(seed)
-    texts, names = captions()
+    _, names = captions()
     pixels, labels, _ = _pictures(rng, PICTURES, size, patch, names)
     towers = _Towers(model, tokenizer)
     parameters = [p for part in CLIP_PARTS for p in getattr(model, part).parameters()]
@@ -164,8 +164,8 @@ def pretrain_clip(model: PPLLaVAForConditionalGeneration, tokenizer, steps: int,
         optimizer.step()
         if step % 250 == 0 or step == steps - 1:
             logger.info("CLIP pretraining step %d/%d: loss %.4f", step + 1, steps, loss.item())
-    held_pixels, _, held_shapes = _pictures(rng, HELD_OUT, size, patch, names, shapes_per_picture=(2, 3))
-    mass = relevance_on_target(towers, held_pixels, held_shapes, size, patch, rng)
+    held_pixels, _, held_drawn = _pictures(rng, HELD_OUT, size, patch, names, shapes_per_picture=(2, 3))
+    mass = relevance_on_target(towers, held_pixels, held_drawn, rng)
     return {"clip loss": round(loss.item(), 4), "relevance on the asked shape": round(mass, 3)}
 
 
