@@ -57,6 +57,10 @@ class PPLLaVAConfig(PreTrainedConfig):
     window_temperature: the official per-window softmax temperature (0.01); None = plain eq.3.
     clip_context_length / clip_keep_positions / clip_position_factor: eq.4 extension (77 -> 248).
     num_frames: frames sampled per video.
+    bt_adapter_depth: 0 (the paper's LLaVA-NeXT start) or the number of last CLIP layers a
+        BT-Adapter runs beside (the authors' released Vicuna models: 4); see ppllava.bt_adapter.
+    bt_adapter_max_frames: rows of the adapter's time embedding (the longest clip it accepts).
+    bt_adapter_drop_path: the adapter's stochastic-depth rate in training (the authors': 0.1).
     image_grid_pinpoints: LLaVA-NeXT any-resolution grid (height, width) pairs.
     """
 
@@ -97,6 +101,9 @@ class PPLLaVAConfig(PreTrainedConfig):
     clip_keep_positions: int = 20
     clip_position_factor: int = 4
     tie_word_embeddings: bool = False
+    bt_adapter_depth: int = 0
+    bt_adapter_max_frames: int = 64
+    bt_adapter_drop_path: float = 0.1
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -116,6 +123,12 @@ class PPLLaVAConfig(PreTrainedConfig):
             )
         if not 0 < self.clip_keep_positions < self.clip_context_length:
             raise ValueError(f"clip_keep_positions={self.clip_keep_positions} must be in (0, {self.clip_context_length})")
+        if not 0 <= self.bt_adapter_depth <= self.vision_config.num_hidden_layers:
+            raise ValueError(f"bt_adapter_depth={self.bt_adapter_depth} must be in [0, "
+                             f"{self.vision_config.num_hidden_layers}] (0 = no BT-Adapter; at most the vision layers)")
+        if self.bt_adapter_max_frames < 1 or not 0.0 <= self.bt_adapter_drop_path < 1.0:
+            raise ValueError(f"bt_adapter_max_frames={self.bt_adapter_max_frames} must be >= 1 and "
+                             f"bt_adapter_drop_path={self.bt_adapter_drop_path} in [0, 1)")
         if self.vision_config.projection_dim != self.projection_dim:
             self.vision_config.projection_dim = self.projection_dim
         if self.clip_text_config.projection_dim != self.projection_dim:

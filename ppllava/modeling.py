@@ -19,6 +19,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ppllava.bt_adapter import BTAdapter, ZeroInitLinear
 from ppllava.clip_text import ExtendedCLIPTextModel
 from ppllava.config import IGNORE_INDEX, IMAGE, MULTI_IMAGE, MODALITY_NAMES, TEXT, VIDEO, PPLLaVAConfig
 from ppllava.pooling import pool_tokens, relevance
@@ -48,7 +49,7 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _no_split_modules = ["CLIPEncoderLayer", "LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"]
+    _no_split_modules = ["CLIPEncoderLayer", "TemporalAdapterLayer", "SpatialAdapterLayer", "LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -56,6 +57,13 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
             with torch.no_grad():
                 module.image_newline.normal_(0.0, 1 / math.sqrt(self.config.text_config.hidden_size))
                 module.logit_scale.fill_(self.config.logit_scale_init_value)
+        elif isinstance(module, ZeroInitLinear):
+            with torch.no_grad():  # the temporal block's output: an untrained one leaves its input unchanged
+                module.weight.zero_()
+                module.bias.zero_()
+        elif isinstance(module, BTAdapter):
+            with torch.no_grad():
+                module.cls_token.zero_()
 
 
 def import_submodel_classes(config: PPLLaVAConfig) -> None:
@@ -71,6 +79,17 @@ def import_submodel_classes(config: PPLLaVAConfig) -> None:
     """
     AutoModel._model_mapping[type(config.vision_config)]
     AutoModelForCausalLM._model_mapping[type(config.text_config)]
+
+
+def clip_lengths(frame_counts: list[int], modalities: list[int]) -> list[int]:
+    """How the frames of a batch group into clips for the BT-Adapter's attention over time: a
+    video's frames and a multi-image sample's images are one clip each, every tile of an image its
+    own clip of one frame (the authors' code passes images to the vision tower one tile at a time)."""
+    lengths: list[int] = []
+    for count, modality in zip(frame_counts, modalities):
+        if count:
+            lengths.extend([1] * count if modality == IMAGE else [count])
+    return lengths
 
 
 class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
@@ -90,6 +109,8 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
     def __init__(self, config: PPLLaVAConfig) -> None:
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.bt_adapter = (BTAdapter(config.vision_config, config.bt_adapter_depth, config.bt_adapter_max_frames,
+                                     config.bt_adapter_drop_path) if config.bt_adapter_depth else None)
         self.multi_modal_projector = PPLLaVAMultiModalProjector(config)
         self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
         self.clip_text = ExtendedCLIPTextModel(config.clip_text_config, keep_positions=config.clip_keep_positions)
@@ -115,16 +136,28 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         self.language_model.set_output_embeddings(value)
 
     # -- vision side ----------------------------------------------------------------------------
-    def encode_frames(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_frames(
+        self, pixel_values: torch.Tensor, clip_lengths: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """All frames at once -> (projected features [F, P, D_llm], CLIP visual embeds [F, P, D_clip]).
 
-        Patch tokens of ``vision_feature_layer`` (penultimate by default), CLS dropped. The
-        projector runs *before* pooling (paper Fig.2, official code); the relevance branch goes
-        through CLIP's post-layernorm and visual projection as CLIP itself would.
+        Patch tokens of ``vision_feature_layer`` (penultimate by default), CLS dropped, with the
+        BT-Adapter mixed in when the config has one (``clip_lengths`` then groups the F frames
+        into clips: a video's frames, a multi-image sample's images, or one image tile each;
+        default: every frame alone). The projector runs *before* pooling (paper Fig.2, official
+        code); the relevance branch goes through CLIP's post-layernorm and visual projection as
+        CLIP itself would.
         """
         pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
         outputs = self.vision_tower(pixel_values, output_hidden_states=True)
-        patches = outputs.hidden_states[self.config.vision_feature_layer][:, 1:]
+        index = self.config.vision_feature_layer % len(outputs.hidden_states)
+        if self.bt_adapter is None:
+            states = outputs.hidden_states[index]
+        else:
+            lengths = [1] * pixel_values.shape[0] if clip_lengths is None else clip_lengths
+            position_embedding = self.vision_tower.embeddings.position_embedding
+            states = self.bt_adapter.features(outputs.hidden_states, index, lengths, position_embedding)
+        patches = states[:, 1:]
         projected = self.multi_modal_projector(patches)
         clip_visual = self.visual_projection(self.vision_tower.post_layernorm(patches))
         return projected, clip_visual
@@ -158,7 +191,7 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         counts = [int(c) for c in frame_counts.tolist()]
         if sum(counts) != pixel_values.shape[0]:
             raise ValueError(f"frame_counts sum to {sum(counts)} but pixel_values holds {pixel_values.shape[0]} frames")
-        projected, clip_visual = self.encode_frames(pixel_values)
+        projected, clip_visual = self.encode_frames(pixel_values, clip_lengths(counts, modalities.tolist()))
         prompts = self.encode_prompts(clip_input_ids, clip_attention_mask)
         side = self.config.patches_per_side
         tokens, start = [], 0
@@ -305,9 +338,13 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
     # -- trainable parts --------------------------------------------------------------------------
     def set_trainable_parts(
         self, vision: bool = False, projector: bool = True, clip_text: bool = True, llm: bool = True,
-        clip_projections: bool | None = None,
+        clip_projections: bool | None = None, bt_adapter: bool = False,
     ) -> None:
         """Paper settings: SFT trains projector + CLIP text + LLM; DPO trains the LLM only.
+
+        The BT-Adapter (when the config has one) follows ``bt_adapter`` (the authors train it in
+        SFT, not in DPO), except its layers past ``vision_feature_layer``: they cannot change the
+        features, get no gradient and stay frozen.
 
         The CLIP text tower's first ``clip_keep_positions`` positional rows never train (they are
         a buffer, not a parameter); its stretched rows and layers follow ``clip_text``. CLIP's two
@@ -325,9 +362,23 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
             "visual_projection": projections,
             "text_projection": projections,
             "language_model": llm,
+            "bt_adapter": bt_adapter,
         }
         for name, parameter in self.named_parameters():
             parameter.requires_grad_(parts[name.split(".")[0]])
+        if self.bt_adapter is not None:
+            layers = self.config.vision_config.num_hidden_layers
+            used = self.bt_adapter.layers_used(layers, self.config.vision_feature_layer % (layers + 1))
+            for unreachable in (*self.bt_adapter.temporal_layers[used:], *self.bt_adapter.spatial_layers[used:]):
+                unreachable.requires_grad_(False)
+
+    def init_bt_adapter_from_vision_tower(self) -> None:
+        """The authors' starting point for a new adapter: each spatial block a copy of the CLIP
+        layer it runs beside (the last ``depth`` ones); temporal blocks as initialised (their
+        output linear at zero, so the untrained adapter adds no temporal mixing)."""
+        clip_layers = self.vision_tower.encoder.layers
+        for spatial, clip_layer in zip(self.bt_adapter.spatial_layers, clip_layers[-self.bt_adapter.depth:]):
+            spatial.load_state_dict(clip_layer.state_dict())  # same parameter names; strict
 
     def trainable_parts(self) -> dict[str, bool]:
         """Which top-level parts have any parameter that requires grad."""
