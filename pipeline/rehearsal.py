@@ -99,13 +99,14 @@ def rehearsal_recipe(recipe: Recipe, samples_per_card: int = 8, steps: int = 3) 
         section.save_every, section.keep_last, section.log_every = steps, 1, 1
         if section.precision == "fp16":  # no fp16 training on a CPU; bf16 and fp32 run as configured
             section.precision = "fp32"
-    if recipe.sft is not None and recipe.model.source != "tiny":
+    starts_from_model = recipe.sft is not None or (recipe.dpo is not None and recipe.dpo.init == "model")
+    if starts_from_model and recipe.model.source != "tiny":
         rehearsal.model.source = "pretrained"
         rehearsal.model.pretrained_path = _shrunk_training_model(recipe, models / "sft")
         rehearsal.model.tokenizer_path = rehearsal.model.clip_tokenizer_path = None
-        rehearsal.model.llava_next_path = rehearsal.model.clip_path = None
+        rehearsal.model.llava_next_path = rehearsal.model.clip_path = rehearsal.model.authors_path = None
         rehearsal.model.config_overrides = {}
-    if recipe.dpo is not None and recipe.dpo.init != "sft":
+    if recipe.dpo is not None and recipe.dpo.init not in ("sft", "model"):
         rehearsal.dpo.init = _shrunk_directory_model(recipe.dpo.init, "dpo.init", models / "dpo_init")
     if recipe.eval is not None:
         rehearsal.eval.limit = min(recipe.eval.limit or samples_per_card, samples_per_card)

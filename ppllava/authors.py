@@ -150,8 +150,10 @@ def clip_text_config_of(authors_config: dict, clip_config: str | Path | None = N
         f"model.clip_path)")
 
 
-def config_from_authors(authors_config: dict, clip_text: dict, projection_dim: int, logit_scale: float) -> PPLLaVAConfig:
-    """Our config with the released model's values: towers, kernels, window temperature, BT-Adapter."""
+def config_from_authors(authors_config: dict, clip_text: dict, projection_dim: int, logit_scale: float,
+                        **overrides) -> PPLLaVAConfig:
+    """Our config with the released model's values: towers, kernels, window temperature, BT-Adapter
+    (``overrides`` last)."""
     vision = {k: v for k, v in authors_config["vision_config"].items() if k not in ("depth", "max_T")}
     vision["model_type"] = "clip_vision_model"
     side = vision["image_size"] // vision["patch_size"]
@@ -172,7 +174,7 @@ def config_from_authors(authors_config: dict, clip_text: dict, projection_dim: i
     image_kernel = _kernel(authors_config, "image_pooling_kernel", video_kernel)
     image_stride = _kernel(authors_config, "image_pooling_stride", _kernel(authors_config, "pooling_stride", None))
     btadapter = bool(authors_config.get("btadapter", False))
-    return PPLLaVAConfig(
+    settings = dict(
         vision_config=vision,
         text_config=authors_config["text_config"],
         clip_text_config=clip_text,
@@ -198,6 +200,8 @@ def config_from_authors(authors_config: dict, clip_text: dict, projection_dim: i
         bt_adapter_max_frames=int(authors_config["vision_config"].get("max_T", authors_config.get("max_T", 64))),
         tie_word_embeddings=bool(authors_config["text_config"].get("tie_word_embeddings", False)),
     )
+    settings.update(overrides)
+    return PPLLaVAConfig(**settings)
 
 
 def _kernel(config: dict, key: str, default):
@@ -268,8 +272,11 @@ def map_authors_tensors(tensors: dict[str, torch.Tensor], config: PPLLaVAConfig)
     return ours, unexpected
 
 
-def from_authors(checkpoint_dir: str | Path, clip_config: str | Path | None = None) -> PPLLaVAForConditionalGeneration:
-    """Our model holding a released checkpoint's every tensor (in its dtype).
+def from_authors(checkpoint_dir: str | Path, clip_config: str | Path | None = None,
+                 **config_overrides) -> PPLLaVAForConditionalGeneration:
+    """Our model holding a released checkpoint's every tensor (in its dtype). ``config_overrides``:
+    PPLLaVAConfig keys set over the release's (settings such as ``num_frames`` or ``pooling_mode``;
+    one that changes a tensor's shape is reported as a misfit).
 
     Raises :class:`AuthorsCheckpointError` naming every tensor that is missing, unexpected or of
     the wrong shape (a truncated, renamed or foreign checkpoint), before anything is written.
@@ -278,7 +285,8 @@ def from_authors(checkpoint_dir: str | Path, clip_config: str | Path | None = No
     clip_text, projection_dim = clip_text_config_of(authors_config, clip_config)
     tensors = read_authors_tensors(checkpoint_dir)
     scale = tensors.get(_PROJECTOR + "logit_scale")
-    config = config_from_authors(authors_config, clip_text, projection_dim, float(scale) if scale is not None else 4.6052)
+    config = config_from_authors(authors_config, clip_text, projection_dim,
+                                 float(scale) if scale is not None else 4.6052, **config_overrides)
     state, unexpected = map_authors_tensors(tensors, config)
     dtype = tensors[next(k for k in tensors if k.startswith("language_model."))].dtype if tensors else torch.float32
     model = PPLLaVAForConditionalGeneration._from_config(config, dtype=dtype)

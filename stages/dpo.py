@@ -1,7 +1,8 @@
 """DPO stage: LLaVA-Hound-style preference tuning on video pairs (paper §3.3, Table 9).
 
     start model   the SFT stage's final checkpoint, consolidated once into run_dir/dpo/init/
-                  (dpo.init: sft), or a PPLLaVA directory (dpo.init: PATH)
+                  (dpo.init: sft), the model section's model written there (dpo.init: model; e.g.
+                  the authors' released SFT model), or a PPLLaVA directory (dpo.init: PATH)
     policy        the start model in a DeepSpeed engine; only the LLM trains (vision tower,
                   projector and CLIP text frozen)
     reference     the start model, frozen: either its log-probs of every pair computed in one
@@ -39,7 +40,8 @@ from pipeline.data.pairs import PairProcessor
 from pipeline.layout import DPO_INIT, MODEL_DIR, REFERENCE_LOGPS, checkpoints_dir
 from pipeline.model.check import directory_fingerprint
 from pipeline.model.consolidate import consolidated_model, copy_model_files
-from pipeline.model.setup import count_parameters, load_directory_tokenizers, load_processor_settings
+from pipeline.model.setup import (count_parameters, load_directory_tokenizers, load_processor_settings,
+                                  model_source_directory, write_start_model)
 from pipeline.preference import dpo_loss, sequence_logps
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.runner import DRY_RUN_DONE, StageContext, StageFailed, fingerprint_of
@@ -53,7 +55,10 @@ DISTRIBUTED = True
 
 def inputs(recipe: Recipe, world_size: int) -> dict:
     found = stage_inputs(recipe, "dpo", world_size)
-    if recipe.dpo.init != "sft":  # a model directory: a re-export re-runs the stage
+    if recipe.dpo.init == "model":  # the model section's checkpoint: a changed one re-runs the stage
+        source = model_source_directory(recipe)
+        found["init_files"] = directory_fingerprint(source) if source else None
+    elif recipe.dpo.init != "sft":  # a model directory: a re-export re-runs the stage
         found["init_files"] = directory_fingerprint(Path(recipe.dpo.init))
     return found
 
@@ -61,10 +66,15 @@ def inputs(recipe: Recipe, world_size: int) -> dict:
 def _start_model(context: StageContext) -> Path:
     """The directory the policy (and the reference) start from."""
     recipe = context.recipe
-    if recipe.dpo.init != "sft":
+    if recipe.dpo.init not in ("sft", "model"):
         return Path(recipe.dpo.init)
     init = context.directory / DPO_INIT
-    if context.ranks.is_main and not (init / "config.json").is_file():
+    if context.ranks.is_main and not (init / "config.json").is_file() and recipe.dpo.init == "model":
+        logger.info("dpo: writing the model section's model (source %s) into %s", recipe.model.source, init)
+        partial = temporary_directory(init, "the start model")
+        write_start_model(recipe, partial)
+        publish_directory(partial, init)
+    elif context.ranks.is_main and not (init / "config.json").is_file():
         sft_dir = recipe.stage_dir("sft")
         step_dir = latest_checkpoint(checkpoints_dir(sft_dir))
         if step_dir is None:

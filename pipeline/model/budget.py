@@ -91,6 +91,15 @@ def training_model_config(recipe: Recipe) -> tuple[PPLLaVAConfig, str, bool]:
 
         llava_next, clip = (AutoConfig.from_pretrained(p) for p in (model.llava_next_path, model.clip_path))
         return config_from_sources(llava_next, clip, **overrides), str(model.llava_next_path), True
+    if model.source == "authors":
+        if not (Path(model.authors_path or "") / "config.json").is_file():
+            return _defaults(overrides, "model.authors_path is not readable here")
+        from ppllava.authors import clip_text_config_of, config_from_authors, read_authors_config
+
+        authors = read_authors_config(model.authors_path)
+        clip_text, projection_dim = clip_text_config_of(authors, model.clip_path)
+        return (config_from_authors(authors, clip_text, projection_dim, PPLLaVAConfig.logit_scale_init_value, **overrides),
+                str(model.authors_path), True)
     if written_by_synth(model.pretrained_path, recipe.synth_dir) and not Path(model.pretrained_path).is_dir():
         return PPLLaVAConfig.tiny(**overrides), "the tiny model the synth stage writes", True
     return _directory_config(model.pretrained_path, "model.pretrained_path", overrides)
@@ -101,7 +110,7 @@ def stage_model_config(recipe: Recipe, stage: str) -> tuple[PPLLaVAConfig, str, 
     if stage == "sft":
         return training_model_config(recipe)
     if stage == "dpo":
-        if recipe.dpo.init == "sft":
+        if recipe.dpo.init in ("sft", "model"):
             return training_model_config(recipe)
         return _directory_config(recipe.dpo.init, "dpo.init")
     if recipe.eval.model_path is not None:  # eval

@@ -4,6 +4,8 @@
     source: llava_next   convert a LLaVA-NeXT checkpoint (llava-hf layout) + a CLIP checkpoint
     source: pretrained   a PPLLaVA directory (save_pretrained / export), loaded straight into the
                          engine's layout (under ZeRO-3 each rank only materialises its shard)
+    source: authors      the authors' released checkpoint (ppllava.authors), read and mapped in
+                         every process like llava_next
 
 `llava_next` converts in every process and holds the whole model in host memory while doing
 so; for a 7B model on 8 processes per node, convert once with `python -m ppllava.convert` and
@@ -37,11 +39,26 @@ def load_tokenizers(recipe: Recipe):
     if model.source == "tiny" and not model.tokenizer_path:
         tokenizer = tiny_tokenizer(chat_template=recipe.data.template == "tokenizer")
         return tokenizer, tokenizer
-    base = model.llava_next_path if model.source == "llava_next" else model.pretrained_path
+    if model.source == "authors":
+        base = model.authors_path
+        clip_path = model.clip_tokenizer_path or model.clip_path or authors_clip_directory(model.authors_path)
+    else:
+        base = model.llava_next_path if model.source == "llava_next" else model.pretrained_path
+        clip_path = model.clip_tokenizer_path or (model.clip_path if model.source == "llava_next"
+                                                  else str(Path(base) / CLIP_TOKENIZER_DIR))
     llm_path = model.tokenizer_path or base
-    clip_path = model.clip_tokenizer_path or (model.clip_path if model.source == "llava_next"
-                                              else str(Path(base) / CLIP_TOKENIZER_DIR))
     return AutoTokenizer.from_pretrained(llm_path), AutoTokenizer.from_pretrained(clip_path)
+
+
+def authors_clip_directory(authors_path: str) -> str:
+    """The CLIP checkpoint a released model names (its ``clip_weight``), when it is a local directory."""
+    from ppllava.authors import read_authors_config
+
+    clip_weight = read_authors_config(authors_path).get("clip_weight")
+    if not clip_weight or not Path(clip_weight).is_dir():
+        raise ValueError(f"model.authors_path: {authors_path} names its CLIP as {clip_weight!r}, which is not a local "
+                         "directory here; set model.clip_path (or model.clip_tokenizer_path) to that CLIP checkpoint")
+    return clip_weight
 
 
 def save_tokenizers(tokenizer, clip_tokenizer, directory: Path) -> None:
@@ -75,6 +92,11 @@ def build_model(recipe: Recipe, tokenizer, attn_implementation: str) -> PPLLaVAF
 
         model = from_llava_next(model_section.llava_next_path, model_section.clip_path, **overrides)
         model.set_attn_implementation(attn)
+    elif model_section.source == "authors":
+        from ppllava.authors import from_authors
+
+        model = from_authors(model_section.authors_path, clip_config=model_section.clip_path, **overrides)
+        model.set_attn_implementation(attn)
     else:
         model = PPLLaVAForConditionalGeneration.from_pretrained(model_section.pretrained_path, attn_implementation=attn,
                                                                 **overrides)
@@ -84,6 +106,31 @@ def build_model(recipe: Recipe, tokenizer, attn_implementation: str) -> PPLLaVAF
     if model_section.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def write_start_model(recipe: Recipe, directory: Path) -> None:
+    """The model section's model as a complete model directory (weights, config, tokenizers,
+    processor_config.json): what a stage that starts from a directory (DPO's ``init: model``) reads.
+    A released checkpoint keeps the authors' input settings; any other source the recipe's data section."""
+    tokenizer, clip_tokenizer = load_tokenizers(recipe)
+    model = build_model(recipe, tokenizer, "sdpa")
+    model.save_pretrained(directory)
+    save_tokenizers(tokenizer, clip_tokenizer, directory)
+    if recipe.model.source == "authors":
+        from ppllava.authors import authors_processor_settings, read_authors_config
+
+        settings = authors_processor_settings(read_authors_config(recipe.model.authors_path), model.config)
+        (directory / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=1))
+    else:
+        save_processor_config(recipe, model.config, directory)
+
+
+def model_source_directory(recipe: Recipe) -> Path | None:
+    """The directory the model section reads its weights from (None for the tiny model)."""
+    model = recipe.model
+    path = {"llava_next": model.llava_next_path, "pretrained": model.pretrained_path,
+            "authors": model.authors_path}.get(model.source)
+    return Path(path) if path else None
 
 
 def build_processor(recipe: Recipe, config, tokenizer, clip_tokenizer, training: bool = True) -> SampleProcessor:

@@ -23,11 +23,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class ModelSection:
-    source: Literal["tiny", "llava_next", "pretrained"] = "tiny"
+    source: Literal["tiny", "llava_next", "pretrained", "authors"] = "tiny"
     llava_next_path: str | None = None     # source llava_next: LLaVA-NeXT checkpoint (llava-hf layout)
-    clip_path: str | None = None           # source llava_next: CLIP checkpoint (text tower + projections)
+    clip_path: str | None = None           # source llava_next: CLIP checkpoint; authors: its config / tokenizer
     pretrained_path: str | None = None     # source pretrained: a PPLLaVA directory (save_pretrained / export)
-    tokenizer_path: str | None = None      # default: llava_next_path or pretrained_path
+    authors_path: str | None = None        # source authors: the authors' released checkpoint directory
+    tokenizer_path: str | None = None      # default: llava_next_path, pretrained_path or authors_path
     clip_tokenizer_path: str | None = None  # default: clip_path or pretrained_path/clip_tokenizer
     config_overrides: dict[str, Any] = field(default_factory=dict)  # PPLLaVAConfig keys
     attn_implementation: str | None = None  # default: the backend's
@@ -39,6 +40,10 @@ class ModelSection:
         if self.source == "llava_next":
             existing(src, "model.llava_next_path", self.llava_next_path, "LLaVA-NeXT checkpoint directory", missing)
             existing(src, "model.clip_path", self.clip_path, "CLIP checkpoint directory", missing)
+        elif self.source == "authors":
+            existing(src, "model.authors_path", self.authors_path, "the authors' released checkpoint directory", missing)
+            if self.clip_path is not None:
+                existing(src, "model.clip_path", self.clip_path, "CLIP checkpoint directory", missing)
         elif self.source == "pretrained":
             if not written_by_synth(self.pretrained_path, recipe.synth_dir):
                 existing(src, "model.pretrained_path", self.pretrained_path, "PPLLaVA model directory", missing)
@@ -145,6 +150,7 @@ class TrainableParts:
     clip_text: bool = True          # the paper trains the text tower; the authors' code freezes it (false)
     clip_projections: bool = True   # CLIP's text and visual projections (trained in both)
     llm: bool = True
+    bt_adapter: bool = True         # the BT-Adapter, when the model has one (the authors train it in SFT)
 
 
 @dataclass
@@ -216,7 +222,8 @@ class DPOSection(TrainingSection):
     reference: Literal["precomputed", "live"] = "precomputed"
     template: Literal["plain_v1", "vicuna_v1", "tokenizer"] | None = "vicuna_v1"  # None: the start model's
     frames: Literal["middle", "random"] = "middle"   # random (the authors') needs reference: live
-    init: str = "sft"                       # "sft": the SFT stage's final checkpoint; else a PPLLaVA directory
+    init: str = "sft"                       # "sft": the SFT stage's final checkpoint; "model": the model
+                                            # section's model (any source); else a PPLLaVA directory
 
     def validate(self, recipe: Recipe, missing: list[str] | None) -> None:
         src = recipe.source
@@ -224,7 +231,9 @@ class DPOSection(TrainingSection):
         if self.init == "sft":
             if recipe.sft is None:
                 raise RecipeError(f"{src}: dpo.init: 'sft' starts from this recipe's SFT stage, but the recipe has "
-                                  f"no sft section; name a PPLLaVA model directory instead")
+                                  f"no sft section; name a PPLLaVA model directory, or 'model' (the model section)")
+        elif self.init == "model":
+            recipe.model.validate(recipe, missing)
         else:
             existing(src, "dpo.init", self.init, "PPLLaVA model directory (or 'sft')", missing)
         if self.frames == "random" and self.reference != "live":
