@@ -126,6 +126,11 @@ class PPLLaVAConfig(PreTrainedConfig):
         if not 0 <= self.bt_adapter_depth <= self.vision_config.num_hidden_layers:
             raise ValueError(f"bt_adapter_depth={self.bt_adapter_depth} must be in [0, "
                              f"{self.vision_config.num_hidden_layers}] (0 = no BT-Adapter; at most the vision layers)")
+        layers = self.vision_config.num_hidden_layers
+        if self.bt_adapter_depth and self.vision_feature_layer % (layers + 1) <= layers - self.bt_adapter_depth:
+            raise ValueError(f"bt_adapter_depth={self.bt_adapter_depth} runs beside the last {self.bt_adapter_depth} of "
+                             f"{layers} vision layers, all past vision_feature_layer={self.vision_feature_layer}: "
+                             "it could not change the features")
         if self.bt_adapter_max_frames < 1 or not 0.0 <= self.bt_adapter_drop_path < 1.0:
             raise ValueError(f"bt_adapter_max_frames={self.bt_adapter_max_frames} must be >= 1 and "
                              f"bt_adapter_drop_path={self.bt_adapter_drop_path} in [0, 1)")

@@ -31,6 +31,7 @@ from pipeline.layout import CHECKSUMS, CLIP_TOKENIZER_DIR
 from pipeline.model.check import verify_checksums
 from pipeline.model.setup import load_directory_tokenizers, load_processor_settings
 from ppllava import PPLLaVAConfig, PPLLaVAForConditionalGeneration
+from ppllava.authors import is_authors_checkpoint
 from ppllava.processing import placeholder_token_counts
 
 logger = logging.getLogger(__name__)
@@ -247,6 +248,9 @@ def load_model_dir(directory: str | Path, num_frames: int | None = None, video_k
         what = "does not exist" if not directory.exists() else "has no config.json"
         raise InferenceError(f"model directory {directory} {what}: expected an export (config.json, weights, "
                              f"tokenizer, {CLIP_TOKENIZER_DIR}/, processor_config.json)")
+    if is_authors_checkpoint(directory):
+        raise InferenceError(f"{directory} is one of the authors' released checkpoints: convert it once with "
+                             f"`python -m ppllava.convert authors {directory} OUT_DIR` (docs/model.md) and use OUT_DIR")
     config = PPLLaVAConfig.from_pretrained(directory)
     if num_frames is not None:
         if num_frames < 1:

@@ -105,5 +105,7 @@ def test_the_converter_command_writes_a_model_directory_chat_reads(world, tmp_pa
     chat = run_pipeline("chat", str(out), "--video", str(video), "--max-new-tokens", "4", "--backend", "cpu",
                         "What colour is the circle?", timeout=120)
     assert chat.returncode == 0, chat.stderr
+    refused = run_pipeline("chat", str(world["released"]), "--video", str(video), "--backend", "cpu", "Q", timeout=120)
+    assert refused.returncode == 2 and "python -m ppllava.convert authors" in refused.stderr
     with pytest.raises(SystemExit, match="not a local directory"):
         main(["authors", str(world["released"]), str(tmp_path / "x"), "--clip-tokenizer", str(tmp_path / "nowhere")])

@@ -254,3 +254,94 @@ def test_a_shrunk_config_keeps_everything_but_width_and_depth():
     full = shrunk_config(PPLLaVAConfig(text_config={"model_type": "llama", "num_attention_heads": 32,
                                                     "num_key_value_heads": 32}))
     assert full.text_config.num_key_value_heads == 4  # plain multi-head attention stays plain
+
+
+# -- the BT-Adapter (the authors' released models; tests/unit/test_authors_checkpoint.py checks its maths) --
+
+def adapter_model(**overrides):
+    model = tiny_model(bt_adapter_depth=2, **overrides)
+    with torch.no_grad():  # a trained adapter: its temporal output is not the zero it starts from
+        for layer in model.bt_adapter.temporal_layers:
+            layer.temporal_fc.weight.normal_(0, 0.2)
+    return model
+
+
+def test_the_adapter_groups_clips_per_sample_and_modality():
+    """A video's frames and a multi-image sample's images attend to each other over time; an image's
+    tiles and other samples' frames do not: a batch equals each sample alone."""
+    model = adapter_model()
+    batch = build_batch(model.config, INTERLEAVED)
+    with torch.no_grad():
+        together = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        for index in range(len(INTERLEAVED)):
+            alone = model(**one_sample(batch, index)).logits[0]
+            torch.testing.assert_close(together[index, : alone.shape[0]], alone, atol=1e-5, rtol=1e-4)
+    # and frame order matters inside a clip (the time embedding, attention over time); without the
+    # adapter, reversing a video only reverses its pooled windows
+    video = {k: batch[k][:1] for k in ("frame_counts", "modalities", "clip_input_ids", "image_sizes")}
+    frames = batch["pixel_values"][:8]
+
+    def reversal_changes(m):
+        with torch.no_grad():
+            forward = m.visual_tokens(frames, **video)[0]
+            backward = m.visual_tokens(frames.flip(0), **video)[0].reshape(4, 4, -1).flip(0).reshape(16, -1)
+        return not torch.allclose(forward, backward, atol=1e-5)
+
+    assert reversal_changes(model) and not reversal_changes(tiny_model())
+
+
+def test_a_new_adapter_starts_from_the_clip_layers_beside_it_with_no_temporal_output():
+    model = tiny_model(bt_adapter_depth=2)
+    assert all(layer.temporal_fc.weight.abs().sum() == 0 for layer in model.bt_adapter.temporal_layers)
+    model.init_bt_adapter_from_vision_tower()
+    for spatial, clip_layer in zip(model.bt_adapter.spatial_layers, model.vision_tower.encoder.layers[1:]):
+        for (name, ours), theirs in zip(spatial.state_dict().items(), clip_layer.state_dict().values()):
+            assert torch.equal(ours, theirs), name
+
+
+def test_adapter_layers_past_the_feature_layer_stay_frozen_and_the_rest_get_gradients():
+    model = adapter_model().train()
+    model.set_trainable_parts(bt_adapter=True)
+    model(**build_batch(model.config, INTERLEAVED)).loss.backward()
+    # 3 CLIP layers, depth 2: adapter layer 0 sits beside CLIP layer 1, whose output is the feature (-2)
+    for name, parameter in model.bt_adapter.named_parameters():
+        past = ".1." in name
+        assert parameter.requires_grad is not past, name
+        assert (parameter.grad is not None) is not past, name
+    model.set_trainable_parts(llm=True)  # DPO: the adapter does not train
+    assert not any(p.requires_grad for p in model.bt_adapter.parameters())
+
+
+def test_the_adapter_under_activation_checkpointing_and_bf16():
+    model = adapter_model().train()
+    model.set_trainable_parts(bt_adapter=True)
+    batch = build_batch(model.config, INTERLEAVED)
+    torch.manual_seed(0)
+    model.config.bt_adapter_drop_path = 0.0
+    for layer in (*model.bt_adapter.temporal_layers, *model.bt_adapter.spatial_layers):
+        layer.drop_path_rate = 0.0  # the same forward twice
+    plain = model(**batch).loss
+    plain.backward()
+    reference = model.bt_adapter.spatial_layers[0].mlp.fc1.weight.grad.clone()
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    checkpointed = model(**batch).loss
+    checkpointed.backward()
+    torch.testing.assert_close(checkpointed, plain)
+    torch.testing.assert_close(model.bt_adapter.spatial_layers[0].mlp.fc1.weight.grad, reference)
+    with torch.no_grad():
+        full = model.eval()(**batch)
+        half = model.to(torch.bfloat16)(**batch)
+    assert abs(half.loss.float() - full.loss) < 0.05
+
+
+def test_a_clip_longer_than_the_time_embedding_is_refused():
+    model = tiny_model(bt_adapter_depth=2, bt_adapter_max_frames=4)
+    batch = build_batch(model.config, [(VIDEO, 8)])
+    with pytest.raises(ValueError, match="clip of 8 frames exceeds the BT-Adapter's time embedding"):
+        with torch.no_grad():
+            model(**batch)
+    with pytest.raises(ValueError, match="bt_adapter_depth=5 must be in"):
+        PPLLaVAConfig.tiny(bt_adapter_depth=5)
+    with pytest.raises(ValueError, match="it could not change the features"):
+        PPLLaVAConfig.tiny(bt_adapter_depth=1)  # beside layer 3 only; the features are layer 2's output
