@@ -147,15 +147,17 @@ def deepspeed_config(settings: EngineSettings, dtype: torch.dtype) -> dict[str, 
 
 
 @contextlib.contextmanager
-def model_init_context(settings: EngineSettings, dtype: torch.dtype):
+def model_init_context(settings: EngineSettings, dtype: torch.dtype, partitioned: bool = True):
     """Construct or load the model inside this context (``Model._from_config`` / ``from_pretrained``).
 
     Under ZeRO-3 it activates transformers' DeepSpeed integration, so construction happens in
     ``deepspeed.zero.Init`` with weight initialisation on gathered shards: each rank only ever
     holds its shard of the weights (a 7B model is not materialised once per rank). Other stages:
-    a no-op.
+    a no-op. ``partitioned=False``: a no-op too, for a model converted from another layout (its
+    tensors are copied in module by module after construction, which partitioned parameters
+    cannot take); it is built whole in host memory and DeepSpeed partitions it with the engine.
     """
-    if settings.zero_stage != 3:
+    if settings.zero_stage != 3 or not partitioned:
         yield
         return
     integration = importlib.import_module("transformers.integrations.deepspeed")
@@ -205,7 +207,7 @@ def _build_engine(model: torch.nn.Module, backend: Backend, settings: EngineSett
         config=deepspeed_config(settings, dtype),
         dist_init_required=False,
     )
-    trainable = sum(p.numel() for group in groups for p in group["params"])
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for group in groups for p in group["params"])  # ZeRO-3: full size
     logger.info("DeepSpeed ZeRO-%d, %s, %s, %d trainable parameters", settings.zero_stage, dtype,
                 type(optimizer).__name__, trainable)
     return engine, optimizer, scheduler

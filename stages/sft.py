@@ -27,7 +27,7 @@ from pipeline.data.loader import StreamingLoader, manifest_samples, natural_weig
 from pipeline.data.records import MODALITIES
 from pipeline.layout import MODEL_DIR
 from pipeline.model.setup import (build_model, build_processor, count_parameters, load_tokenizers,
-                                  save_processor_config, save_tokenizers)
+                                  loads_partitioned, save_processor_config, save_tokenizers)
 from pipeline.recipe import Recipe
 from pipeline.runner import DRY_RUN_DONE, StageContext
 from pipeline.training import TrainingRun, engine_settings, loader_settings, schedule_length, stage_inputs
@@ -57,7 +57,8 @@ def run(context: StageContext) -> dict:
     # Build: tokenizers, model, engine, loader.
     tokenizer, clip_tokenizer = load_tokenizers(recipe)
     settings = engine_settings(sft, micro, accumulation, total_steps)
-    with model_init_context(settings, backend.resolve_dtype(sft.precision, ranks.local_rank)):
+    with model_init_context(settings, backend.resolve_dtype(sft.precision, ranks.local_rank),
+                            partitioned=loads_partitioned(recipe)):
         model = build_model(recipe, tokenizer, backend.attn_implementation)
     model.set_trainable_parts(**asdict(sft.trainable))
     config = model.config

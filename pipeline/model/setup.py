@@ -79,8 +79,16 @@ def load_directory_tokenizers(directory: Path):
     return tokenizer, AutoTokenizer.from_pretrained(str(clip_directory)) if clip_directory.is_dir() else tokenizer
 
 
+def loads_partitioned(recipe: Recipe) -> bool:
+    """Whether ``build_model`` can construct the model under ZeRO-3's partitioned initialisation:
+    yes for a model built from a config or read by ``from_pretrained``; no for one converted from
+    another layout (llava_next, authors), whose tensors are copied in after construction."""
+    return recipe.model.source in ("tiny", "pretrained")
+
+
 def build_model(recipe: Recipe, tokenizer, attn_implementation: str) -> PPLLaVAForConditionalGeneration:
-    """The model on CPU, to be handed to the DeepSpeed engine (call inside ``model_init_context``)."""
+    """The model on CPU, to be handed to the DeepSpeed engine (call inside ``model_init_context``
+    with ``partitioned=loads_partitioned(recipe)``)."""
     model_section = recipe.model
     attn = model_section.attn_implementation or attn_implementation
     overrides = dict(model_section.config_overrides)

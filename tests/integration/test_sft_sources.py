@@ -31,7 +31,7 @@ def test_sft_from_llava_next_and_clip_checkpoints(tmp_path, manifest):
     tokenizer.save_pretrained(llava_dir)
     tokenizer.save_pretrained(clip_dir)
 
-    recipe = training_recipe(tmp_path / "run", manifest, max_steps=3)
+    recipe = training_recipe(tmp_path / "run", manifest, max_steps=3, zero_stage=3)  # converted whole, then partitioned
     recipe["model"] = {"source": "llava_next", "llava_next_path": str(llava_dir), "clip_path": str(clip_dir),
                        "config_overrides": {"clip_keep_positions": 4, "num_frames": 8}}
     result = run_pipeline("run", str(write_recipe(tmp_path / "recipe.yaml", recipe)))
