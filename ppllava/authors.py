@@ -38,7 +38,7 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import CLIPConfig
+from transformers import CLIPConfig, CLIPVisionConfig
 
 from ppllava.clip_text import extended_length
 from ppllava.config import PPLLaVAConfig
@@ -156,7 +156,9 @@ def config_from_authors(authors_config: dict, clip_text: dict, projection_dim: i
     (``overrides`` last)."""
     vision = {k: v for k, v in authors_config["vision_config"].items() if k not in ("depth", "max_T")}
     vision["model_type"] = "clip_vision_model"
-    side = vision["image_size"] // vision["patch_size"]
+    # llava-hf configs write only what differs from CLIP's defaults: read sizes through the config class
+    defaults = CLIPVisionConfig(**{k: v for k, v in vision.items() if k != "model_type"})
+    side = defaults.image_size // defaults.patch_size
     frame_shape = list(authors_config.get("frame_shape") or (side, side))
     if frame_shape != [side, side]:
         raise AuthorsCheckpointError(f"config.json: frame_shape={frame_shape} but the vision tower gives a {side}x{side} grid")

@@ -59,6 +59,7 @@ SHRUNK_WIDTH = {
     "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
 }
 SHRUNK_PROJECTION = 16
+SHRUNK_BT_ADAPTER_DEPTH = 2  # beside vision layers 2 and 3 of 3: the first reaches the features (-2)
 
 
 def shrunk_config(config: PPLLaVAConfig) -> PPLLaVAConfig:
@@ -75,6 +76,8 @@ def shrunk_config(config: PPLLaVAConfig) -> PPLLaVAConfig:
         if "projection_dim" in sub:
             sub["projection_dim"] = SHRUNK_PROJECTION
     data["projection_dim"] = SHRUNK_PROJECTION
+    if data.get("bt_adapter_depth"):  # as in the real tower: some adapter layers reach the features, one lies past
+        data["bt_adapter_depth"] = SHRUNK_BT_ADAPTER_DEPTH
     for key in ("model_type", "transformers_version", "architectures"):
         data.pop(key, None)
     return PPLLaVAConfig(**data)

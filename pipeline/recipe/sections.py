@@ -41,7 +41,7 @@ class ModelSection:
             existing(src, "model.llava_next_path", self.llava_next_path, "LLaVA-NeXT checkpoint directory", missing)
             existing(src, "model.clip_path", self.clip_path, "CLIP checkpoint directory", missing)
         elif self.source == "authors":
-            existing(src, "model.authors_path", self.authors_path, "the authors' released checkpoint directory", missing)
+            existing(src, "model.authors_path", self.authors_path, "released PPLLaVA checkpoint directory (the authors')", missing)
             if self.clip_path is not None:
                 existing(src, "model.clip_path", self.clip_path, "CLIP checkpoint directory", missing)
         elif self.source == "pretrained":

@@ -111,3 +111,5 @@ def test_the_authors_sft_recipe_rehearses_over_their_layout(roots):
     seen = {key for m in history for key in m if key.startswith("visual_tokens/")}
     assert seen == {"visual_tokens/video", "visual_tokens/image", "visual_tokens/multi_image"}
     assert all(m["loader_skipped"] == 0 and m["truncated"] == 0 for m in history)
+    # their BT-Adapter, at rehearsal depth: one layer reaching the features, one past them
+    assert json.loads((rehearsal / "models/sft/config.json").read_text())["bt_adapter_depth"] == 2
