@@ -41,6 +41,18 @@ def test_two_ranks_agree_and_match_one_rank_on_the_same_global_batch(tmp_path, z
     assert one[0]["lrs"] == pytest.approx(two[0]["lrs"])
 
 
+def test_the_bt_adapter_trains_under_zero3_on_two_ranks_as_on_one(tmp_path):
+    """The adapter reads CLIP's position table a second time in a forward and skips its last layer:
+    ZeRO-3's gathers must still agree across ranks, and the objective not depend on the split."""
+    two = torchrun(2, tmp_path / "two", "--zero-stage", "3", "--steps", "3", "--bt-adapter-depth", "2")
+    one = torchrun(1, tmp_path / "one", "--zero-stage", "3", "--steps", "3", "--accumulation", "2",
+                   "--bt-adapter-depth", "2")
+    assert two[0]["losses"] == two[1]["losses"]
+    assert one[0]["losses"] == pytest.approx(two[0]["losses"], abs=1e-4)
+    plain = torchrun(1, tmp_path / "plain", "--zero-stage", "3", "--steps", "1", "--accumulation", "2")
+    assert plain[0]["losses"][0] != pytest.approx(one[0]["losses"][0], abs=1e-6)  # the adapter is in the forward
+
+
 def test_zero3_checkpoint_saved_by_two_ranks_loads_and_continues(tmp_path):
     straight = torchrun(2, tmp_path / "straight", "--zero-stage", "3", "--steps", str(STEPS))
     checkpoint = tmp_path / "checkpoint"

@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="directory for rank<N>.json")
     parser.add_argument("--save", help="save a DeepSpeed checkpoint here at the end")
     parser.add_argument("--load", help="load a DeepSpeed checkpoint from here first")
+    parser.add_argument("--bt-adapter-depth", type=int, default=0, help="> 0: with a (trained) BT-Adapter")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -48,11 +49,12 @@ def main() -> None:
     context = backends.init_distributed(backend, timeout_minutes=5)
     settings = EngineSettings(zero_stage=args.zero_stage, precision=args.precision, lr=3e-3, weight_decay=0.01,
                               gradient_accumulation_steps=args.accumulation, total_steps=20, warmup_ratio=0.1)
-    config = PPLLaVAConfig.tiny()
+    # drop path off: the same samples must give the same losses on 1 and 2 ranks
+    config = PPLLaVAConfig.tiny(bt_adapter_depth=args.bt_adapter_depth, bt_adapter_drop_path=0.0)
     backend.manual_seed(0)
     with model_init_context(settings, backend.resolve_dtype(args.precision)):
         model = PPLLaVAForConditionalGeneration._from_config(config)
-    model.set_trainable_parts(vision=False, projector=True, clip_text=True, llm=True)
+    model.set_trainable_parts(vision=False, projector=True, clip_text=True, llm=True, bt_adapter=True)
     engine, _, scheduler = build_engine(model, backend, settings, context.local_rank)
     if args.load:
         path, _ = engine.load_checkpoint(args.load)

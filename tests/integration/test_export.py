@@ -36,7 +36,8 @@ TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jin
                    "clip_tokenizer/tokenizer.json", "clip_tokenizer/tokenizer_config.json"}
 COMMON_FILES = TOKENIZER_FILES | {"config.json", "generation_config.json", "processor_config.json", "README.md",
                                   CHECKSUMS, "COMPLETE"}
-REMOTE_CODE = {"configuration_ppllava.py", "modeling_ppllava.py", "clip_text.py", "pooling.py", "processing.py"}
+REMOTE_CODE = {"configuration_ppllava.py", "modeling_ppllava.py", "bt_adapter.py", "clip_text.py", "pooling.py",
+               "processing.py"}
 
 # Loads an export and writes its logits on saved inputs; run in a fresh interpreter. "clean": -I -S
 # plus the venv's site-packages appended by hand, so the .pth hook of the editable install never
