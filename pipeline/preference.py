@@ -25,10 +25,15 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
-             reference_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean sigmoid DPO loss over the pairs and its metrics (means over the pairs)."""
+             reference_rejected: torch.Tensor, beta: float, normaliser: float | None = None,
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sigmoid DPO loss over the pairs, summed and divided by ``normaliser`` (None: the mean over
+    these pairs), and its metrics (means over the pairs). Training passes the global batch's pair
+    count per micro-batch (``TrainingRun.per_micro_batch``), so every pair weighs the same however
+    the global batch is split."""
     logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
-    loss = -F.logsigmoid(beta * logits).mean()
+    losses = -F.logsigmoid(beta * logits)
+    loss = losses.mean() if normaliser is None else losses.sum() / normaliser
     chosen_rewards = beta * (policy_chosen - reference_chosen).detach()
     rejected_rewards = beta * (policy_rejected - reference_rejected).detach()
     metrics = {

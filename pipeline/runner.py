@@ -130,7 +130,7 @@ def decide(recipe: Recipe, stage: str, world_size: int, upstream: str, upstream_
     """(fingerprint, inputs, action) of one stage, computed once the stages before it are done
     (its inputs may be their outputs). Action: run, rerun, skip, upstream (not selected, done)
     or stop (not selected, not done, and nothing selected after it)."""
-    inputs = {"stage": stage, "upstream": upstream, **stage_module(stage).inputs(recipe, world_size)}
+    inputs = recipe.portable({"stage": stage, "upstream": upstream, **stage_module(stage).inputs(recipe, world_size)})
     fingerprint = fingerprint_of(inputs)
     done = read_complete(recipe.stage_dir(stage))
     if only is not None and stage not in only:

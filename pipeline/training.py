@@ -38,6 +38,7 @@ from pipeline.checkpoint import (CheckpointError, check_resume_path, latest_chec
                                  save_checkpoint, set_aside_later_checkpoints, sound_resume_point)
 from pipeline.data.loader import LoaderError, LoaderSettings, check_shards
 from pipeline.layout import checkpoints_dir, is_checkpoint
+from ppllava.config import IGNORE_INDEX
 from pipeline.metrics import MetricsLog
 from pipeline.recipe import Recipe, RecipeError, TrainingSection, differences
 from pipeline.runner import StageContext, StageFailed, StoppedForRequeue
@@ -50,6 +51,18 @@ RUNTIME_KEYS = ("log_every", "save_every", "keep_last", "verify_checkpoints", "m
 RUNTIME_MODEL_KEYS = ("gradient_checkpointing",)
 # Keys a resumed run may change: the schedule continues from the checkpoint's step with the new values.
 SCHEDULE_KEYS = ("lr", "max_steps", "epochs")
+
+
+def answer_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the tokens a causal LM loss is taken on: labels[:, 1:] not ignored (position t
+    predicts token t + 1), as transformers' loss and ``sequence_logps`` count them."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=-1)
+
+
+def micro_batch_normaliser(global_count: float, world: int, accumulation: int) -> float:
+    """The divisor of one micro-batch's summed loss that makes DeepSpeed's step (backward / accumulation,
+    gradients averaged over ranks) minimise the global batch's sum / ``global_count``."""
+    return max(global_count, 1.0) / (world * accumulation)
 
 
 def stage_inputs(recipe: Recipe, stage: str, world_size: int) -> dict:
@@ -226,6 +239,23 @@ class TrainingRun:
         scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
     # -- inside the loop ---------------------------------------------------------------------------
+    def step_window(self, batches, accumulation: int) -> list:
+        """The micro-batches of this rank's share of the next optimizer step, read ahead so that
+        the step's normaliser (``per_micro_batch``) is known before the first backward."""
+        return [next(batches) for _ in range(accumulation)]
+
+    def per_micro_batch(self, counts: list[float], accumulation: int) -> float:
+        """What each micro-batch's summed loss is divided by, so that the optimizer step minimises
+        the sum over the *global* batch divided by its count (answer tokens for SFT, pairs for
+        DPO), however it is split into micro-batches, accumulation steps and ranks.
+
+        ``counts``: this rank's micro-batches' counts. DeepSpeed divides each backward by the
+        accumulation steps and averages gradients over the ranks, hence ``global / (world x
+        accumulation)``. Averaging per-micro-batch means instead (the gradient-accumulation bug
+        transformers fixed in 2024) weighs a token of a short micro-batch above one of a long one.
+        """
+        return micro_batch_normaliser(sum_across_ranks([float(sum(counts))], self.device)[0], self.world, accumulation)
+
     def finite(self, loss: torch.Tensor, keys: list[str], step: int) -> bool:
         """Whether the loss is finite on every rank; a micro-batch where it is not gets no backward
         (the optimizer never sees it), is counted, and the run stops after N in a row."""

@@ -45,7 +45,8 @@ from pipeline.model.setup import (count_parameters, load_directory_tokenizers, l
 from pipeline.preference import dpo_loss, sequence_logps
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.runner import DRY_RUN_DONE, StageContext, StageFailed, fingerprint_of
-from pipeline.training import TrainingRun, engine_settings, loader_settings, schedule_length, stage_inputs
+from pipeline.training import (TrainingRun, answer_tokens, engine_settings, loader_settings, schedule_length,
+                               stage_inputs)
 from ppllava import PPLLaVAForConditionalGeneration
 
 logger = logging.getLogger(__name__)
@@ -232,22 +233,28 @@ def run(context: StageContext) -> dict:
     batches = iter(loader)
     for step in range(first_step, total_steps):
         lr = training.lr
+        window = training.step_window(batches, accumulation)
+        # Every pair of the global batch weighs the same (and, for the SFT term, every chosen answer
+        # token), however the global batch is split into micro-batches and ranks.
+        per_micro_pairs = training.per_micro_batch([len(b.keys) for b in window], accumulation)
+        per_micro_tokens = (training.per_micro_batch([int(answer_tokens(b.inputs["labels"][:len(b.keys)]).sum())
+                                                      for b in window], accumulation) if dpo.sft_weight else None)
         step_loss, good = 0.0, 0
         while good < accumulation:
-            batch = next(batches)
+            batch = window.pop(0) if window else next(batches)
             pairs_here = len(batch.keys)
             inputs = {k: v.to(device) for k, v in batch.inputs.items() if k != "labels"}
             labels = batch.inputs["labels"].to(device)
             policy_logps, token_counts = sequence_logps(engine(**inputs).logits, labels)
             reference_chosen, reference_rejected = reference_pair_logps(batch)
             loss, values = dpo_loss(policy_logps[:pairs_here], policy_logps[pairs_here:], reference_chosen,
-                                    reference_rejected, dpo.beta)
-            if dpo.sft_weight:  # NLL per token of the chosen answers
-                chosen_nll = -(policy_logps[:pairs_here].sum() / token_counts[:pairs_here].sum().clamp(min=1))
+                                    reference_rejected, dpo.beta, normaliser=per_micro_pairs)
+            if dpo.sft_weight:  # NLL per chosen answer token of the global batch
+                chosen_nll = -policy_logps[:pairs_here].sum() / per_micro_tokens
                 loss = loss + dpo.sft_weight * chosen_nll
-                values["sft_nll"] = float(chosen_nll.detach())
+                values["sft_nll"] = float(-policy_logps[:pairs_here].sum() / token_counts[:pairs_here].sum().clamp(min=1))
             if not training.finite(loss, batch.keys, step):
-                continue  # another micro-batch takes its place
+                continue  # another micro-batch takes its place (normalised as the one it replaces)
             engine.backward(loss)
             engine.step()  # the optimizer steps on the last micro-batch of the accumulation
             step_loss += float(loss.detach()) / accumulation

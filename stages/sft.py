@@ -30,7 +30,8 @@ from pipeline.model.setup import (build_model, build_processor, count_parameters
                                   loads_partitioned, save_processor_config, save_tokenizers)
 from pipeline.recipe import Recipe
 from pipeline.runner import DRY_RUN_DONE, StageContext
-from pipeline.training import TrainingRun, engine_settings, loader_settings, schedule_length, stage_inputs
+from pipeline.training import (TrainingRun, answer_tokens, engine_settings, loader_settings, schedule_length,
+                               stage_inputs)
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +96,17 @@ def run(context: StageContext) -> dict:
     batches = iter(loader)
     for step in range(first_step, total_steps):
         lr = training.lr
+        window = training.step_window(batches, accumulation)
+        # The step's loss: every answer token of the global batch counts once, however it is split.
+        per_micro = training.per_micro_batch([int(answer_tokens(b.inputs["labels"]).sum()) for b in window],
+                                             accumulation)
         step_loss, good = 0.0, 0
         while good < accumulation:
-            batch = next(batches)
-            loss = engine(**{k: v.to(device) for k, v in batch.inputs.items()}).loss
+            batch = window.pop(0) if window else next(batches)
+            inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+            loss = engine(**inputs, num_items_in_batch=per_micro).loss
             if not training.finite(loss, batch.keys, step):
-                continue  # another micro-batch takes its place
+                continue  # another micro-batch takes its place (normalised as the one it replaces)
             engine.backward(loss)
             engine.step()  # the optimizer steps on the last micro-batch of the accumulation
             step_loss += float(loss.detach()) / accumulation

@@ -49,16 +49,25 @@ def apply_override(data: dict, assignment: str, source: str = "<override>") -> N
     node[keys[-1]] = value
 
 
-def _interpolate(value: Any, variables: dict[str, str]) -> Any:
+def _interpolate(value: Any, variables: dict[str, str], used: dict[str, str]) -> Any:
     """``${run_dir}`` / ``${name}``, then ``${X}`` set in the environment, in string values; an unset
-    ``${X}`` stays (a dataset card may define it, and a path check names it if it is not)."""
+    ``${X}`` stays (a dataset card may define it, and a path check names it if it is not). The
+    environment variables substituted are recorded in ``used`` (name -> value)."""
     if isinstance(value, str):
         value = re.sub(r"\$\{(run_dir|name)\}", lambda m: variables[m.group(1)], value)
-        return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: os.environ.get(m.group(1), m.group(0)), value)
+
+        def from_environment(match: re.Match) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                return match.group(0)
+            used[name] = os.environ[name]
+            return os.environ[name]
+
+        return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", from_environment, value)
     if isinstance(value, list):
-        return [_interpolate(v, variables) for v in value]
+        return [_interpolate(v, variables, used) for v in value]
     if isinstance(value, dict):
-        return {k: _interpolate(v, variables) for k, v in value.items()}
+        return {k: _interpolate(v, variables, used) for k, v in value.items()}
     return value
 
 
@@ -70,9 +79,11 @@ def parse_recipe(data: Any, overrides: list[str] = (), source: str = "<recipe>")
         apply_override(data, assignment, source)
     if isinstance(data.get("run_dir"), str):  # run_dir may itself use ${name}
         data["run_dir"] = data["run_dir"].replace("${name}", str(data.get("name", "")))
-    data = _interpolate(data, {"name": str(data.get("name", "")), "run_dir": str(data.get("run_dir", ""))})
+    used: dict[str, str] = {}
+    data = _interpolate(data, {"name": str(data.get("name", "")), "run_dir": str(data.get("run_dir", ""))}, used)
     recipe = build(Recipe, data, "", source, ALIASES)
     recipe.source = source
+    recipe.environment = used
     return recipe
 
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ class Recipe:
     export: ExportSection | None = None
     eval: EvalSection | None = None
     source: str = field(default="<recipe>", metadata={"internal": True})
+    # The environment variables the recipe's ${X} were read from (name -> value), for `portable`.
+    environment: dict = field(default_factory=dict, metadata={"internal": True})
 
     @property
     def stages(self) -> list[str]:
@@ -95,9 +98,42 @@ class Recipe:
         return (f"{stage} global batch: micro {micro} x accumulation {accumulation} x world {world} "
                 f"({self.cluster.nodes} node(s) x {self.cluster.procs_per_node}) = {micro * accumulation * world}")
 
+    def portable(self, value):
+        """``value`` (a stage's inputs) with every path under the run directory written as
+        ``${run_dir}/...`` and every path under a directory a variable names (``data.variables``, or
+        an environment variable the recipe used, e.g. ``${DATA_ROOT}``) as ``${NAME}/...``: what a
+        stage depends on, wherever the file system mounts it. A run directory moved or copied to
+        another cluster (and the data with it) keeps its fingerprints; content is fingerprinted
+        apart (cards, annotations, media, manifests, model files), so data that really changed
+        still re-runs its stages."""
+        roots = {self.run_dir: "${run_dir}"}
+        for name, root in {**self.environment, **self.data.variables}.items():
+            if isinstance(root, str) and root.strip("/"):
+                roots.setdefault(root, "${" + name + "}")
+        prefixes = {}
+        for root, name in roots.items():
+            for form in (root, os.path.abspath(root), os.path.realpath(root)):
+                prefixes.setdefault(form.rstrip("/"), name)
+        ordered = sorted(prefixes.items(), key=lambda item: -len(item[0]))
+
+        def rewrite(item):
+            if isinstance(item, str):
+                for prefix, name in ordered:
+                    if item == prefix or item.startswith(prefix + "/"):
+                        return name + item[len(prefix):]
+                return item
+            if isinstance(item, dict):
+                return {rewrite(k): rewrite(v) for k, v in item.items()}
+            if isinstance(item, (list, tuple)):
+                return [rewrite(v) for v in item]
+            return item
+
+        return rewrite(value)
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data.pop("source")
+        data.pop("environment")
         return {key: value for key, value in data.items() if value is not None or key not in STAGE_ORDER}
 
     def to_yaml(self) -> str:
