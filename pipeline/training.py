@@ -101,10 +101,12 @@ def engine_settings(section: TrainingSection, micro: int, accumulation: int, tot
                           offload_optimizer=section.offload_optimizer)
 
 
-def loader_settings(recipe: Recipe, micro: int, weights: dict[str, float], interleave: bool = True) -> LoaderSettings:
+def loader_settings(recipe: Recipe, micro: int, accumulation: int, weights: dict[str, float],
+                    interleave: bool = True) -> LoaderSettings:
     """The streaming loader's settings from the recipe's data section and seed."""
     data = recipe.data
-    return LoaderSettings(micro_batch_size=micro, weights=weights, interleave=interleave,
+    return LoaderSettings(micro_batch_size=micro, accumulation=accumulation, virtual_streams=data.virtual_streams,
+                          weights=weights, interleave=interleave,
                           shuffle_buffer=data.shuffle_buffer, seed=recipe.seed, num_workers=data.num_workers,
                           max_bad_fraction=data.max_bad_fraction, every_modality_first=data.every_modality_first)
 

@@ -185,7 +185,7 @@ def run(context: StageContext) -> dict:
     processor = PairProcessor(SampleProcessor(model.config, tokenizer, clip_tokenizer, processor_settings,
                                               video_decoder=decoder(recipe.data.decoder)))
     loader = StreamingLoader(recipe.manifest_path, processor,
-                             loader_settings(recipe, micro, {"dpo": 1.0}),
+                             loader_settings(recipe, micro, accumulation, {"dpo": 1.0}),
                              rank=ranks.rank, world_size=world)
     if ranks.is_main:  # the weightless model directory export reads beside this stage's checkpoints
         model.config.save_pretrained(context.directory / MODEL_DIR)

@@ -65,7 +65,7 @@ def run(context: StageContext) -> dict:
     config = model.config
     engine, _, scheduler = build_engine(model, backend, settings, ranks.local_rank)
     loader = StreamingLoader(recipe.manifest_path, build_processor(recipe, config, tokenizer, clip_tokenizer),
-                             loader_settings(recipe, micro, weights, recipe.data.interleave),
+                             loader_settings(recipe, micro, accumulation, weights, recipe.data.interleave),
                              rank=ranks.rank, world_size=world)
     parameters, trainable = count_parameters(model)
     if ranks.is_main:

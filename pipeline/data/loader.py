@@ -1,17 +1,19 @@
-"""Streaming loader over the shard stage's tars: interleaved batches with exact resume.
+"""Streaming loader over the shard stage's tars: interleaved batches, a data order that does not
+depend on the world size, and exact resume.
 
-Per rank and per data-loader worker ("slot"), each modality is an endless stream:
-
-    epoch e: the modality's shards in a seeded order -> this slot's share of them (whole shards
-             when there are enough, else every n-th sample) -> a seeded shuffle buffer
-
-A batch draws each sample's modality by the mixture weights (``interleave``) or one modality
-for the whole batch (the per-modality ablation), takes the next record of that stream, and
-decodes it with the :class:`SampleProcessor`. Everything is a function of (seed, rank, slot,
-batch index), so the loader's position is one number: batches consumed. Resuming replays the
-record streams without decoding media up to that point; samples that failed to decode before
-are remembered by key in the state, so the replay skips exactly what the original run skipped.
-Workers decode on CPU only.
+The data order is a function of (seed, step) only. A fixed number V of *virtual streams* (data
+``virtual_streams``; by default the largest power of two up to 64 that every stream's samples
+cover) own the records: in each epoch a modality's shards in a seeded order, stream v taking the
+v-th, (v+V)-th, ... shard (or every V-th sample when there are fewer shards than streams), through a
+seeded shuffle buffer of its own. The samples of the whole run form one sequence, position n drawn
+from stream n mod V with a modality drawn by the mixture weights from (seed, n); optimizer step s
+takes positions s*G ... s*G + G - 1 (G = the global batch). Rank r of W reads the positions
+j = r, r+W, ... of each step, whose streams are v = r, r+W, ... (W divides V), and splits them into
+its micro-batches; DataLoader workers share a rank's streams and hand back one part of each step.
+So the samples of a step are the same on 1, 2, 16 or 32 ranks, with any micro-batch size and any
+number of workers. Resuming replays the record streams without decoding media up to that point;
+samples that failed to decode before are remembered by key in the state, so the replay skips
+exactly what the original run skipped. Workers decode on CPU only.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class LoaderError(RuntimeError):
 @dataclass
 class LoaderSettings:
     micro_batch_size: int = 1
+    accumulation: int = 1            # micro-batches per optimizer step on each rank
+    virtual_streams: int | None = None  # None: the largest power of two <= 64 the data covers
     weights: dict = field(default_factory=lambda: {"video": 1.0, "image": 1.0, "multi_image": 1.0})
     interleave: bool = True          # modalities mixed inside a micro-batch (paper §3.3)
     every_modality_first: bool = False  # the first batches cycle through the modalities, then draw by weight
@@ -151,15 +155,44 @@ def media_members(record: dict[str, bytes], sample: Sample) -> list[bytes]:
     return [data for suffix, data in record.items() if suffix != "json"][:1]
 
 
+@dataclass
+class StepPart:
+    """One worker's share of one optimizer step on one rank: (position in the step, sample) pairs."""
+
+    step: int
+    samples: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    reasons: dict = field(default_factory=dict)
+
+
+def virtual_stream_count(manifest_path: str | Path, weights: dict[str, float], requested: int | None) -> int:
+    """The number of virtual streams: ``requested``, or the largest power of two <= 64 that every
+    stream with a positive weight has samples for (each virtual stream must draw from each)."""
+    sizes = stream_sizes(manifest_path)
+    smallest = min((sizes.get(m, 0) for m, w in weights.items() if w > 0), default=0)
+    if requested is not None:
+        if requested < 1:
+            raise LoaderError(f"data.virtual_streams={requested}: expected a positive number")
+        if smallest and requested > smallest:
+            raise LoaderError(f"data.virtual_streams={requested} exceeds the {smallest} samples of the smallest "
+                              f"stream in {manifest_path}: each virtual stream needs samples of every modality")
+        return requested
+    count = 1
+    while count * 2 <= min(64, max(smallest, 1)):
+        count *= 2
+    return count
+
+
 class InterleavedStream(IterableDataset):
-    """Batches for one rank; split further across DataLoader workers."""
+    """One rank's share of every optimizer step, as :class:`StepPart` s; split across DataLoader
+    workers by virtual stream (each worker yields one part per step, possibly empty)."""
 
     def __init__(self, manifest_path: str | Path, processor: SampleProcessor, settings: LoaderSettings,
-                 rank: int = 0, world_size: int = 1, start_batch: int = 0, known_bad: frozenset[str] = frozenset()):
+                 rank: int = 0, world_size: int = 1, start_step: int = 0, known_bad: frozenset[str] = frozenset()):
         self.root = Path(manifest_path).parent
         manifest = json.loads(Path(manifest_path).read_text())
         self.processor, self.settings = processor, settings
-        self.rank, self.world_size, self.start_batch, self.known_bad = rank, world_size, start_batch, known_bad
+        self.rank, self.world_size, self.start_step, self.known_bad = rank, world_size, start_step, known_bad
         self.shards = {m: repeated_shards(manifest, m) for m in STREAMS}
         self.weights = {m: float(w) for m, w in settings.weights.items() if w > 0 and self.shards.get(m)}
         unknown = set(settings.weights) - set(STREAMS)
@@ -167,63 +200,61 @@ class InterleavedStream(IterableDataset):
             raise LoaderError(f"mixture weights name unknown modalities {sorted(unknown)}; expected {STREAMS}")
         if not self.weights:
             raise LoaderError(f"{manifest_path}: no shards for any modality with a positive weight {settings.weights}")
+        self.streams = virtual_stream_count(manifest_path, self.weights, settings.virtual_streams)
+        if self.streams % world_size:
+            raise LoaderError(f"{self.streams} virtual streams cannot be shared by {world_size} ranks: set "
+                              f"data.virtual_streams to a multiple of the world size (e.g. 64 for 16 or 32 ranks)")
+        self.global_batch = settings.micro_batch_size * settings.accumulation * world_size
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[StepPart]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        # DataLoader hands out batches round robin from worker 0. Global batch i belongs to role
-        # i % workers (which fixes the record streams it draws from); after resuming at batch
-        # `start_batch`, worker w plays role (w + start_batch) % workers so the order holds.
-        role = (worker + self.start_batch) % workers
-        slot, slots = self.rank * workers + role, self.world_size * workers
-        streams = {m: _ModalityStream(self.root, self.shards[m], m, slot, slots, self.settings) for m in self.weights}
-        modalities, weights = list(self.weights), list(self.weights.values())
-        index = role
+        mine = {v for v in range(self.rank, self.streams, self.world_size)
+                if (v // self.world_size) % workers == worker}
+        streams = {(v, m): _ModalityStream(self.root, self.shards[m], m, v, self.streams, self.settings)
+                   for v in sorted(mine) for m in self.weights}
+        step = 0
         while True:
-            plan = self._plan(index, modalities, weights)
-            replay = index < self.start_batch
-            batch = self._fill(plan, streams, replay)
+            replay = step < self.start_step
+            part = StepPart(step)
+            for j in range(self.rank, self.global_batch, self.world_size):
+                position = step * self.global_batch + j
+                stream = position % self.streams
+                if stream in mine:
+                    processed = self._next(streams[(stream, self._modality(position, step))], part, replay)
+                    if not replay:
+                        part.samples.append((j, processed))
             if not replay:
-                yield batch
-            index += workers
+                yield part
+            step += 1
 
-    def _plan(self, index: int, modalities: list[str], weights: list[float]) -> list[str]:
-        """The modality of each sample of global batch ``index`` (the same on every resume)."""
-        micro = self.settings.micro_batch_size
+    def _modality(self, position: int, step: int) -> str:
+        """The modality of sample ``position`` of the run (the same on every rank layout and resume)."""
+        modalities, weights = list(self.weights), list(self.weights.values())
         if self.settings.every_modality_first:
-            first = index * micro if self.settings.interleave else index
+            first = position if self.settings.interleave else step
             if first < len(modalities):
-                if self.settings.interleave:
-                    return [modalities[(first + k) % len(modalities)] for k in range(micro)]
-                return [modalities[first]] * micro
-        rng = random.Random(f"{self.settings.seed}/{self.rank}/batch/{index}")
+                return modalities[first]
         if self.settings.interleave:
-            return rng.choices(modalities, weights, k=micro)
-        return [rng.choices(modalities, weights)[0]] * micro
+            return random.Random(f"{self.settings.seed}/sample/{position}").choices(modalities, weights)[0]
+        return random.Random(f"{self.settings.seed}/step/{step}").choices(modalities, weights)[0]
 
-    def _fill(self, plan: list[str], streams: dict[str, _ModalityStream], replay: bool) -> Batch | None:
-        processed, skipped, reasons = [], [], {}
-        for modality in plan:
-            while True:
-                epoch, record = streams[modality].next()
-                sample = self.processor.parse(json.loads(record["json"]))
-                if sample.key in self.known_bad:
-                    skipped.append(sample.key)
-                    continue
-                if replay:
-                    break
-                try:
-                    processed.append(self.processor(sample, media_members(record, sample), epoch))
-                    break
-                except (MediaError, SampleTooLong) as error:
-                    logger.warning("skipping %s: %s", sample.key, error)
-                    skipped.append(sample.key)
-                    reasons[sample.key] = str(error)
-        if replay:
-            return None
-        batch = self.processor.collate(processed)
-        batch.skipped, batch.skip_reasons = skipped, reasons
-        return batch
+    def _next(self, stream: _ModalityStream, part: StepPart, replay: bool):
+        """The stream's next sample that decodes (None in a replay: records only, no media decoded)."""
+        while True:
+            epoch, record = stream.next()
+            sample = self.processor.parse(json.loads(record["json"]))
+            if sample.key in self.known_bad:
+                part.skipped.append(sample.key)
+                continue
+            if replay:
+                return None
+            try:
+                return self.processor(sample, media_members(record, sample), epoch)
+            except (MediaError, SampleTooLong) as error:
+                logger.warning("skipping %s: %s", sample.key, error)
+                part.skipped.append(sample.key)
+                part.reasons[sample.key] = str(error)
 
 
 def _identity(batch):
@@ -290,37 +321,56 @@ class StreamingLoader:
         self.batches, self.used, self.bad = 0, 0, []
         self.reasons: dict[str, str] = {}  # why each refused sample was refused (this process's; for summaries)
 
+    def _layout(self) -> dict:
+        """What this rank's micro-batches depend on besides the data (DataLoader workers do not)."""
+        return {"seed": self.settings.seed, "world_size": self.world_size, "rank": self.rank,
+                "micro_batch_size": self.settings.micro_batch_size, "accumulation": self.settings.accumulation,
+                "virtual_streams": self.settings.virtual_streams}
+
     def state_dict(self) -> dict:
-        return {"batches": self.batches, "used": self.used, "bad": list(self.bad), "seed": self.settings.seed,
-                "world_size": self.world_size, "rank": self.rank, "num_workers": self.settings.num_workers}
+        return {"batches": self.batches, "used": self.used, "bad": list(self.bad), **self._layout()}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = {"world_size": self.world_size, "rank": self.rank, "seed": self.settings.seed,
-                "num_workers": self.settings.num_workers}
+        mine = self._layout()
         theirs = {key: state.get(key) for key in mine}
         if theirs != mine:
-            raise LoaderError(f"loader state was saved with {theirs} but this loader has {mine}; the sample order "
-                              f"depends on all of them, so an exact resume needs the same values")
+            raise LoaderError(f"loader state was saved with {theirs} but this loader has {mine}; this rank's "
+                              f"micro-batches depend on all of them, so an exact resume needs the same values")
         self.batches, self.used, self.bad = state["batches"], state["used"], list(state["bad"])
 
     def __iter__(self) -> Iterator[Batch]:
+        accumulation, micro = self.settings.accumulation, self.settings.micro_batch_size
         dataset = InterleavedStream(self.manifest_path, self.processor, self.settings, self.rank, self.world_size,
-                                    start_batch=self.batches, known_bad=frozenset(self.bad))
+                                    start_step=self.batches // accumulation, known_bad=frozenset(self.bad))
         # Our own generator: starting the iterator draws a worker seed, which must not come from the
         # global RNG (a resumed run starts its iterator at another point of the global sequence).
         loader = DataLoader(dataset, batch_size=None, num_workers=self.settings.num_workers, collate_fn=_identity,
                             persistent_workers=False, generator=torch.Generator().manual_seed(self.settings.seed),
                             worker_init_fn=_leave_stop_signals_to_the_rank)
-        for batch in loader:
-            self.batches += 1
-            fresh = [key for key in batch.skipped if key not in self.bad]
-            self.bad += fresh
-            self.reasons.update(batch.skip_reasons)
-            self.used += len(batch.keys)
-            seen = len(self.bad) + self.used
-            fraction = len(self.bad) / max(1, seen)
-            if seen >= self.settings.bad_fraction_grace and fraction > self.settings.max_bad_fraction:
-                raise LoaderError(f"{len(self.bad)} undecodable (or too long) samples out of {len(self.bad) + self.used} "
-                                  f"({fraction:.1%}) exceed max_bad_fraction={self.settings.max_bad_fraction}; "
-                                  f"latest: {', '.join(self.bad[-5:])}")
-            yield batch
+        parts, workers = iter(loader), max(1, self.settings.num_workers)
+        already = self.batches % accumulation  # micro-batches of the current step consumed before a resume
+        while True:
+            step = [next(parts) for _ in range(workers)]  # the DataLoader hands out one part per worker in turn
+            samples = [sample for _, sample in sorted((s for part in step for s in part.samples), key=lambda s: s[0])]
+            skipped = [key for part in step for key in part.skipped]
+            reasons = {key: why for part in step for key, why in part.reasons.items()}
+            for index in range(already, accumulation):
+                batch = self.processor.collate(samples[index * micro:(index + 1) * micro])
+                batch.skipped, batch.skip_reasons = (skipped, reasons) if index == already else ([], {})
+                yield from self._counted(batch)
+            already = 0
+
+    def _counted(self, batch: Batch) -> Iterator[Batch]:
+        """Bookkeeping of one micro-batch handed out: position, refused samples, the bad fraction."""
+        self.batches += 1
+        fresh = [key for key in batch.skipped if key not in self.bad]
+        self.bad += fresh
+        self.reasons.update(batch.skip_reasons)
+        self.used += len(batch.keys)
+        seen = len(self.bad) + self.used
+        fraction = len(self.bad) / max(1, seen)
+        if seen >= self.settings.bad_fraction_grace and fraction > self.settings.max_bad_fraction:
+            raise LoaderError(f"{len(self.bad)} undecodable (or too long) samples out of {len(self.bad) + self.used} "
+                              f"({fraction:.1%}) exceed max_bad_fraction={self.settings.max_bad_fraction}; "
+                              f"latest: {', '.join(self.bad[-5:])}")
+        yield batch

@@ -63,6 +63,7 @@ class DataSection:
     interleave: bool = True
     every_modality_first: bool = False     # first batches cycle through the modalities (--rehearse sets it)
     shuffle_buffer: int = 64
+    virtual_streams: int | None = None     # units of the data order (None: largest power of two <= 64 the data covers)
     num_workers: int = 2
     max_bad_fraction: float = 0.01
     template: Literal["plain_v1", "vicuna_v1", "tokenizer"] = "plain_v1"
@@ -82,6 +83,11 @@ class DataSection:
             positive(src, f"data.{key}", getattr(self, key))
         positive(src, "data.num_workers", self.num_workers, allow_zero=True)
         fraction(src, "data.max_bad_fraction", self.max_bad_fraction)
+        if self.virtual_streams is not None:
+            positive(src, "data.virtual_streams", self.virtual_streams)
+            if self.virtual_streams % recipe.cluster.world_size:
+                raise RecipeError(f"{src}: data.virtual_streams={self.virtual_streams} is not a multiple of the "
+                                  f"cluster's {recipe.cluster.world_size} processes: each rank reads whole streams")
         if recipe.shard is not None:
             if not self.cards:
                 raise RecipeError(f"{src}: data.cards: the shard stage needs at least one dataset card")

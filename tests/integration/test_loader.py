@@ -3,6 +3,7 @@
 import hashlib
 import json
 import subprocess
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -169,11 +170,36 @@ def test_corrupt_media_is_skipped_counted_and_bounded(manifest, tmp_path, caplog
         take(strict, 12)
 
 
-def test_state_from_another_layout_is_refused(manifest):
-    loader = StreamingLoader(manifest, tiny_processor(), LoaderSettings(num_workers=2))
-    state = StreamingLoader(manifest, tiny_processor(), LoaderSettings(num_workers=0)).state_dict()
+def test_state_from_another_layout_is_refused_but_workers_may_change(manifest):
+    settings = LoaderSettings(micro_batch_size=2, accumulation=2, shuffle_buffer=4, num_workers=0, seed=3)
+    straight = take(StreamingLoader(manifest, tiny_processor(), settings), 7)
+    first = StreamingLoader(manifest, tiny_processor(), settings)
+    take(first, 3)  # mid-step: the state is taken after half of step 2
+    state = json.loads(json.dumps(first.state_dict()))
+    more_workers = StreamingLoader(manifest, tiny_processor(), replace(settings, num_workers=2))
+    more_workers.load_state_dict(state)
+    assert take(more_workers, 4) == straight[3:]
+    other_micro = StreamingLoader(manifest, tiny_processor(), replace(settings, micro_batch_size=4, accumulation=1))
     with pytest.raises(LoaderError, match="exact resume needs the same values"):
-        loader.load_state_dict(state)
+        other_micro.load_state_dict(state)
+
+
+@pytest.mark.parametrize("ranks, micro, workers", [(1, 8, 0), (1, 2, 2), (2, 4, 0), (2, 1, 2), (4, 2, 1), (8, 1, 0)])
+def test_the_samples_of_every_step_do_not_depend_on_ranks_micro_batches_or_workers(manifest, ranks, micro, workers):
+    """Global batch 8: whatever the split, step s trains on the same 8 samples (by key)."""
+    def steps(world, micro, workers, count=4):
+        per_rank = []
+        for rank in range(world):
+            settings = LoaderSettings(micro_batch_size=micro, accumulation=8 // (micro * world), shuffle_buffer=4,
+                                      num_workers=workers, seed=11)
+            keys = [key for batch in take_batches(StreamingLoader(manifest, tiny_processor(), settings, rank, world),
+                                                  count * settings.accumulation) for key in batch.keys]
+            per_rank.append([keys[i * 8 // world:(i + 1) * 8 // world] for i in range(count)])
+        return [sorted(key for rank in per_rank for key in rank[step]) for step in range(count)]
+
+    reference = steps(1, 8, 0)
+    assert steps(ranks, micro, workers) == reference
+    assert len({key for step in reference for key in step}) > 8  # the steps differ from each other
 
 
 def test_card_repeats_and_the_natural_mixture(tmp_path):
