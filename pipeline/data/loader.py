@@ -61,20 +61,23 @@ class LoaderSettings:
                                      # sample is not yet a fraction worth stopping for)
 
 
-def read_tar(path: Path) -> Iterator[dict[str, bytes]]:
-    """Samples of one tar: members grouped by key (the name up to the first dot), as bytes."""
+def read_tar(path: Path, wanted=None) -> Iterator[dict[str, bytes]]:
+    """Samples of one tar: members grouped by key (the name up to the first dot), as bytes.
+    ``wanted(i)``: whether to read the i-th sample of the tar; the others' bytes are never read
+    (the archive seeks past them) and they are not yielded."""
     current: dict[str, bytes] = {}
-    key = None
+    key, index = None, -1
     with tarfile.open(path) as archive:
         for member in archive:
             if not member.isfile():
                 continue
             name_key, _, suffix = member.name.partition(".")
-            if key is not None and name_key != key:
-                yield current
-                current = {}
-            key = name_key
-            current[suffix] = archive.extractfile(member).read()  # bytes only, never written to disk
+            if name_key != key:
+                if current:
+                    yield current
+                current, key, index = {}, name_key, index + 1
+            if wanted is None or wanted(index):
+                current[suffix] = archive.extractfile(member).read()  # bytes only, never written to disk
     if current:
         yield current
 
@@ -117,13 +120,12 @@ class _ModalityStream:
         if len(order) >= self.slots:
             for shard in order[self.slot :: self.slots]:
                 yield from read_tar(self.root / shard["path"])
-        else:
-            index = 0
+        else:  # fewer shards than streams: every slots-th sample, the others' bytes left unread
+            start = 0
             for shard in order:
-                for record in read_tar(self.root / shard["path"]):
-                    if index % self.slots == self.slot:
-                        yield record
-                    index += 1
+                first = start
+                yield from read_tar(self.root / shard["path"], lambda i: (first + i) % self.slots == self.slot)
+                start += shard["samples"]
 
     def _records(self) -> Iterator[tuple[int, dict[str, bytes]]]:
         rng = random.Random(f"{self.settings.seed}/{self.modality}/{self.slot}/buffer")
@@ -166,10 +168,13 @@ class StepPart:
 
 
 def virtual_stream_count(manifest_path: str | Path, weights: dict[str, float], requested: int | None) -> int:
-    """The number of virtual streams: ``requested``, or the largest power of two <= 64 that every
-    stream with a positive weight has samples for (each virtual stream must draw from each)."""
+    """The number of virtual streams: ``requested`` (at most the smallest stream's sample count: each
+    virtual stream draws from each), or the largest power of two <= 64 that every stream with a
+    positive weight has whole shards for (so that no stream reads another's samples)."""
     sizes = stream_sizes(manifest_path)
     smallest = min((sizes.get(m, 0) for m, w in weights.items() if w > 0), default=0)
+    manifest = json.loads(Path(manifest_path).read_text())
+    fewest_shards = min((len(repeated_shards(manifest, m)) for m, w in weights.items() if w > 0), default=0)
     if requested is not None:
         if requested < 1:
             raise LoaderError(f"data.virtual_streams={requested}: expected a positive number")
@@ -178,7 +183,7 @@ def virtual_stream_count(manifest_path: str | Path, weights: dict[str, float], r
                               f"stream in {manifest_path}: each virtual stream needs samples of every modality")
         return requested
     count = 1
-    while count * 2 <= min(64, max(smallest, 1)):
+    while count * 2 <= min(64, max(fewest_shards, 1)):
         count *= 2
     return count
 

@@ -190,8 +190,9 @@ def test_the_samples_of_every_step_do_not_depend_on_ranks_micro_batches_or_worke
     def steps(world, micro, workers, count=4):
         per_rank = []
         for rank in range(world):
+            # 8 streams over 3 or 4 shards per modality: each stream takes every 8th sample
             settings = LoaderSettings(micro_batch_size=micro, accumulation=8 // (micro * world), shuffle_buffer=4,
-                                      num_workers=workers, seed=11)
+                                      num_workers=workers, seed=11, virtual_streams=8)
             keys = [key for batch in take_batches(StreamingLoader(manifest, tiny_processor(), settings, rank, world),
                                                   count * settings.accumulation) for key in batch.keys]
             per_rank.append([keys[i * 8 // world:(i + 1) * 8 // world] for i in range(count)])
@@ -218,7 +219,8 @@ def test_card_repeats_and_the_natural_mixture(tmp_path):
     assert manifest["repeats"] == {"synthetic_video": 1, "synthetic_image": 3}
     assert stream_sizes(path)["image"] == 3 * manifest["counts"]["image"] == 12
     assert natural_weights(path) == {"video": float(manifest["counts"]["video"]), "image": 12.0}
+    # one virtual stream: its epoch is the first 12 samples (several streams split an epoch unevenly)
     loader = StreamingLoader(path, tiny_processor(), LoaderSettings(micro_batch_size=4, weights={"image": 1.0},
-                                                                     shuffle_buffer=1))
+                                                                     shuffle_buffer=1, virtual_streams=1))
     keys = [key for batch in take_batches(loader, 3) for key in batch.keys]  # one epoch: 12 samples
     assert set(Counter(keys).values()) == {3} and len(set(keys)) == 4
