@@ -49,7 +49,8 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _no_split_modules = ["CLIPEncoderLayer", "TemporalAdapterLayer", "SpatialAdapterLayer", "LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"]
+    _no_split_modules = ["CLIPEncoderLayer", "TemporalAdapterLayer", "SpatialAdapterLayer", "LlamaDecoderLayer",
+                         "MistralDecoderLayer", "Qwen2DecoderLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

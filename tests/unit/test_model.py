@@ -27,13 +27,18 @@ def one_sample(batch, index):
     }
 
 
-def test_interleaved_batch_equals_each_sample_alone(model):
+def assert_batch_equals_each_sample_alone(model):
     batch = build_batch(model.config, INTERLEAVED)
     with torch.no_grad():
         together = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         for index in range(len(INTERLEAVED)):
             alone = model(**one_sample(batch, index)).logits[0]
             torch.testing.assert_close(together[index, : alone.shape[0]], alone, atol=1e-5, rtol=1e-4)
+    return batch
+
+
+def test_interleaved_batch_equals_each_sample_alone(model):
+    assert_batch_equals_each_sample_alone(model)
 
 
 def test_vision_tower_runs_once_over_all_frames(model):
@@ -270,12 +275,7 @@ def test_the_adapter_groups_clips_per_sample_and_modality():
     """A video's frames and a multi-image sample's images attend to each other over time; an image's
     tiles and other samples' frames do not: a batch equals each sample alone."""
     model = adapter_model()
-    batch = build_batch(model.config, INTERLEAVED)
-    with torch.no_grad():
-        together = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        for index in range(len(INTERLEAVED)):
-            alone = model(**one_sample(batch, index)).logits[0]
-            torch.testing.assert_close(together[index, : alone.shape[0]], alone, atol=1e-5, rtol=1e-4)
+    batch = assert_batch_equals_each_sample_alone(model)
     # and frame order matters inside a clip (the time embedding, attention over time); without the
     # adapter, reversing a video only reverses its pooled windows
     video = {k: batch[k][:1] for k in ("frame_counts", "modalities", "clip_input_ids", "image_sizes")}
