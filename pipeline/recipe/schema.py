@@ -108,7 +108,9 @@ class Recipe:
         still re-runs its stages."""
         roots = {self.run_dir: "${run_dir}"}
         for name, root in {**self.environment, **self.data.variables}.items():
-            if isinstance(root, str) and root.strip("/"):
+            # paths only: a variable holding a setting (a template name, a dtype) must stay its value,
+            # or changing it would not change the fingerprint
+            if isinstance(root, str) and "/" in root and root.strip("/"):
                 roots.setdefault(root, "${" + name + "}")
         prefixes = {}
         for root, name in roots.items():

@@ -168,3 +168,18 @@ def test_dpo_recipes_carry_the_paper_settings(name, layout):
     assert f"dpo global batch: {layout} " in result.stdout and result.stdout.rstrip().endswith("= 64")
     dpo = load_recipe(REPO_ROOT / "recipes" / f"{name}.yaml").dpo
     assert (dpo.lr, dpo.beta, dpo.epochs, dpo.zero_stage, dpo.precision) == (5e-6, 0.1, 2.0, 3, "bf16")
+
+
+def test_fingerprinted_paths_are_relative_to_the_run_directory_and_path_variables(monkeypatch):
+    monkeypatch.setenv("DATA_ROOT", "/mnt/cluster_a/data")
+    monkeypatch.setenv("TEMPLATE", "plain_v1")
+    recipe = parse_recipe({"name": "p", "run_dir": "/scratch/a/runs/p", "data": {"template": "${TEMPLATE}",
+                           "cards": ["${DATA_ROOT}/cards/video.yaml"], "variables": {"MEDIA": "/mnt/media"}}})
+    inputs = {"cards": recipe.data.cards, "model": "/scratch/a/runs/p/synth/model", "other": "/elsewhere/x",
+              "media": {"/mnt/media/v.mp4": 1}, "template": recipe.data.template, "name": "/mnt/cluster_a/datax"}
+    assert recipe.portable(inputs) == {
+        "cards": ["${DATA_ROOT}/cards/video.yaml"], "model": "${run_dir}/synth/model", "other": "/elsewhere/x",
+        "media": {"${MEDIA}/v.mp4": 1},
+        "template": "plain_v1",  # a variable holding a setting stays its value: changing it must show
+        "name": "/mnt/cluster_a/datax"}  # a prefix only at a path boundary
+    assert recipe.to_dict().get("environment") is None
