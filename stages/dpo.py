@@ -252,7 +252,8 @@ def run(context: StageContext) -> dict:
             if dpo.sft_weight:  # NLL per chosen answer token of the global batch
                 chosen_nll = -policy_logps[:pairs_here].sum() / per_micro_tokens
                 loss = loss + dpo.sft_weight * chosen_nll
-                values["sft_nll"] = float(-policy_logps[:pairs_here].sum() / token_counts[:pairs_here].sum().clamp(min=1))
+                values["sft_nll"] = float(-policy_logps[:pairs_here].detach().sum()
+                                          / token_counts[:pairs_here].sum().clamp(min=1))
             if not training.finite(loss, batch.keys, step):
                 continue  # another micro-batch takes its place (normalised as the one it replaces)
             engine.backward(loss)

@@ -95,6 +95,20 @@ def test_random_frames_with_a_live_reference_the_authors_setting(sft_then_dpo, t
     assert refused.returncode == 2 and "dpo.frames: 'random'" in refused.stderr
 
 
+def test_the_sft_term_adds_the_chosen_answers_nll(sft_then_dpo, tmp_path):
+    """dpo.sft_weight: loss = DPO + weight x NLL per chosen answer token of the global batch."""
+    root, manifest, _ = sft_then_dpo
+    recipe = training_recipe(tmp_path / "run", manifest)
+    recipe.pop("sft")
+    recipe["dpo"] = dpo_section(init=str(root / "run" / "dpo" / "init"), max_steps=1, sft_weight=0.5)
+    result = run_pipeline("run", str(write_recipe(tmp_path / "recipe.yaml", recipe)))
+    assert result.returncode == 0, result.stderr[-6000:]
+    first = read_metrics(tmp_path / "run" / "dpo" / "metrics.jsonl")[0]
+    # policy = reference at the first step: the DPO part is log 2; the NLL of the chosen answers is positive
+    assert first["sft_nll"] > 0
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["sft_nll"], rel=0.05)
+
+
 @pytest.mark.parametrize("reference", ["intact", "truncated", "edited"])
 def test_dpo_resumes_exactly_after_a_kill(sft_then_dpo, tmp_path, reference):
     """Also with the stored reference log-probs damaged meanwhile: found (their sha256 is stored
