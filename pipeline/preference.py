@@ -14,11 +14,17 @@ import torch.nn.functional as F
 from ppllava.config import IGNORE_INDEX
 
 
+def answer_mask(labels: torch.Tensor) -> torch.Tensor:
+    """The positions a causal LM loss is taken on, [R, L-1]: labels[:, 1:] not ignored (position t
+    predicts token t + 1), as transformers' loss counts them."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log-probs of the labelled tokens, their count) per row; logits [R, L, V], labels [R, L].
     Position t predicts token t + 1; computed in fp32."""
     targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
+    mask = answer_mask(labels)
     logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * mask).sum(dim=-1), mask.sum(dim=-1)

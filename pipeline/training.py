@@ -38,8 +38,8 @@ from pipeline.checkpoint import (CheckpointError, check_resume_path, latest_chec
                                  save_checkpoint, set_aside_later_checkpoints, sound_resume_point)
 from pipeline.data.loader import LoaderError, LoaderSettings, check_shards
 from pipeline.layout import checkpoints_dir, is_checkpoint
-from ppllava.config import IGNORE_INDEX
 from pipeline.metrics import MetricsLog
+from pipeline.preference import answer_mask
 from pipeline.recipe import Recipe, RecipeError, TrainingSection, differences
 from pipeline.runner import StageContext, StageFailed, StoppedForRequeue
 
@@ -54,9 +54,8 @@ SCHEDULE_KEYS = ("lr", "max_steps", "epochs")
 
 
 def answer_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """Per row, the tokens a causal LM loss is taken on: labels[:, 1:] not ignored (position t
-    predicts token t + 1), as transformers' loss and ``sequence_logps`` count them."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=-1)
+    """Per row, the number of tokens a causal LM loss is taken on (``answer_mask``)."""
+    return answer_mask(labels).sum(dim=-1)
 
 
 def micro_batch_normaliser(global_count: float, world: int, accumulation: int) -> float:

@@ -290,7 +290,8 @@ def from_authors(checkpoint_dir: str | Path, clip_config: str | Path | None = No
     config = config_from_authors(authors_config, clip_text, projection_dim,
                                  float(scale) if scale is not None else 4.6052, **config_overrides)
     state, unexpected = map_authors_tensors(tensors, config)
-    dtype = tensors[next(k for k in tensors if k.startswith("language_model."))].dtype if tensors else torch.float32
+    # the release's dtype, read off its LLM (a checkpoint without one is reported as missing below)
+    dtype = next((t.dtype for k, t in tensors.items() if k.startswith("language_model.")), torch.float32)
     model = PPLLaVAForConditionalGeneration._from_config(config, dtype=dtype)
     expected = model.state_dict()
     missing = [name for name in expected if name not in state]

@@ -70,21 +70,21 @@ def _start_model(context: StageContext) -> Path:
     if recipe.dpo.init not in ("sft", "model"):
         return Path(recipe.dpo.init)
     init = context.directory / DPO_INIT
-    if context.ranks.is_main and not (init / "config.json").is_file() and recipe.dpo.init == "model":
-        logger.info("dpo: writing the model section's model (source %s) into %s", recipe.model.source, init)
-        partial = temporary_directory(init, "the start model")
-        write_start_model(recipe, partial)
-        publish_directory(partial, init)
-    elif context.ranks.is_main and not (init / "config.json").is_file():
-        sft_dir = recipe.stage_dir("sft")
-        step_dir = latest_checkpoint(checkpoints_dir(sft_dir))
-        if step_dir is None:
-            raise StageFailed(f"dpo.init: sft, but {checkpoints_dir(sft_dir)} holds no checkpoint")
-        logger.info("dpo: consolidating %s into %s", step_dir, init)
-        partial = temporary_directory(init, "a consolidation")
-        model = consolidated_model(step_dir, sft_dir / MODEL_DIR)
-        model.save_pretrained(partial)
-        copy_model_files(sft_dir / MODEL_DIR, partial)
+    if context.ranks.is_main and not (init / "config.json").is_file():
+        if recipe.dpo.init == "model":
+            logger.info("dpo: writing the model section's model (source %s) into %s", recipe.model.source, init)
+            partial = temporary_directory(init, "the start model")
+            write_start_model(recipe, partial)
+        else:
+            sft_dir = recipe.stage_dir("sft")
+            step_dir = latest_checkpoint(checkpoints_dir(sft_dir))
+            if step_dir is None:
+                raise StageFailed(f"dpo.init: sft, but {checkpoints_dir(sft_dir)} holds no checkpoint")
+            logger.info("dpo: consolidating %s into %s", step_dir, init)
+            partial = temporary_directory(init, "a consolidation")
+            model = consolidated_model(step_dir, sft_dir / MODEL_DIR)
+            model.save_pretrained(partial)
+            copy_model_files(sft_dir / MODEL_DIR, partial)
         publish_directory(partial, init)
     context.barrier()
     return init
