@@ -3,9 +3,14 @@
 Layout of one stage (``run_dir/<stage>/checkpoints/``):
 
     step_120/                  complete checkpoints only ever carry this name
-      deepspeed/               engine.save_checkpoint: model, optimizer, lr scheduler (every rank's shard)
-      rank_00000.pt ...        per rank: data-loader position, RNG states (python, numpy, torch, device)
-      trainer_state.json       step, world size, metrics so far, fingerprint of the training inputs
+      training_state/          model, optimizer (master weights, Adam moments, step count), schedule
+                               position: whole tensors, not ZeRO shards (backends.portable_state), so
+                               any world size, ZeRO stage or device type loads them
+      rank_00000.pt ...        per rank: RNG states (python, numpy, torch, device)
+      trainer_state.json       step, the layout that wrote it (world size, micro-batch, ZeRO stage,
+                               device), the loader's position (the step: the data order is the
+                               step's, on any layout) and every rank's refused samples, metrics so
+                               far, the training inputs
       recipe.yaml              the resolved recipe
       files.json               size and sha256 of every other file (sizes only with verify: size)
     step_160.tmp/              being written (or left by a killed writer; removed on the next start)
@@ -37,9 +42,11 @@ import numpy as np
 import torch
 
 from backends.distributed import broadcast_from_rank0, gather_objects
+from backends.portable_state import PortableStateError, load_portable, save_portable
 from pipeline.atomic import (aside_path, file_problems, fsync_tree, publish_directory, sha256_of, temporary_directory,
                              write_text_atomically)
-from pipeline.layout import CHECKPOINT_FILES, DEEPSPEED_TAG, LATEST, RECIPE_FILE, TRAINER_STATE, is_checkpoint
+from pipeline.layout import (CHECKPOINT_FILES, DEEPSPEED_TAG, LATEST, RECIPE_FILE, TRAINER_STATE, TRAINING_STATE,
+                             is_checkpoint)
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +116,9 @@ def remove_partial(directory: Path) -> None:
             shutil.rmtree(partial)
 
 
-def save_checkpoint(engine, directory: Path, step: int, trainer_state: dict, rank_state: dict, recipe_yaml: str,
-                    rank: int, keep_last: int, barrier: Callable[[], None], hashes: bool = True) -> Path:
+def save_checkpoint(engine, scheduler, directory: Path, step: int, trainer_state: dict, rank_state: dict,
+                    recipe_yaml: str, rank: int, keep_last: int, barrier: Callable[[], None],
+                    hashes: bool = True) -> Path:
     """Write ``step_<step>`` atomically on every rank; returns its final path. ``hashes``: record
     every file's sha256 beside its size (files.json), for resume to check."""
     final = directory / f"step_{step}"
@@ -120,9 +128,10 @@ def save_checkpoint(engine, directory: Path, step: int, trainer_state: dict, ran
         raise CheckpointWriteFailed(no_room)
     if rank == 0:
         temporary_directory(final)
+        (temporary / TRAINING_STATE).mkdir()
     barrier()
     try:
-        engine.save_checkpoint(str(temporary), tag=DEEPSPEED_TAG, save_latest=False)
+        save_portable(engine, scheduler, temporary / TRAINING_STATE)
         torch.save(rank_state, temporary / f"rank_{rank:05d}.pt")
         # Each rank flushes what it wrote: on a parallel file system, rank 0's fsync does not reach
         # another node's client cache.
@@ -291,24 +300,27 @@ def set_aside_later_checkpoints(directory: Path, resume_from: Path) -> None:
                    [p.name for p in later], kept)
 
 
-def read_trainer_state(path: Path, world_size: int) -> dict:
-    """The checkpoint's trainer state, refused when it was written by another number of processes."""
-    trainer_state = json.loads((path / TRAINER_STATE).read_text())
-    if trainer_state["world_size"] != world_size:
-        raise CheckpointError(
-            f"{path} was written by {trainer_state['world_size']} processes but this run has {world_size}: the "
-            f"data order and optimizer shards depend on the world size. Resume with the same number of processes, "
-            f"or start a new run_dir from an exported model (model.source: pretrained)")
-    return trainer_state
+def read_trainer_state(path: Path) -> dict:
+    """The checkpoint's trainer state; CheckpointError for a checkpoint of an earlier version."""
+    if not (path / TRAINING_STATE).is_dir():
+        layout = "DeepSpeed's own layout" if (path / DEEPSPEED_TAG).is_dir() else "an unknown layout"
+        raise CheckpointError(f"{path} holds no {TRAINING_STATE}/ ({layout}, written by an earlier version of the "
+                              f"pipeline): this version cannot resume it. Export it (`python -m pipeline export`), "
+                              f"or finish the stage with the version that wrote it")
+    return json.loads((path / TRAINER_STATE).read_text())
 
 
-def load_checkpoint(engine, path: Path, rank: int) -> dict:
-    """Restore the engine (model, optimizer, lr scheduler) from ``path``; returns this rank's state."""
+def load_checkpoint(engine, scheduler, path: Path, rank: int, same_ranks: bool) -> dict | None:
+    """Restore the engine (model, optimizer) and the schedule from ``path`` on any layout; returns
+    this rank's state (RNG) when ``same_ranks`` (the checkpoint's world size and device type are
+    this run's), else None: a rank of another layout has no state of its own there."""
+    try:
+        load_portable(engine, scheduler, path / TRAINING_STATE)
+    except (PortableStateError, OSError, RuntimeError, KeyError) as error:
+        raise CheckpointError(f"{path / TRAINING_STATE} cannot be loaded: {error}") from None
     rank_file = path / f"rank_{rank:05d}.pt"
+    if not same_ranks:
+        return None
     if not rank_file.is_file():
         raise CheckpointError(f"{path} has no state for rank {rank} ({rank_file.name} is missing)")
-    loaded, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
-    if loaded is None:
-        raise CheckpointError(f"DeepSpeed could not load {path / DEEPSPEED_TAG}")
     return torch.load(rank_file, weights_only=False)

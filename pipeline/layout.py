@@ -6,7 +6,7 @@
         COMPLETE                      written last by the runner: fingerprint, inputs, wall time, summary
       shard/manifest.json             shards, counts, source fingerprints, rejected samples
       sft/, dpo/                      training stages:
-        checkpoints/step_N/           deepspeed/, rank_00000.pt ..., trainer_state.json, recipe.yaml,
+        checkpoints/step_N/           training_state/, rank_00000.pt ..., trainer_state.json, recipe.yaml,
                                       files.json (every file's size and sha256, checked on resume)
         checkpoints/latest            the name of the newest complete step_N
         metrics.jsonl, tensorboard/
@@ -35,7 +35,8 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_FILES = "files.json"      # size (and sha256) of every file of a step_N checkpoint
-DEEPSPEED_TAG = "deepspeed"          # the engine's files inside a step_N checkpoint
+DEEPSPEED_TAG = "deepspeed"          # DeepSpeed's own layout, in checkpoints of earlier versions (export reads it)
+TRAINING_STATE = "training_state"    # model, optimizer and schedule, loadable on any layout (backends.portable_state)
 
 MODEL_DIR = "model"
 CLIP_TOKENIZER_DIR = "clip_tokenizer"

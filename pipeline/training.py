@@ -13,8 +13,8 @@ A loop reads, top to bottom:
 
     training = TrainingRun(context, engine, scheduler, loader, total_steps)
     for step in range(training.start(), total_steps):
-        ... forward; if not training.finite(loss, batch.keys, step): continue; backward; engine.step;
-            training.interval.add(batch) ...
+        ... forward; if not training.finite(loss, batch.keys, step): training.stand_in(batch); continue
+            backward; engine.step; training.interval.add(batch) ...
         training.end_step(step + 1, step_loss, lr)   # may raise StoppedForRequeue
     return training.finish()
 """
@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from backends.deepspeed_engine import EngineSettings
-from backends.distributed import decided_on_rank0, sum_across_ranks
+from backends.distributed import decided_on_rank0, gather_objects, sum_across_ranks
 from pipeline.atomic import sha256_of
 from pipeline.checkpoint import (CheckpointError, check_resume_path, latest_checkpoint,
                                  load_checkpoint, read_trainer_state, remove_partial, restore_rng_state, rng_state,
@@ -51,6 +51,10 @@ RUNTIME_KEYS = ("log_every", "save_every", "keep_last", "verify_checkpoints", "m
 RUNTIME_MODEL_KEYS = ("gradient_checkpointing",)
 # Keys a resumed run may change: the schedule continues from the checkpoint's step with the new values.
 SCHEDULE_KEYS = ("lr", "max_steps", "epochs")
+# How the global batch is split and the state sharded: not what is trained (the data order is the
+# step's and the loss is normalised over the global batch, whatever the split), so not part of the
+# fingerprint, and free to change on resume, with the world size (a run moving to another cluster).
+LAYOUT_KEYS = ("micro_batch_size", "gradient_accumulation_steps", "zero_stage", "offload_optimizer")
 
 
 def answer_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -65,8 +69,10 @@ def micro_batch_normaliser(global_count: float, world: int, accumulation: int) -
 
 
 def stage_inputs(recipe: Recipe, stage: str, world_size: int) -> dict:
+    """What a training stage's result depends on: not the world size or the batch layout (see
+    LAYOUT_KEYS), so a finished stage is not trained again on another cluster."""
     section, model = asdict(getattr(recipe, stage)), asdict(recipe.model)
-    for key in RUNTIME_KEYS:
+    for key in RUNTIME_KEYS + LAYOUT_KEYS:
         section.pop(key)
     for key in RUNTIME_MODEL_KEYS:
         model.pop(key)
@@ -74,7 +80,7 @@ def stage_inputs(recipe: Recipe, stage: str, world_size: int) -> dict:
     for key in ("cards", "variables"):  # reach training through the shard stage's fingerprint
         data.pop(key)
     data.pop("verify_shards")  # how they are checked, not what is trained
-    found = {"seed": recipe.seed, "model": model, "data": data, stage: section, "world_size": world_size}
+    found = {"seed": recipe.seed, "model": model, "data": data, stage: section}
     if recipe.shard is None:  # shards made elsewhere: their manifest is this stage's data input
         found["manifest_sha256"] = sha256_of(Path(recipe.data.manifest))
     return found
@@ -169,15 +175,17 @@ class TrainingRun:
         start = 0
         resume_from = self._resume_point()
         if resume_from is not None:
-            trainer_state = read_trainer_state(resume_from, self.world)
+            trainer_state = read_trainer_state(resume_from)
             self._check_same_training(trainer_state["inputs"], resume_from)  # before minutes of loading
+            same_ranks = self._report_layout_change(trainer_state["layout"], resume_from)
             if ranks.is_main:
                 set_aside_later_checkpoints(self.checkpoints, resume_from)
             context.barrier()
-            rank_state = load_checkpoint(self.engine, resume_from, ranks.rank)
+            rank_state = load_checkpoint(self.engine, self.scheduler, resume_from, ranks.rank, same_ranks)
             self._set_peak_lr(self.section.lr)  # the recipe's (a resumed run may change it)
-            self.loader.load_state_dict(rank_state["loader"])
-            restore_rng_state(rank_state["rng"], context.backend.device_module())
+            self.loader.load_state_dict(trainer_state["loader"])
+            if rank_state is not None:
+                restore_rng_state(rank_state["rng"], context.backend.device_module())
             start, self.nonfinite_skipped = trainer_state["step"], trainer_state["nonfinite_skipped"]
             self.first_loss = trainer_state.get("first_loss")
             if ranks.is_main:
@@ -220,13 +228,37 @@ class TrainingRun:
                                   f"shards were rebuilt, or another manifest is named): it cannot continue on other "
                                   f"data. Move {path.parent.parent} away to train from scratch")
         if refused:
-            free = allowed + tuple(f"{stage}.{key}" for key in RUNTIME_KEYS) + ("model.gradient_checkpointing",)
+            free = (allowed + tuple(f"{stage}.{key}" for key in RUNTIME_KEYS + LAYOUT_KEYS)
+                    + ("model.gradient_checkpointing", "the cluster section"))
             raise CheckpointError(f"{path} was written by a run with different settings: {', '.join(refused)}. Revert "
                                   f"them to resume, or start a new run_dir (keys that may change on resume: "
                                   f"{', '.join(free)})")
         if changed:
             logger.warning("resuming with changed %s: the schedule continues from the checkpoint's step with the new "
                            "values", ", ".join(changed))
+
+    def layout(self) -> dict:
+        """How this run splits the global batch and shards its state (free to change on resume)."""
+        settings = self.loader.settings
+        return {"world_size": self.world, "micro_batch_size": settings.micro_batch_size,
+                "accumulation": settings.accumulation, "zero_stage": self.section.zero_stage,
+                "offload_optimizer": self.section.offload_optimizer, "device": self.context.backend.name}
+
+    def _report_layout_change(self, saved: dict, path: Path) -> bool:
+        """Say what differs between the checkpoint's layout and this run's (one line on rank 0);
+        whether each rank can take its own RNG state from the checkpoint (same world size and
+        device type)."""
+        here = self.layout()
+        changed = {key: (saved.get(key), value) for key, value in here.items() if saved.get(key) != value}
+        same_ranks = "world_size" not in changed and "device" not in changed
+        if changed and self.context.ranks.is_main:
+            described = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+            logger.warning("resuming %s on another layout: %s. The global batch (%d), the data order and the "
+                           "optimizer state carry over; the state is re-partitioned for this layout%s", path.name,
+                           described, self.section.global_batch_size,
+                           "" if same_ranks else "; RNG states restart from the seed (dropout masks differ from "
+                           "an uninterrupted run)")
+        return same_ranks
 
     def _set_peak_lr(self, lr: float) -> None:
         """Rescale the restored schedule to peak ``lr`` from the current step on."""
@@ -259,7 +291,7 @@ class TrainingRun:
 
     def finite(self, loss: torch.Tensor, keys: list[str], step: int) -> bool:
         """Whether the loss is finite on every rank; a micro-batch where it is not gets no backward
-        (the optimizer never sees it), is counted, and the run stops after N in a row."""
+        (``stand_in`` runs in its place), is counted, and the run stops after N in a row."""
         finite = sum_across_ranks([float(torch.isfinite(loss.detach()).all())], self.device)[0] == self.world
         if finite:
             self.in_a_row = 0
@@ -271,6 +303,18 @@ class TrainingRun:
             raise StageFailed(f"{self.in_a_row} non-finite losses in a row ({self.context.stage}.max_nonfinite_in_a_row); "
                               f"the last good checkpoint is {latest_checkpoint(self.checkpoints)}")
         return False
+
+    def stand_in(self, batch) -> None:
+        """Leave a micro-batch whose loss was not finite out of its step. A one-token text row with
+        no target runs in its place and adds exactly zero gradient, so DeepSpeed still counts
+        ``accumulation`` backward passes (its optimizer steps on the last) and every rank calls the
+        same modules. Nothing is read in its place: the later steps train on the samples they
+        always would, so the data order stays a function of the step on any layout. (The step's
+        normaliser still counts the left-out micro-batch's tokens or pairs.)"""
+        token = batch.inputs["input_ids"][:1, :1].to(self.device)
+        logits = self.engine(input_ids=token, attention_mask=torch.ones_like(token)).logits
+        self.engine.backward(logits.float().sum() * 0.0)
+        self.engine.step()
 
     def end_step(self, done: int, step_loss: float, lr: float) -> None:
         """After optimizer step ``done``: log, checkpoint. After SIGTERM / SIGUSR1 on any rank, every
@@ -318,13 +362,22 @@ class TrainingRun:
 
     def _checkpoint(self, step: int) -> Path:
         context, ranks = self.context, self.context.ranks
-        state = {"step": step, "total_steps": self.total_steps, "world_size": self.world, "inputs": context.inputs,
-                 "fingerprint": context.fingerprint, "nonfinite_skipped": self.nonfinite_skipped,
-                 "first_loss": self.first_loss, "last_metrics": self.last}
-        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state(context.backend.device_module())}
-        return save_checkpoint(self.engine, self.checkpoints, step, state, rank_state, context.recipe.to_yaml(),
-                               ranks.rank, self.section.keep_last, context.barrier,
+        state = {"step": step, "total_steps": self.total_steps, "world_size": self.world, "layout": self.layout(),
+                 "loader": self._loader_state(), "inputs": context.inputs, "fingerprint": context.fingerprint,
+                 "nonfinite_skipped": self.nonfinite_skipped, "first_loss": self.first_loss, "last_metrics": self.last}
+        rank_state = {"rng": rng_state(context.backend.device_module())}
+        return save_checkpoint(self.engine, self.scheduler, self.checkpoints, step, state, rank_state,
+                               context.recipe.to_yaml(), ranks.rank, self.section.keep_last, context.barrier,
                                hashes=self.section.verify_checkpoints == "hash")
+
+    def _loader_state(self) -> dict:
+        """The loader's position, which every rank shares (the step), with every rank's refused
+        samples and sample counts merged: what any layout needs to read on exactly as before."""
+        states = gather_objects(self.loader.state_dict())
+        merged = dict(states[0])
+        merged["bad"] = list(dict.fromkeys(key for state in states for key in state["bad"]))
+        merged["used"] = sum(state["used"] for state in states)
+        return merged
 
     # -- after the loop ------------------------------------------------------------------------------
     def _close(self) -> None:

@@ -13,10 +13,10 @@
                   epoch), CLIP text = the prompt, chosen and rejected answers in ONE forward of
                   2B rows that share the B videos' visual tokens (visual_rows)
     for step in [start, total):
-        until `accumulation` good micro-batches:
+        for the `accumulation` micro-batches:
             logp_pi = policy(chosen + rejected);  logp_ref = lookup or reference forward
             loss = sigmoid DPO (beta) [+ sft_weight x NLL of the chosen answers]
-            finite on every rank? backward, engine.step : skip, count
+            finite on every rank? backward, engine.step : leave it out, count
         log rewards/*, logps/* (TRL's names); checkpoint; requeue on a signal — as SFT does
 """
 
@@ -239,9 +239,8 @@ def run(context: StageContext) -> dict:
         per_micro_pairs = training.per_micro_batch([len(b.keys) for b in window], accumulation)
         per_micro_tokens = (training.per_micro_batch([int(answer_tokens(b.inputs["labels"][:len(b.keys)]).sum())
                                                       for b in window], accumulation) if dpo.sft_weight else None)
-        step_loss, good = 0.0, 0
-        while good < accumulation:
-            batch = window.pop(0) if window else next(batches)
+        step_loss = 0.0
+        for batch in window:
             pairs_here = len(batch.keys)
             inputs = {k: v.to(device) for k, v in batch.inputs.items() if k != "labels"}
             labels = batch.inputs["labels"].to(device)
@@ -255,11 +254,11 @@ def run(context: StageContext) -> dict:
                 values["sft_nll"] = float(-policy_logps[:pairs_here].detach().sum()
                                           / token_counts[:pairs_here].sum().clamp(min=1))
             if not training.finite(loss, batch.keys, step):
-                continue  # another micro-batch takes its place (normalised as the one it replaces)
+                training.stand_in(batch)  # left out of the step; the next steps read what they always would
+                continue
             engine.backward(loss)
             engine.step()  # the optimizer steps on the last micro-batch of the accumulation
             step_loss += float(loss.detach()) / accumulation
-            good += 1
             training.interval.add(batch, **values)
         training.end_step(step + 1, step_loss, lr)
     summary = training.finish()

@@ -2,8 +2,9 @@
 
     source     = export.source_stage (auto: dpo when the recipe has it, else sft)
     checkpoint = run_dir/<source>/checkpoints/latest: ZeRO-0/1/2/3, written by any number of ranks
-    model      = pipeline.model.consolidate: DeepSpeed's zero_to_fp32 on CPU (fp32 master weights + frozen parameters +
-                 buffers) loaded strictly into run_dir/<source>/model/config.json's model, in export.dtype
+    model      = pipeline.model.consolidate: the checkpoint's training_state/ on CPU (fp32 master weights + frozen
+                 parameters + buffers; no DeepSpeed needed) loaded strictly into run_dir/<source>/model/config.json's
+                 model, in export.dtype
     write run_dir/export.tmp/: config.json, model*.safetensors (+ index past export.max_shard_size), the LLM
         tokenizer with the chat template training used, clip_tokenizer/, processor_config.json,
         generation_config.json, README.md (provenance), [trust_remote_code: modeling code + auto_map], SHA256SUMS

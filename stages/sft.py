@@ -5,8 +5,8 @@
     streaming loader over run_dir/shard (interleaved micro-batches of video / image / multi-image)
     resume (--resume auto|PATH): engine + optimizer + scheduler, loader position, RNG states
     for step in [start, total):
-        until `accumulation` good micro-batches:  forward -> loss finite on every rank?
-                                                   no: skip it, count it (stop after N in a row)
+        for the `accumulation` micro-batches:      forward -> loss finite on every rank?
+                                                   no: leave it out, count it (stop after N in a row)
                                                    yes: backward, engine.step (optimizer on the last)
         every log_every: console (tqdm), metrics.jsonl, TensorBoard
         every save_every, at the end, or after SIGTERM/SIGUSR1: atomic checkpoint
@@ -100,17 +100,16 @@ def run(context: StageContext) -> dict:
         # The step's loss: every answer token of the global batch counts once, however it is split.
         per_micro = training.per_micro_batch([int(answer_tokens(b.inputs["labels"]).sum()) for b in window],
                                              accumulation)
-        step_loss, good = 0.0, 0
-        while good < accumulation:
-            batch = window.pop(0) if window else next(batches)
+        step_loss = 0.0
+        for batch in window:
             inputs = {k: v.to(device) for k, v in batch.inputs.items()}
             loss = engine(**inputs, num_items_in_batch=per_micro).loss
             if not training.finite(loss, batch.keys, step):
-                continue  # another micro-batch takes its place (normalised as the one it replaces)
+                training.stand_in(batch)  # left out of the step; the next steps read what they always would
+                continue
             engine.backward(loss)
             engine.step()  # the optimizer steps on the last micro-batch of the accumulation
             step_loss += float(loss.detach()) / accumulation
-            good += 1
             training.interval.add(batch)
         training.end_step(step + 1, step_loss, lr)
     return training.finish()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -119,6 +120,20 @@ def training_recipe(run_dir: Path, manifest: Path, **sft) -> dict:
     return {"name": "resume_test", "run_dir": str(run_dir), "backend": "cpu", "seed": 0, "model": {"source": "tiny"},
             "data": {"manifest": str(manifest), "num_workers": 2, "max_length": 512, "shuffle_buffer": 8},
             "sft": settings}
+
+
+def saved_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint's training_state/ holds, read straight from its files: the fp32
+    master weights of the trained parameters, the frozen ones, the buffers (what an export of it
+    must hold)."""
+    state_dir = Path(step_dir) / "training_state"
+    index = json.loads((state_dir / "index.json").read_text())
+    found = {}
+    for part in sorted(state_dir.glob("part_*.pt")):
+        found.update({name: tensors["value"] for name, tensors in torch.load(part, weights_only=True).items()})
+    found.update({alias: found[name] for alias, name in index["aliases"].items()})
+    found.update(torch.load(state_dir / "buffers.pt", weights_only=True))
+    return found
 
 
 def small_shards(root: Path, dpo_pairs: int = 0) -> Path:

@@ -326,22 +326,28 @@ class StreamingLoader:
         self.batches, self.used, self.bad = 0, 0, []
         self.reasons: dict[str, str] = {}  # why each refused sample was refused (this process's; for summaries)
 
-    def _layout(self) -> dict:
-        """What this rank's micro-batches depend on besides the data (DataLoader workers do not)."""
-        return {"seed": self.settings.seed, "world_size": self.world_size, "rank": self.rank,
-                "micro_batch_size": self.settings.micro_batch_size, "accumulation": self.settings.accumulation,
-                "virtual_streams": self.settings.virtual_streams}
+    def _order(self) -> dict:
+        """What the data order depends on besides the data (not the world size, micro-batch size
+        or workers: any layout resumes any other's position)."""
+        return {"seed": self.settings.seed, "virtual_streams": self.settings.virtual_streams}
 
     def state_dict(self) -> dict:
-        return {"batches": self.batches, "used": self.used, "bad": list(self.bad), **self._layout()}
+        """This rank's position; taken at a step boundary, ``step`` is the same on every rank and
+        ``bad`` (refused samples) and ``used`` are merged across ranks by the caller."""
+        if self.batches % self.settings.accumulation:
+            raise LoaderError(f"loader state asked for mid-step ({self.batches} micro-batches with accumulation "
+                              f"{self.settings.accumulation}): checkpoints are taken between optimizer steps")
+        return {"step": self.batches // self.settings.accumulation, "used": self.used, "bad": list(self.bad),
+                **self._order()}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self._layout()
+        mine = self._order()
         theirs = {key: state.get(key) for key in mine}
         if theirs != mine:
-            raise LoaderError(f"loader state was saved with {theirs} but this loader has {mine}; this rank's "
-                              f"micro-batches depend on all of them, so an exact resume needs the same values")
-        self.batches, self.used, self.bad = state["batches"], state["used"], list(state["bad"])
+            raise LoaderError(f"loader state was saved with {theirs} but this loader has {mine}: the data order "
+                              f"depends on them, so an exact resume needs the same values")
+        self.batches = state["step"] * self.settings.accumulation
+        self.used, self.bad = state["used"], list(state["bad"])
 
     def __iter__(self) -> Iterator[Batch]:
         accumulation, micro = self.settings.accumulation, self.settings.micro_batch_size
@@ -353,17 +359,15 @@ class StreamingLoader:
                             persistent_workers=False, generator=torch.Generator().manual_seed(self.settings.seed),
                             worker_init_fn=_leave_stop_signals_to_the_rank)
         parts, workers = iter(loader), max(1, self.settings.num_workers)
-        already = self.batches % accumulation  # micro-batches of the current step consumed before a resume
         while True:
             step = [next(parts) for _ in range(workers)]  # the DataLoader hands out one part per worker in turn
             samples = [sample for _, sample in sorted((s for part in step for s in part.samples), key=lambda s: s[0])]
             skipped = [key for part in step for key in part.skipped]
             reasons = {key: why for part in step for key, why in part.reasons.items()}
-            for index in range(already, accumulation):
+            for index in range(accumulation):
                 batch = self.processor.collate(samples[index * micro:(index + 1) * micro])
-                batch.skipped, batch.skip_reasons = (skipped, reasons) if index == already else ([], {})
+                batch.skipped, batch.skip_reasons = (skipped, reasons) if index == 0 else ([], {})
                 yield from self._counted(batch)
-            already = 0
 
     def _counted(self, batch: Batch) -> Iterator[Batch]:
         """Bookkeeping of one micro-batch handed out: position, refused samples, the bad fraction."""

@@ -1,8 +1,10 @@
-"""A training checkpoint (ZeRO-sharded, any world size) -> one full model on CPU.
+"""A training checkpoint (any world size, ZeRO stage or device) -> one full model on CPU.
 
-DeepSpeed's own offline reader (``zero_to_fp32``) merges the fp32 master weights of every rank,
-the frozen parameters and the buffers (ZeRO 1-3; a ZeRO-0 checkpoint has no partitioned optimizer,
-its module state holds every weight in the training precision); the model skeleton comes from the
+A checkpoint's training_state/ holds every parameter whole (fp32 master weights for the trained
+ones, the frozen ones as the module held them) and the buffers (``backends.portable_state``), read
+here in one process without DeepSpeed. Checkpoints of earlier versions hold DeepSpeed's own
+layout instead: its offline reader (``zero_to_fp32``) merges their ranks' shards (a ZeRO-0 one has
+no partitioned optimizer: its module state holds every weight). The model skeleton comes from the
 stage's weightless model directory (config.json). Loading is strict: a missing or unexpected
 tensor is an error naming every one. The model is built in ``dtype`` as ``from_pretrained`` builds
 it (RoPE's ``inv_freq`` stays fp32, which ``.to(bf16)`` would round), so that a saved and reloaded
@@ -19,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.layout import CLIP_TOKENIZER_DIR, DEEPSPEED_TAG, PROCESSOR_CONFIG
+from backends.portable_state import PortableStateError, portable_state_dict
+from pipeline.layout import CLIP_TOKENIZER_DIR, DEEPSPEED_TAG, PROCESSOR_CONFIG, TRAINING_STATE
 from ppllava import PPLLaVAConfig, PPLLaVAForConditionalGeneration
 
 logger = logging.getLogger(__name__)
@@ -27,6 +30,11 @@ logger = logging.getLogger(__name__)
 
 def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint's model, full size, on CPU, whatever world size wrote it."""
+    if (Path(step_dir) / TRAINING_STATE).is_dir():
+        try:
+            return portable_state_dict(Path(step_dir) / TRAINING_STATE)
+        except PortableStateError as error:
+            raise ValueError(str(error)) from None
     deepspeed_dir = Path(step_dir) / DEEPSPEED_TAG
     if any(deepspeed_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -1,14 +1,12 @@
 """Export of a checkpoint written by 2 ranks under ZeRO-3: `run` launches both ranks, rank 0 exports
 while rank 1 waits, and the exported weights equal DeepSpeed's own merge of the two shards."""
 
-import contextlib
-import io
 import json
 
 import pytest
 import torch
 
-from conftest import pipeline_env, run_pipeline, small_shards, training_recipe, write_recipe
+from conftest import pipeline_env, run_pipeline, saved_tensors, small_shards, training_recipe, write_recipe
 from ppllava import PPLLaVAForConditionalGeneration
 
 pytestmark = pytest.mark.dist
@@ -26,12 +24,9 @@ def test_a_two_rank_zero3_checkpoint_exports_whole(tmp_path):
 
     step = tmp_path / "run" / "sft" / "checkpoints" / "step_2"
     assert json.loads((step / "trainer_state.json").read_text())["world_size"] == 2
-    shards = sorted(p.name for p in (step / "deepspeed").glob("*optim_states.pt"))
-    assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        merged = get_fp32_state_dict_from_zero_checkpoint(str(step), tag="deepspeed")
+    parts = [torch.load(step / "training_state" / f"part_0000{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert len(parts[0]) > 10 and len(parts[1]) > 10 and not set(parts[0]) & set(parts[1])  # each rank wrote half
+    merged = saved_tensors(step)
     export = tmp_path / "run" / "export"
     exported = PPLLaVAForConditionalGeneration.from_pretrained(export).state_dict()
     assert set(exported) == set(merged)

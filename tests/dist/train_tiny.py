@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 import backends  # noqa: E402
 from backends.deepspeed_engine import EngineSettings, build_engine, model_init_context  # noqa: E402
 from backends.distributed import sum_across_ranks  # noqa: E402
+from backends.portable_state import load_portable, save_portable  # noqa: E402
 from conftest import build_batch  # noqa: E402
 from ppllava import IMAGE, MULTI_IMAGE, VIDEO, PPLLaVAConfig, PPLLaVAForConditionalGeneration  # noqa: E402
 
@@ -41,6 +42,8 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="directory for rank<N>.json")
     parser.add_argument("--save", help="save a DeepSpeed checkpoint here at the end")
     parser.add_argument("--load", help="load a DeepSpeed checkpoint from here first")
+    parser.add_argument("--save-portable", help="save a portable training state here at the end")
+    parser.add_argument("--load-portable", help="load a portable training state from here first")
     parser.add_argument("--bt-adapter-depth", type=int, default=0, help="> 0: with a (trained) BT-Adapter")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -59,6 +62,8 @@ def main() -> None:
     if args.load:
         path, _ = engine.load_checkpoint(args.load)
         assert path is not None, f"no checkpoint loaded from {args.load}"
+    if args.load_portable:
+        load_portable(engine, scheduler, Path(args.load_portable))
 
     per_step = context.world_size * args.accumulation
     losses, lrs = [], []
@@ -74,6 +79,9 @@ def main() -> None:
         lrs.append(scheduler.get_last_lr()[0])
     if args.save:
         engine.save_checkpoint(args.save, tag="final")
+    if args.save_portable:
+        Path(args.save_portable).mkdir(parents=True, exist_ok=True)
+        save_portable(engine, scheduler, Path(args.save_portable))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"rank{context.rank}.json").write_text(json.dumps({"rank": context.rank, "world": context.world_size, "losses": losses, "lrs": lrs}))
     backends.exit_process(0)

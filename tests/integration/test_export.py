@@ -2,8 +2,6 @@
 `python -m pipeline run`, checked against weights consolidated here independently, in fresh
 processes, and (remote code) in an interpreter where `ppllava` cannot be imported."""
 
-import contextlib
-import io
 import json
 import re
 import shutil
@@ -17,7 +15,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT, pipeline_env, run_pipeline, small_shards, training_recipe, write_recipe
+from conftest import (REPO_ROOT, pipeline_env, run_pipeline, saved_tensors, small_shards, training_recipe,
+                      write_recipe)
 from pipeline.data.records import Turn
 from pipeline.data.templates import encode, render
 from pipeline.layout import CHECKSUMS
@@ -117,13 +116,6 @@ def files_of(directory) -> set[str]:
     return {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
 
 
-def consolidated(step_dir) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="deepspeed")
-
-
 def model_with(run_dir, state_dict, dtype) -> PPLLaVAForConditionalGeneration:
     """The checkpoint's model, built the plain way (random init, then the weights), in ``dtype`` as
     from_pretrained builds it (RoPE's inv_freq stays fp32; `.to(bf16)` would round it)."""
@@ -171,7 +163,7 @@ def test_exported_logits_equal_the_consolidated_checkpoint_in_a_fresh_process(ca
     run = request.getfixturevalue(case)
     checkpoint = run["run"] / "sft" / "checkpoints" / f"step_{STEPS}"
     assert (run["run"] / "sft" / "checkpoints" / "latest").read_text().strip() == checkpoint.name
-    reference = model_with(run["run"], consolidated(checkpoint), run["dtype"])
+    reference = model_with(run["run"], saved_tensors(checkpoint), run["dtype"])
     inputs = probe_inputs(reference.config, seed=7)  # not the stage's own probe (seed 0)
     expected = probe_logits(reference, inputs)
     loaded = logits_in_fresh_process(tmp_path, run["run"] / "export", inputs, "installed", env)
@@ -197,7 +189,7 @@ def test_zero2_export_has_the_trained_weights_and_the_frozen_ones_unchanged(zero
 
 def test_zero3_export_takes_the_latest_checkpoint_with_its_frozen_parameters(zero3):
     checkpoints = zero3["run"] / "sft" / "checkpoints"
-    step1, step2 = consolidated(checkpoints / "step_1"), consolidated(checkpoints / "step_2")
+    step1, step2 = saved_tensors(checkpoints / "step_1"), saved_tensors(checkpoints / "step_2")
     exported = PPLLaVAForConditionalGeneration.from_pretrained(zero3["run"] / "export").state_dict()
     assert set(exported) == set(step2) == set(step1)
     frozen = [k for k in step2 if k.startswith("vision_tower.") or "frozen_head" in k or k == "logit_scale"]
@@ -327,13 +319,11 @@ def test_verification_fails_when_the_reloaded_logits_differ(zero3):
         export_stage.verify(export, expected, inputs, torch.float32, remote=False)
 
 
-def test_a_zero0_checkpoint_exports_its_module_weights(tmp_path, manifest, env):
-    """ZeRO-0 has no partitioned optimizer: the weights come from the module state (fp32 training)."""
+def test_a_zero0_checkpoint_exports_its_weights(tmp_path, manifest, env):
+    """ZeRO-0 in fp32 has no DeepSpeed master copy: the module's weights are the master weights."""
     recipe = export_run(tmp_path, manifest, 0, {"dtype": "fp32"}, env)
     result = run_pipeline("run", str(recipe), env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    step = tmp_path / "run" / "sft" / "checkpoints" / f"step_{STEPS}" / "deepspeed"
-    assert not list(step.glob("*optim_states.pt"))
-    module = torch.load(step / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    saved = saved_tensors(tmp_path / "run" / "sft" / "checkpoints" / f"step_{STEPS}")
     exported = PPLLaVAForConditionalGeneration.from_pretrained(tmp_path / "run" / "export").state_dict()
-    assert set(exported) == set(module) and all(torch.equal(exported[k], module[k]) for k in module)
+    assert set(exported) == set(saved) and all(torch.equal(exported[k], saved[k]) for k in saved)

@@ -170,36 +170,59 @@ def test_corrupt_media_is_skipped_counted_and_bounded(manifest, tmp_path, caplog
         take(strict, 12)
 
 
-def test_state_from_another_layout_is_refused_but_workers_may_change(manifest):
-    settings = LoaderSettings(micro_batch_size=2, accumulation=2, shuffle_buffer=4, num_workers=0, seed=3)
-    straight = take(StreamingLoader(manifest, tiny_processor(), settings), 7)
-    first = StreamingLoader(manifest, tiny_processor(), settings)
-    take(first, 3)  # mid-step: the state is taken after half of step 2
-    state = json.loads(json.dumps(first.state_dict()))
-    more_workers = StreamingLoader(manifest, tiny_processor(), replace(settings, num_workers=2))
-    more_workers.load_state_dict(state)
-    assert take(more_workers, 4) == straight[3:]
-    other_micro = StreamingLoader(manifest, tiny_processor(), replace(settings, micro_batch_size=4, accumulation=1))
+def step_keys(loader, steps: int, skip: int = 0) -> list[list[str]]:
+    """The keys one rank's loader hands out in each of ``steps`` optimizer steps (after ``skip``
+    of them)."""
+    accumulation = loader.settings.accumulation
+    batches = take_batches(loader, (skip + steps) * accumulation)[skip * accumulation:]
+    return [[key for batch in batches[s * accumulation:(s + 1) * accumulation] for key in batch.keys]
+            for s in range(steps)]
+
+
+def layout(world: int, micro: int, workers: int, global_batch: int = 8, **overrides) -> LoaderSettings:
+    # 8 streams over 3 or 4 shards per modality: each stream takes every 8th sample
+    return LoaderSettings(micro_batch_size=micro, accumulation=global_batch // (micro * world), shuffle_buffer=4,
+                          num_workers=workers, seed=11, virtual_streams=8, **overrides)
+
+
+def global_steps(manifest, world: int, settings: LoaderSettings, steps: int, state: dict | None = None) -> list:
+    """Per step, the sorted keys of the whole global batch, read by ``world`` ranks."""
+    per_rank = []
+    for rank in range(world):
+        loader = StreamingLoader(manifest, tiny_processor(), settings, rank, world)
+        if state is not None:
+            loader.load_state_dict(json.loads(json.dumps(state)))  # as it travels through a checkpoint
+        per_rank.append(step_keys(loader, steps))
+    return [sorted(key for keys in per_rank for key in keys[step]) for step in range(steps)]
+
+
+def test_a_state_resumes_on_any_layout_but_not_mid_step_or_with_another_seed(manifest):
+    """A checkpoint's loader state (taken between steps; the ranks' refused samples and counts are
+    merged by the trainer) continues on another world size, micro-batch size and worker count with
+    exactly the samples the uninterrupted run reads in every later step."""
+    straight = global_steps(manifest, 1, layout(1, 8, 0), 6)
+    first = [StreamingLoader(manifest, tiny_processor(), layout(2, 2, 0), rank, 2) for rank in range(2)]
+    assert [sorted(a + b) for a, b in zip(*(step_keys(loader, 3) for loader in first))] == straight[:3]
+    states = [loader.state_dict() for loader in first]
+    assert [state["step"] for state in states] == [3, 3]
+    merged = {**states[0], "bad": [], "used": sum(state["used"] for state in states)}
+    assert global_steps(manifest, 4, layout(4, 1, 1), 3, merged) == straight[3:]
+    assert global_steps(manifest, 1, layout(1, 4, 2), 3, merged) == straight[3:]
+
+    mid_step = StreamingLoader(manifest, tiny_processor(), layout(1, 2, 0))
+    take(mid_step, 3)  # 3 micro-batches of accumulation 4: inside step 0
+    with pytest.raises(LoaderError, match="mid-step"):
+        mid_step.state_dict()
+    other_seed = StreamingLoader(manifest, tiny_processor(), replace(layout(1, 8, 0), seed=12))
     with pytest.raises(LoaderError, match="exact resume needs the same values"):
-        other_micro.load_state_dict(state)
+        other_seed.load_state_dict(merged)
 
 
 @pytest.mark.parametrize("ranks, micro, workers", [(1, 8, 0), (1, 2, 2), (2, 4, 0), (2, 1, 2), (4, 2, 1), (8, 1, 0)])
 def test_the_samples_of_every_step_do_not_depend_on_ranks_micro_batches_or_workers(manifest, ranks, micro, workers):
     """Global batch 8: whatever the split, step s trains on the same 8 samples (by key)."""
-    def steps(world, micro, workers, count=4):
-        per_rank = []
-        for rank in range(world):
-            # 8 streams over 3 or 4 shards per modality: each stream takes every 8th sample
-            settings = LoaderSettings(micro_batch_size=micro, accumulation=8 // (micro * world), shuffle_buffer=4,
-                                      num_workers=workers, seed=11, virtual_streams=8)
-            keys = [key for batch in take_batches(StreamingLoader(manifest, tiny_processor(), settings, rank, world),
-                                                  count * settings.accumulation) for key in batch.keys]
-            per_rank.append([keys[i * 8 // world:(i + 1) * 8 // world] for i in range(count)])
-        return [sorted(key for rank in per_rank for key in rank[step]) for step in range(count)]
-
-    reference = steps(1, 8, 0)
-    assert steps(ranks, micro, workers) == reference
+    reference = global_steps(manifest, 1, layout(1, 8, 0), 4)
+    assert global_steps(manifest, ranks, layout(ranks, micro, workers), 4) == reference
     assert len({key for step in reference for key in step}) > 8  # the steps differ from each other
 
 
