@@ -72,24 +72,68 @@ def _base_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
-def _plain(engine, parameter: torch.nn.Parameter) -> bool:
-    """No DeepSpeed master copy (ZeRO-0 in fp32): the parameter is its own master and the
-    optimizer's state is keyed by it."""
-    return not _partitioned(parameter) and not hasattr(parameter, "_hp_mapping")
+def _master_slot(wrapper, parameter: torch.nn.Parameter) -> tuple[torch.Tensor, int] | None:
+    """(fp32 master tensor, offset of the parameter in it) under DeepSpeed's unpartitioned
+    mixed-precision optimizers (ZeRO-0 in bf16 or fp16): the fused one keeps one flat master per
+    group, the parameters in order; the unfused one (taken where the fused kernel is missing) a
+    master per parameter."""
+    lows = getattr(wrapper, "fp16_groups", None)
+    masters = getattr(wrapper, "fp32_groups_flat", None) or getattr(wrapper, "fp32_groups", None)
+    if lows is None or masters is None:
+        return None
+    for group, master in zip(lows, masters):
+        offset = 0
+        for index, member in enumerate(group):
+            if member is parameter:
+                return (master, offset) if torch.is_tensor(master) else (master[index], 0)
+            offset += member.numel()
+    return None
 
 
-def _full_master(engine, parameter: torch.nn.Parameter) -> torch.Tensor:
-    """Collective: the whole fp32 master weight of a trainable parameter."""
-    if _plain(engine, parameter):
-        return parameter.detach().float()
-    return _tensor_fragment().safe_get_full_fp32_param(parameter)
+def _whole_master(engine, name: str, parameter: torch.nn.Parameter) -> dict[str, torch.Tensor] | None:
+    """The master weight and moments of a trainable parameter that this process holds whole
+    (ZeRO-0), as views to read or write: {"value", "exp_avg", "exp_avg_sq"}. None where DeepSpeed
+    partitions them (ZeRO 1-3, its bf16 optimizer): ``safe_get/set_full_*`` assemble those."""
+    if _partitioned(parameter) or hasattr(parameter, "_hp_mapping"):
+        return None
+    optimizer = _base_optimizer(engine)
+    slot = _master_slot(engine.optimizer, parameter)
+    if slot is not None:
+        master, offset = slot
+
+        def view(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.view(-1).narrow(0, offset, parameter.numel()).view_as(parameter)
+
+        return {"value": view(master.data), **{key: view(optimizer.state[master][key]) for key in MOMENTS}}
+    if any(parameter is member for group in optimizer.param_groups for member in group["params"]):
+        # ZeRO-0 in fp32: no master copy, the parameter is its own and the state is keyed by it
+        return {"value": parameter.data, **{key: optimizer.state[parameter][key] for key in MOMENTS}}
+    raise PortableStateError(f"{type(engine.optimizer).__name__} keeps the master weight of {name} where this "
+                             f"module cannot find it: use ZeRO 1-3, or ZeRO-0 in fp32 or bf16")
 
 
-def _full_moment(engine, parameter: torch.nn.Parameter, key: str) -> torch.Tensor:
-    if _plain(engine, parameter):
-        state = _base_optimizer(engine).state.get(parameter, {})
-        return state[key].detach().float() if key in state else torch.zeros_like(parameter, dtype=torch.float32)
-    return _tensor_fragment().safe_get_full_optimizer_state(parameter, key)
+def _full_trainable(engine, name: str, parameter: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+    """Collective: the whole fp32 master weight and Adam moments of a trainable parameter."""
+    whole = _whole_master(engine, name, parameter)
+    if whole is not None:
+        return {key: tensor.detach().float() for key, tensor in whole.items()}
+    fragment = _tensor_fragment()
+    return {"value": fragment.safe_get_full_fp32_param(parameter),
+            **{key: fragment.safe_get_full_optimizer_state(parameter, key) for key in MOMENTS}}
+
+
+def _set_trainable(engine, name: str, parameter: torch.nn.Parameter, tensors: dict[str, torch.Tensor]) -> None:
+    """Collective: this process's part of the master weight and moments from the whole tensors."""
+    whole = _whole_master(engine, name, parameter)
+    if whole is not None:
+        with torch.no_grad():  # the masters are leaves that require grad
+            for key, target in whole.items():
+                target.copy_(tensors[key])
+        return
+    fragment = _tensor_fragment()
+    fragment.safe_set_full_fp32_param(parameter, tensors["value"].float())
+    for key in MOMENTS:
+        fragment.safe_set_full_optimizer_state(parameter, tensors[key].float(), key)
 
 
 def _full_frozen(parameter: torch.nn.Parameter) -> torch.Tensor:
@@ -181,8 +225,7 @@ def save_portable(engine, scheduler, directory: Path) -> None:
         writer = index % world
         trainable = parameter.requires_grad
         if trainable:
-            tensors = {"value": _full_master(engine, parameter)}
-            tensors.update({key: _full_moment(engine, parameter, key) for key in MOMENTS})
+            tensors = _full_trainable(engine, name, parameter)
         else:
             tensors = {"value": _full_frozen(parameter)}
         if rank == writer:
@@ -276,18 +319,11 @@ def load_portable(engine, scheduler, directory: Path) -> dict:
     reader = _PartReader(directory, index, engine.device)
     steps = index["optimizer_steps"]
     _prepare_optimizer_state(engine, steps)
-    fragment = _tensor_fragment()
     for name, parameter in module.named_parameters():
         tensors = reader.tensors(name)
         value = tensors["value"]
-        if parameter.requires_grad and _plain(engine, parameter):
-            state = _base_optimizer(engine).state[parameter]
-            for key in MOMENTS:
-                state[key].copy_(tensors[key])
-        elif parameter.requires_grad:
-            fragment.safe_set_full_fp32_param(parameter, value.float())
-            for key in MOMENTS:
-                fragment.safe_set_full_optimizer_state(parameter, tensors[key].float(), key)
+        if parameter.requires_grad:
+            _set_trainable(engine, name, parameter, tensors)
         _set_module_weight(parameter, value)
     buffers = torch.load(directory / BUFFERS, map_location="cpu", weights_only=True)
     for name, buffer in module.named_buffers():

@@ -10,6 +10,7 @@
                                       files.json (every file's size and sha256, checked on resume)
         checkpoints/latest            the name of the newest complete step_N
         metrics.jsonl, tensorboard/
+        samples/rank_00000.jsonl ...  with record_samples: per optimizer step, the keys each rank trained on
         model/                        the model directory without weights: config.json, tokenizer,
                                       clip_tokenizer/, processor_config.json (export adds the weights)
       dpo/init/                       the consolidated SFT model DPO starts from
@@ -37,6 +38,8 @@ TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_FILES = "files.json"      # size (and sha256) of every file of a step_N checkpoint
 DEEPSPEED_TAG = "deepspeed"          # DeepSpeed's own layout, in checkpoints of earlier versions (export reads it)
 TRAINING_STATE = "training_state"    # model, optimizer and schedule, loadable on any layout (backends.portable_state)
+
+SAMPLES_DIR = "samples"
 
 MODEL_DIR = "model"
 CLIP_TOKENIZER_DIR = "clip_tokenizer"

@@ -21,6 +21,7 @@ A loop reads, top to bottom:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -37,7 +38,7 @@ from pipeline.checkpoint import (CheckpointError, check_resume_path, latest_chec
                                  load_checkpoint, read_trainer_state, remove_partial, restore_rng_state, rng_state,
                                  save_checkpoint, set_aside_later_checkpoints, sound_resume_point)
 from pipeline.data.loader import LoaderError, LoaderSettings, check_shards
-from pipeline.layout import checkpoints_dir, is_checkpoint
+from pipeline.layout import SAMPLES_DIR, checkpoints_dir, is_checkpoint
 from pipeline.metrics import MetricsLog
 from pipeline.preference import answer_mask
 from pipeline.recipe import Recipe, RecipeError, TrainingSection, differences
@@ -47,7 +48,8 @@ logger = logging.getLogger(__name__)
 
 # Keys that do not change what is trained: never part of the fingerprint, free to change on resume
 # (recomputing activations gives the same gradients, so it may be switched on after an OOM).
-RUNTIME_KEYS = ("log_every", "save_every", "keep_last", "verify_checkpoints", "max_nonfinite_in_a_row")
+RUNTIME_KEYS = ("log_every", "save_every", "keep_last", "verify_checkpoints", "max_nonfinite_in_a_row",
+                "record_samples")
 RUNTIME_MODEL_KEYS = ("gradient_checkpointing",)
 # Keys a resumed run may change: the schedule continues from the checkpoint's step with the new values.
 SCHEDULE_KEYS = ("lr", "max_steps", "epochs")
@@ -155,6 +157,7 @@ class TrainingRun:
         self.interval = LogInterval()
         self.metrics: MetricsLog | None = None
         self.progress = None
+        self.step_keys: list[str] = []
 
     @property
     def lr(self) -> float:
@@ -275,7 +278,9 @@ class TrainingRun:
     def step_window(self, batches, accumulation: int) -> list:
         """The micro-batches of this rank's share of the next optimizer step, read ahead so that
         the step's normaliser (``per_micro_batch``) is known before the first backward."""
-        return [next(batches) for _ in range(accumulation)]
+        window = [next(batches) for _ in range(accumulation)]
+        self.step_keys = [key for batch in window for key in batch.keys]
+        return window
 
     def per_micro_batch(self, counts: list[float], accumulation: int) -> float:
         """What each micro-batch's summed loss is divided by, so that the optimizer step minimises
@@ -323,6 +328,8 @@ class TrainingRun:
         step_loss, stop_votes = sum_across_ranks([step_loss, float(self.context.stop.received is not None)],
                                                  self.device)
         self.interval.losses.append(step_loss / self.world)
+        if section.record_samples:
+            self._record_samples(done)
         self.first_loss = self.interval.losses[-1] if self.first_loss is None else self.first_loss
         self.progress.update(1)
         if done % section.log_every == 0 or done == self.total_steps or stop_votes:
@@ -336,6 +343,14 @@ class TrainingRun:
             raise StoppedForRequeue(f"stopped by a signal after step {done}; checkpointed, exit for requeue")
         if done % section.save_every == 0 or done == self.total_steps:
             self.saved_at = self._checkpoint(done)
+
+    def _record_samples(self, done: int) -> None:
+        """One line per optimizer step and rank: which samples it trained on (by key). A resumed
+        run appends the steps it trains again; the last line of a step is the one that counts."""
+        path = self.context.directory / SAMPLES_DIR / f"rank_{self.context.ranks.rank:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as log:
+            log.write(json.dumps({"step": done, "keys": self.step_keys}) + "\n")
 
     def _log_values(self, lr: float) -> dict:
         interval, names = self.interval, sorted(self.interval.sums)

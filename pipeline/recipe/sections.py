@@ -183,6 +183,7 @@ class TrainingSection:
     keep_last: int = 2
     verify_checkpoints: Literal["hash", "size"] = "hash"  # files.json: sha256 + size, or sizes only
     max_nonfinite_in_a_row: int = 5
+    record_samples: bool = False  # <stage>/samples/rank_N.jsonl: the sample keys of every step
 
     def validate_training(self, recipe: Recipe, stage: str) -> None:
         """Checks every training stage shares: positive sizes, fractions, batch arithmetic."""
