@@ -9,7 +9,9 @@ stage on one device type, it loads on M ranks under another stage on another dev
     <dir>/buffers.pt       the module's persistent buffers (rank 0)
 
 A trainable parameter is stored as its fp32 master weight with AdamW's two moments, whole; a frozen
-one as the module holds it. Parameter i (in ``named_parameters`` order) is written by rank i mod N.
+one as the module holds it. The parameters (in ``named_parameters`` order) are cut into N runs of
+about equal size, rank r writing the r-th: a reader then finishes one part before the next, holding
+one part in memory, and loads each part once.
 
 Saving assembles every parameter's full tensors with DeepSpeed's own collectives (``safe_get_full_*``
 for ZeRO 1-3 and its bf16 optimizer, a gather for frozen ZeRO-3 parameters), so every rank walks the
@@ -214,6 +216,16 @@ def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: buffer.detach().cpu().clone() for name, buffer in module.named_buffers() if name in names}
 
 
+def _writers(module: torch.nn.Module, world: int) -> dict[str, int]:
+    """Which rank writes each parameter: consecutive runs of about total / world elements."""
+    sizes = [(name, getattr(p, "ds_numel", p.numel())) for name, p in module.named_parameters()]
+    total, before, writers = max(1, sum(size for _, size in sizes)), 0, {}
+    for name, size in sizes:
+        writers[name] = min(world - 1, before * world // total)
+        before += size
+    return writers
+
+
 def save_portable(engine, scheduler, directory: Path) -> None:
     """Every rank, collectively: write ``directory`` (created by the caller, shared by all ranks)."""
     rank, world = _rank_world()
@@ -221,8 +233,9 @@ def save_portable(engine, scheduler, directory: Path) -> None:
     _prepare_optimizer_state(engine)
     mine: dict[str, dict[str, torch.Tensor]] = {}
     entries = {}
-    for index, (name, parameter) in enumerate(module.named_parameters()):
-        writer = index % world
+    writers = _writers(module, world)
+    for name, parameter in module.named_parameters():
+        writer = writers[name]
         trainable = parameter.requires_grad
         if trainable:
             tensors = _full_trainable(engine, name, parameter)
@@ -280,7 +293,8 @@ def _check_fits(index: dict, module: torch.nn.Module, directory: Path) -> None:
 
 
 class _PartReader:
-    """Part files read lazily, each by one rank (part i by rank i mod world), the tensors broadcast."""
+    """Part files read lazily, each by one rank (part i by rank i mod world) and each once (the
+    parameters come in the order they were written), the tensors broadcast."""
 
     def __init__(self, directory: Path, index: dict, device: torch.device) -> None:
         self.directory, self.index, self.device = directory, index, device

@@ -37,7 +37,7 @@ from pipeline.atomic import sha256_of
 from pipeline.checkpoint import (CheckpointError, check_resume_path, latest_checkpoint,
                                  load_checkpoint, read_trainer_state, remove_partial, restore_rng_state, rng_state,
                                  save_checkpoint, set_aside_later_checkpoints, sound_resume_point)
-from pipeline.data.loader import LoaderError, LoaderSettings, check_shards
+from pipeline.data.loader import LoaderError, LoaderSettings, check_shards, merge_loader_states
 from pipeline.layout import SAMPLES_DIR, checkpoints_dir, is_checkpoint
 from pipeline.metrics import MetricsLog
 from pipeline.preference import answer_mask
@@ -354,9 +354,10 @@ class TrainingRun:
 
     def _log_values(self, lr: float) -> dict:
         interval, names = self.interval, sorted(self.interval.sums)
-        reduced = sum_across_ranks([interval.samples, interval.tokens, interval.truncated, len(self.loader.bad),
+        reduced = sum_across_ranks([interval.samples, interval.tokens, interval.truncated, self.loader.refused_here,
                                     interval.micro_batches, *(interval.sums[n] for n in names)], self.device)
         samples, tokens, truncated, bad, micro_batches = reduced[:5]
+        bad += self.loader.carried_bad  # refused before the resume (the same on every rank)
         elapsed = max(time.perf_counter() - interval.start, 1e-9)
         grad_norm = self.engine.get_global_grad_norm()
         values = {
@@ -388,11 +389,7 @@ class TrainingRun:
     def _loader_state(self) -> dict:
         """The loader's position, which every rank shares (the step), with every rank's refused
         samples and sample counts merged: what any layout needs to read on exactly as before."""
-        states = gather_objects(self.loader.state_dict())
-        merged = dict(states[0])
-        merged["bad"] = list(dict.fromkeys(key for state in states for key in state["bad"]))
-        merged["used"] = sum(state["used"] for state in states)
-        return merged
+        return merge_loader_states(gather_objects(self.loader.state_dict()))
 
     # -- after the loop ------------------------------------------------------------------------------
     def _close(self) -> None:

@@ -303,6 +303,18 @@ def check_shards(manifest_path: str | Path, hashes: bool = False) -> None:
                           if len(problems) > 10 else "") + ": copy the shards again, or run the shard stage")
 
 
+def merge_loader_states(states: list[dict]) -> dict:
+    """Every rank's loader state (taken at the same step) as one: the refused keys of all ranks,
+    the samples all ranks used. Any layout loads it (``StreamingLoader.load_state_dict``)."""
+    steps = {state["step"] for state in states}
+    if len(steps) != 1:
+        raise LoaderError(f"loader states of different steps {sorted(steps)}: the ranks are out of step")
+    merged = {key: value for key, value in states[0].items() if key != "carried_used"}
+    merged["bad"] = list(dict.fromkeys(key for state in states for key in state["bad"]))
+    merged["used"] = states[0]["carried_used"] + sum(state["used"] for state in states)
+    return merged
+
+
 def manifest_samples(manifest_path: str | Path, weights: dict[str, float]) -> int:
     """Samples the streams with a positive mixture weight hold in a shard manifest (an epoch's worth)."""
     sizes = stream_sizes(manifest_path)
@@ -323,7 +335,10 @@ class StreamingLoader:
                  rank: int = 0, world_size: int = 1) -> None:
         self.manifest_path, self.processor, self.settings = manifest_path, processor, settings
         self.rank, self.world_size = rank, world_size
-        self.batches, self.used, self.bad = 0, 0, []
+        self.batches, self.used, self.bad = 0, 0, []  # used: samples this process handed out
+        # What a resumed run carries over from the checkpoint (every rank's, merged): the refused
+        # keys (the first ``carried_bad`` of ``bad``) and the samples used before.
+        self.carried_bad = self.carried_used = 0
         self.reasons: dict[str, str] = {}  # why each refused sample was refused (this process's; for summaries)
 
     def _order(self) -> dict:
@@ -331,14 +346,19 @@ class StreamingLoader:
         or workers: any layout resumes any other's position)."""
         return {"seed": self.settings.seed, "virtual_streams": self.settings.virtual_streams}
 
+    @property
+    def refused_here(self) -> int:
+        """Samples this process refused (not those a resumed run carried over)."""
+        return len(self.bad) - self.carried_bad
+
     def state_dict(self) -> dict:
-        """This rank's position; taken at a step boundary, ``step`` is the same on every rank and
-        ``bad`` (refused samples) and ``used`` are merged across ranks by the caller."""
+        """This rank's position; taken at a step boundary, ``step`` is the same on every rank.
+        ``merge_loader_states`` makes one state of every rank's, which any layout loads."""
         if self.batches % self.settings.accumulation:
             raise LoaderError(f"loader state asked for mid-step ({self.batches} micro-batches with accumulation "
                               f"{self.settings.accumulation}): checkpoints are taken between optimizer steps")
-        return {"step": self.batches // self.settings.accumulation, "used": self.used, "bad": list(self.bad),
-                **self._order()}
+        return {"step": self.batches // self.settings.accumulation, "used": self.used,
+                "carried_used": self.carried_used, "bad": list(self.bad), **self._order()}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self._order()
@@ -347,7 +367,8 @@ class StreamingLoader:
             raise LoaderError(f"loader state was saved with {theirs} but this loader has {mine}: the data order "
                               f"depends on them, so an exact resume needs the same values")
         self.batches = state["step"] * self.settings.accumulation
-        self.used, self.bad = state["used"], list(state["bad"])
+        self.bad, self.used = list(state["bad"]), 0
+        self.carried_bad, self.carried_used = len(self.bad), state["used"]
 
     def __iter__(self) -> Iterator[Batch]:
         accumulation, micro = self.settings.accumulation, self.settings.micro_batch_size
@@ -376,10 +397,10 @@ class StreamingLoader:
         self.bad += fresh
         self.reasons.update(batch.skip_reasons)
         self.used += len(batch.keys)
-        seen = len(self.bad) + self.used
+        seen = len(self.bad) + self.carried_used + self.used
         fraction = len(self.bad) / max(1, seen)
         if seen >= self.settings.bad_fraction_grace and fraction > self.settings.max_bad_fraction:
-            raise LoaderError(f"{len(self.bad)} undecodable (or too long) samples out of {len(self.bad) + self.used} "
+            raise LoaderError(f"{len(self.bad)} undecodable (or too long) samples out of {seen} "
                               f"({fraction:.1%}) exceed max_bad_fraction={self.settings.max_bad_fraction}; "
                               f"latest: {', '.join(self.bad[-5:])}")
         yield batch

@@ -12,7 +12,7 @@ import webdataset
 
 from conftest import tiny_config_for, tiny_tokenizer
 from pipeline.data.collate import ProcessorSettings, SampleProcessor
-from pipeline.data.loader import LoaderError, LoaderSettings, StreamingLoader
+from pipeline.data.loader import LoaderError, LoaderSettings, StreamingLoader, merge_loader_states
 from pipeline.data.synthetic import SynthSettings, generate
 from pipeline.data.sharding import ShardSettings, run_shard
 
@@ -205,7 +205,8 @@ def test_a_state_resumes_on_any_layout_but_not_mid_step_or_with_another_seed(man
     assert [sorted(a + b) for a, b in zip(*(step_keys(loader, 3) for loader in first))] == straight[:3]
     states = [loader.state_dict() for loader in first]
     assert [state["step"] for state in states] == [3, 3]
-    merged = {**states[0], "bad": [], "used": sum(state["used"] for state in states)}
+    merged = merge_loader_states(states)
+    assert merged["used"] == 24 and merged["bad"] == []
     assert global_steps(manifest, 4, layout(4, 1, 1), 3, merged) == straight[3:]
     assert global_steps(manifest, 1, layout(1, 4, 2), 3, merged) == straight[3:]
 
