@@ -21,6 +21,7 @@ setup(
         "tensorboard>=2.14",  # training metrics (torch.utils.tensorboard)
         "av>=12.0",  # PyAV: the default video decoder and the synthetic data's H.264 encoder
         "webdataset>=0.2.90",  # the shard format (tar files of samples)
+        "peft>=0.13",  # LoRA adapters (sft.lora); pure Python
     ],
     extras_require={
         # DeepSpeed builds its ops lazily (JIT); on CPU it uses its CPU accelerator and gloo.

@@ -1,6 +1,7 @@
 """SFT stage: interleaved instruction tuning of PPLLaVA with DeepSpeed (paper §3.3, §4.1).
 
-    tokenizers, model (vision frozen; projector, CLIP text and LLM train, per sft.trainable)
+    tokenizers, model (vision frozen; projector, CLIP text and LLM train, per sft.trainable; with
+    sft.lora the LLM trains through LoRA adapters, PEFT's, its own weights frozen)
     DeepSpeed engine: ZeRO stage, bf16, AdamW, cosine schedule with warmup, gradient clipping
     streaming loader over run_dir/shard (interleaved micro-batches of video / image / multi-image)
     resume (--resume auto|PATH): engine + optimizer + scheduler, loader position, RNG states
@@ -32,6 +33,7 @@ from pipeline.recipe import Recipe
 from pipeline.runner import DRY_RUN_DONE, StageContext
 from pipeline.training import (TrainingRun, answer_tokens, engine_settings, loader_settings, schedule_length,
                                stage_inputs)
+from ppllava.lora import add_lora, lora_config, save_lora_config, train_lora
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,13 @@ def run(context: StageContext) -> dict:
     with model_init_context(settings, backend.resolve_dtype(sft.precision, ranks.local_rank),
                             partitioned=loads_partitioned(recipe)):
         model = build_model(recipe, tokenizer, backend.attn_implementation)
+    lora = None
+    if sft.lora is not None:  # adapters on the LLM's linear layers; its own weights stay frozen
+        lora = lora_config(model, sft.lora.rank, sft.lora.alpha, sft.lora.dropout, sft.lora.target_modules)
+        add_lora(model, lora)
     model.set_trainable_parts(**asdict(sft.trainable))
+    if lora is not None:
+        train_lora(model)
     config = model.config
     engine, _, scheduler = build_engine(model, backend, settings, ranks.local_rank)
     loader = StreamingLoader(recipe.manifest_path, build_processor(recipe, config, tokenizer, clip_tokenizer),
@@ -88,6 +96,8 @@ def run(context: StageContext) -> dict:
         save_tokenizers(tokenizer, clip_tokenizer, context.directory / MODEL_DIR)
         config.save_pretrained(context.directory / MODEL_DIR)
         save_processor_config(recipe, config, context.directory / MODEL_DIR)
+        if lora is not None:  # the checkpoints hold the adapters: export merges them
+            save_lora_config(lora, context.directory / MODEL_DIR)
 
     # The loop.
     training = TrainingRun(context, engine, scheduler, loader, total_steps)

@@ -24,6 +24,7 @@ import torch
 from backends.portable_state import PortableStateError, portable_state_dict
 from pipeline.layout import CLIP_TOKENIZER_DIR, DEEPSPEED_TAG, PROCESSOR_CONFIG, TRAINING_STATE
 from ppllava import PPLLaVAConfig, PPLLaVAForConditionalGeneration
+from ppllava.lora import add_lora, load_lora_config, merge_lora
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +50,16 @@ def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
 
 def model_from_state_dict(state: dict[str, torch.Tensor], model_dir: Path,
                           dtype: torch.dtype = torch.float32) -> PPLLaVAForConditionalGeneration:
+    """The model of ``model_dir`` with ``state`` loaded strictly; trained with LoRA (the directory
+    records its adapter_config.json), the adapters are loaded, then merged into the plain model."""
     from transformers.initialization import no_init_weights
 
     config = PPLLaVAConfig.from_pretrained(str(model_dir))
     with no_init_weights():  # every weight comes from the checkpoint
         model = PPLLaVAForConditionalGeneration._from_config(config, dtype=dtype)
+    lora = load_lora_config(model_dir)
+    if lora is not None:
+        add_lora(model, lora)  # in fp32: merged into weights of ``dtype`` after loading
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -62,6 +68,8 @@ def model_from_state_dict(state: dict[str, torch.Tensor], model_dir: Path,
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:  # shapes
         raise ValueError(f"the weights do not fit the model of {model_dir}: {error}") from None
+    if lora is not None:
+        merge_lora(model)
     return model.eval()
 
 

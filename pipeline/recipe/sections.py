@@ -160,6 +160,24 @@ class TrainableParts:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters on the LLM's linear layers (PEFT); present (``lora: {}`` for the defaults) = on."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # last name parts of LLM linear layers; None: all but lm_head
+
+    def validate(self, src: str, stage: str) -> None:
+        positive(src, f"{stage}.lora.rank", self.rank)
+        positive(src, f"{stage}.lora.alpha", self.alpha)
+        fraction(src, f"{stage}.lora.dropout", self.dropout, below_one=True)
+        if self.target_modules is not None and not self.target_modules:
+            raise RecipeError(f"{src}: {stage}.lora.target_modules: empty; leave it out for every linear layer of "
+                              f"the LLM")
+
+
+@dataclass
 class TrainingSection:
     """Keys every training stage (sft, dpo) has: DeepSpeed, batch, schedule, logging, checkpoints."""
 
@@ -206,13 +224,19 @@ class TrainingSection:
 @dataclass
 class SFTSection(TrainingSection):
     trainable: TrainableParts = field(default_factory=TrainableParts)
+    lora: LoraSection | None = None  # the LLM trains through LoRA adapters (trainable.llm: false)
 
     def validate(self, recipe: Recipe, missing: list[str] | None) -> None:
         recipe.data.require_manifest(recipe, "manifest.json from a shard stage (no shard section here)", missing)
         recipe.model.validate(recipe, missing)
         self.validate_training(recipe, "sft")
-        if not any(dataclasses.asdict(self.trainable).values()):
+        if not any(dataclasses.asdict(self.trainable).values()) and self.lora is None:
             raise RecipeError(f"{recipe.source}: sft.trainable: at least one part must train")
+        if self.lora is not None:
+            self.lora.validate(recipe.source, "sft")
+            if self.trainable.llm:
+                raise RecipeError(f"{recipe.source}: sft.lora trains the LLM through adapters, but sft.trainable.llm "
+                                  f"is true (every LLM weight would train as well): set sft.trainable.llm: false")
 
 
 @dataclass

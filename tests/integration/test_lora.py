@@ -1,0 +1,76 @@
+"""LoRA SFT end to end (PEFT adapters on the tiny LLM, ZeRO-2, fp32): only the adapters and the
+parts `trainable` names train, a killed run resumes with the uninterrupted losses, and export
+merges the adapters into a plain PPLLaVA directory whose logits are the adapter model's."""
+
+import json
+import signal
+
+import pytest
+import torch
+
+from conftest import build_batch, pipeline_env, run_pipeline, saved_tensors, small_shards, training_recipe, write_recipe
+from pipeline.checkpoint import FAULT_ENV
+from pipeline.metrics import read_metrics
+from ppllava import IMAGE, VIDEO, PPLLaVAConfig, PPLLaVAForConditionalGeneration
+from ppllava.lora import add_lora, load_lora_config
+
+pytestmark = pytest.mark.integration
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return small_shards(tmp_path_factory.mktemp("lora_data"))
+
+
+def lora_recipe(tmp_path, manifest):
+    recipe = training_recipe(tmp_path / "run", manifest, max_steps=STEPS, save_every=2, lr=1e-2)
+    recipe["sft"]["trainable"] = {"llm": False, "clip_text": False}
+    recipe["sft"]["lora"] = {"rank": 4, "alpha": 8, "dropout": 0.0}
+    recipe["export"] = {"dtype": "fp32"}
+    return write_recipe(tmp_path / "recipe.yaml", recipe)
+
+
+def losses(run_dir) -> list[float]:
+    return [m["loss"] for m in read_metrics(run_dir / "sft" / "metrics.jsonl")]
+
+
+def test_lora_sft_trains_the_adapters_resumes_exactly_and_exports_merged(tmp_path, manifest):
+    straight = run_pipeline("run", str(lora_recipe(tmp_path / "straight", manifest)))
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    run_dir = tmp_path / "straight" / "run"
+    checkpoints = run_dir / "sft" / "checkpoints"
+
+    index = json.loads((checkpoints / f"step_{STEPS}" / "training_state" / "index.json").read_text())
+    trained = sorted(name for name, entry in index["parameters"].items() if entry["trainable"])
+    adapters = [name for name in trained if ".lora_" in name]
+    assert len(adapters) == 2 * 7 * 2  # A and B on the 7 linear layers of each of the 2 LLM layers
+    assert [name for name in trained if name not in adapters] and all(  # the projector trains fully
+        name.split(".")[0] in ("multi_modal_projector", "image_newline", "visual_projection", "text_projection")
+        for name in trained if name not in adapters)
+    early, late = saved_tensors(checkpoints / "step_2"), saved_tensors(checkpoints / f"step_{STEPS}")
+    base = [name for name in late if name.startswith("language_model.") and ".lora_" not in name]
+    assert base and all(torch.equal(early[name], late[name]) for name in base)  # the LLM's own weights stay
+    assert all(late[name].abs().sum() > 0 for name in adapters if ".lora_B." in name)  # B starts at zero
+
+    # resume: killed while publishing step 4, continued from step 2, the same losses
+    resumed_dir = tmp_path / "resumed"
+    recipe = lora_recipe(resumed_dir, manifest)
+    killed = run_pipeline("run", str(recipe), env=pipeline_env(**{FAULT_ENV: f"before_rename:{STEPS}"}))
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_pipeline("run", str(recipe), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert losses(resumed_dir / "run") == pytest.approx(losses(run_dir), abs=1e-6)
+
+    # export: a plain PPLLaVA directory (no adapter modules) computing what the adapter model computes
+    exported = PPLLaVAForConditionalGeneration.from_pretrained(run_dir / "export", dtype=torch.float32).eval()
+    assert not any(".lora_" in name for name in exported.state_dict())
+    config = PPLLaVAConfig.from_pretrained(run_dir / "sft" / "model")
+    adapted = PPLLaVAForConditionalGeneration._from_config(config, dtype=torch.float32)
+    add_lora(adapted, load_lora_config(run_dir / "sft" / "model"))
+    adapted.load_state_dict(late, strict=True)
+    batch = build_batch(config, [(VIDEO, 4), (IMAGE, 3)], seed=2)
+    with torch.no_grad():
+        difference = (exported(**batch).logits - adapted.eval()(**batch).logits).abs().max()
+    assert difference < 1e-5
