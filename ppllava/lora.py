@@ -9,6 +9,7 @@ the CLIP towers and the projector train fully or not at all, as ``set_trainable_
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -63,6 +64,22 @@ def train_lora(model: torch.nn.Module) -> None:
         raise ValueError("the model has no LoRA adapters")
     for _, parameter in found:
         parameter.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Run ``model`` as it was before its adapters (their layers pass the base layer's output
+    through): DPO's reference is the LoRA policy with its adapters off, no second copy in memory."""
+    layers = [module for module in model.modules() if isinstance(module, _peft().tuners.tuners_utils.BaseTunerLayer)]
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to disable")
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def merge_lora(model: torch.nn.Module) -> torch.nn.Module:

@@ -4,11 +4,12 @@
                   (dpo.init: sft), the model section's model written there (dpo.init: model; e.g.
                   the authors' released SFT model), or a PPLLaVA directory (dpo.init: PATH)
     policy        the start model in a DeepSpeed engine; only the LLM trains (vision tower,
-                  projector and CLIP text frozen)
+                  projector and CLIP text frozen), all its weights or LoRA adapters on them (dpo.lora)
     reference     the start model, frozen: either its log-probs of every pair computed in one
                   pass before training and stored in run_dir/dpo/reference_logps.json
                   (dpo.reference: precomputed, the default: no second model in memory), or a
-                  second copy run beside the policy (live; under ZeRO-3 an optimizer-less engine)
+                  second copy run beside the policy (live; under ZeRO-3 an optimizer-less engine;
+                  with LoRA the policy itself with its adapters disabled, no copy)
     data          the `dpo` shards: per pair one video (frames at segment middles, the same every
                   epoch), CLIP text = the prompt, chosen and rejected answers in ONE forward of
                   2B rows that share the B videos' visual tokens (visual_rows)
@@ -22,6 +23,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -41,13 +43,14 @@ from pipeline.layout import DPO_INIT, MODEL_DIR, REFERENCE_LOGPS, checkpoints_di
 from pipeline.model.check import directory_fingerprint
 from pipeline.model.consolidate import consolidated_model, copy_model_files
 from pipeline.model.setup import (count_parameters, load_directory_tokenizers, load_processor_settings,
-                                  model_source_directory, write_start_model)
+                                  model_source_directory, set_trained_parts, write_start_model)
 from pipeline.preference import dpo_loss, sequence_logps
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.runner import DRY_RUN_DONE, StageContext, StageFailed, fingerprint_of
 from pipeline.training import (TrainingRun, answer_tokens, engine_settings, loader_settings, schedule_length,
                                stage_inputs)
 from ppllava import PPLLaVAForConditionalGeneration
+from ppllava.lora import adapters_disabled, save_lora_config
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +175,9 @@ def run(context: StageContext) -> dict:
     attn = recipe.model.attn_implementation or backend.attn_implementation
     with model_init_context(settings, backend.resolve_dtype(dpo.precision, ranks.local_rank)):
         model = _load(init, attn)
-    model.set_trainable_parts(vision=False, projector=False, clip_text=False, llm=True)
+    # the LLM trains: all its weights, or LoRA adapters on them (dpo.lora)
+    lora = set_trained_parts(model, dict(vision=False, projector=False, clip_text=False, llm=dpo.lora is None),
+                             dpo.lora)
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, _, scheduler = build_engine(model, backend, settings, ranks.local_rank)
@@ -190,6 +195,8 @@ def run(context: StageContext) -> dict:
     if ranks.is_main:  # the weightless model directory export reads beside this stage's checkpoints
         model.config.save_pretrained(context.directory / MODEL_DIR)
         copy_model_files(init, context.directory / MODEL_DIR)
+        if lora is not None:  # the checkpoints hold the adapters: export merges them
+            save_lora_config(lora, context.directory / MODEL_DIR)
     parameters, trainable = count_parameters(model)
     if ranks.is_main:
         logger.info("dpo: %d steps of %d pairs (micro %d x accumulation %d x world %d) over %d pairs, beta %g, "
@@ -207,17 +214,18 @@ def run(context: StageContext) -> dict:
         return DRY_RUN_DONE
 
     reference, reference_logps, reference_digest = None, {}, ""
-    if dpo.reference == "live":
+    if dpo.reference == "live" and lora is None:  # a second, frozen copy of the start model
         with model_init_context(settings, backend.resolve_dtype(dpo.precision, ranks.local_rank)):
             reference = build_frozen_model(_load(init, attn), backend, settings, ranks.local_rank)
         reference_digest = _digest(reference)
-    else:
+    elif dpo.reference == "precomputed":
         reference_logps = _stored_reference(context, engine, processor, micro)
 
     def reference_pair_logps(batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if reference is not None:
-            with torch.no_grad():
-                logps = _pair_logps(reference, batch, device)
+        if dpo.reference == "live":
+            # with LoRA the reference is the policy with its adapters off: the start model, no copy
+            with torch.no_grad(), (adapters_disabled(model) if lora is not None else contextlib.nullcontext()):
+                logps = _pair_logps(reference if reference is not None else engine, batch, device)
             return logps[:len(batch.keys)], logps[len(batch.keys):]
         missing = [key for key in batch.keys if key not in reference_logps]
         if missing:
@@ -262,6 +270,8 @@ def run(context: StageContext) -> dict:
             training.interval.add(batch, **values)
         training.end_step(step + 1, step_loss, lr)
     summary = training.finish()
+    if dpo.reference == "live" and lora is not None:
+        summary["reference"] = "live: the policy with its LoRA adapters disabled"
     if reference is not None:
         if _digest(reference) != reference_digest:
             raise StageFailed("the frozen reference model's parameters changed during training")

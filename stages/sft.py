@@ -28,12 +28,12 @@ from pipeline.data.loader import StreamingLoader, manifest_samples, natural_weig
 from pipeline.data.records import MODALITIES
 from pipeline.layout import MODEL_DIR
 from pipeline.model.setup import (build_model, build_processor, count_parameters, load_tokenizers,
-                                  loads_partitioned, save_processor_config, save_tokenizers)
+                                  loads_partitioned, save_processor_config, save_tokenizers, set_trained_parts)
 from pipeline.recipe import Recipe
 from pipeline.runner import DRY_RUN_DONE, StageContext
 from pipeline.training import (TrainingRun, answer_tokens, engine_settings, loader_settings, schedule_length,
                                stage_inputs)
-from ppllava.lora import add_lora, lora_config, save_lora_config, train_lora
+from ppllava.lora import save_lora_config
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +63,7 @@ def run(context: StageContext) -> dict:
     with model_init_context(settings, backend.resolve_dtype(sft.precision, ranks.local_rank),
                             partitioned=loads_partitioned(recipe)):
         model = build_model(recipe, tokenizer, backend.attn_implementation)
-    lora = None
-    if sft.lora is not None:  # adapters on the LLM's linear layers; its own weights stay frozen
-        lora = lora_config(model, sft.lora.rank, sft.lora.alpha, sft.lora.dropout, sft.lora.target_modules)
-        add_lora(model, lora)
-    model.set_trainable_parts(**asdict(sft.trainable))
-    if lora is not None:
-        train_lora(model)
+    lora = set_trained_parts(model, asdict(sft.trainable), sft.lora)
     config = model.config
     engine, _, scheduler = build_engine(model, backend, settings, ranks.local_rank)
     loader = StreamingLoader(recipe.manifest_path, build_processor(recipe, config, tokenizer, clip_tokenizer),

@@ -25,7 +25,9 @@ from pipeline.data.media import decoder
 from pipeline.layout import CLIP_TOKENIZER_DIR, PROCESSOR_CONFIG
 from pipeline.model.tiny import tiny_config_for, tiny_tokenizer
 from pipeline.recipe import Recipe
+from pipeline.recipe.sections import LoraSection
 from ppllava import PPLLaVAForConditionalGeneration
+from ppllava.lora import add_lora, lora_config, train_lora
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +168,21 @@ def load_processor_settings(directory: Path) -> ProcessorSettings:
     return ProcessorSettings(template=saved.get("template", "vicuna_v1"), frame_scheme=saved.get("frame_sampling", "segments"),
                              max_length=saved.get("max_length", ProcessorSettings.max_length),
                              training=False)
+
+
+def set_trained_parts(model: PPLLaVAForConditionalGeneration, parts: dict[str, bool],
+                      lora: LoraSection | None):
+    """What a training stage trains: ``parts`` (``set_trainable_parts``' switches), and with
+    ``lora`` LoRA adapters on the LLM's linear layers, injected here, which train while the LLM's
+    own weights stay frozen. Returns the adapters' LoraConfig (None without)."""
+    config = None
+    if lora is not None:
+        config = lora_config(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+        add_lora(model, config)
+    model.set_trainable_parts(**parts)
+    if config is not None:
+        train_lora(model)
+    return config
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

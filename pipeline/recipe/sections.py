@@ -202,6 +202,7 @@ class TrainingSection:
     verify_checkpoints: Literal["hash", "size"] = "hash"  # files.json: sha256 + size, or sizes only
     max_nonfinite_in_a_row: int = 5
     record_samples: bool = False  # <stage>/samples/rank_N.jsonl: the sample keys of every step
+    lora: LoraSection | None = None  # the LLM trains through LoRA adapters, its own weights frozen
 
     def validate_training(self, recipe: Recipe, stage: str) -> None:
         """Checks every training stage shares: positive sizes, fractions, batch arithmetic."""
@@ -218,13 +219,14 @@ class TrainingSection:
         fraction(src, f"{stage}.min_lr_ratio", self.min_lr_ratio)
         if self.offload_optimizer and self.zero_stage < 2:
             raise RecipeError(f"{src}: {stage}.offload_optimizer: needs {stage}.zero_stage 2 or 3, got {self.zero_stage}")
+        if self.lora is not None:
+            self.lora.validate(src, stage)
         recipe.batch_layout(recipe.cluster.world_size, stage)
 
 
 @dataclass
 class SFTSection(TrainingSection):
     trainable: TrainableParts = field(default_factory=TrainableParts)
-    lora: LoraSection | None = None  # the LLM trains through LoRA adapters (trainable.llm: false)
 
     def validate(self, recipe: Recipe, missing: list[str] | None) -> None:
         recipe.data.require_manifest(recipe, "manifest.json from a shard stage (no shard section here)", missing)
@@ -233,7 +235,6 @@ class SFTSection(TrainingSection):
         if not any(dataclasses.asdict(self.trainable).values()) and self.lora is None:
             raise RecipeError(f"{recipe.source}: sft.trainable: at least one part must train")
         if self.lora is not None:
-            self.lora.validate(recipe.source, "sft")
             if self.trainable.llm:
                 raise RecipeError(f"{recipe.source}: sft.lora trains the LLM through adapters, but sft.trainable.llm "
                                   f"is true (every LLM weight would train as well): set sft.trainable.llm: false")

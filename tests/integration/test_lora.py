@@ -74,3 +74,46 @@ def test_lora_sft_trains_the_adapters_resumes_exactly_and_exports_merged(tmp_pat
     with torch.no_grad():
         difference = (exported(**batch).logits - adapted.eval()(**batch).logits).abs().max()
     assert difference < 1e-5
+
+
+@pytest.fixture(scope="module")
+def dpo_setup(tmp_path_factory):
+    from pipeline.model.setup import save_tokenizers
+    from pipeline.model.tiny import tiny_config_for, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("lora_dpo")
+    manifest = small_shards(root, dpo_pairs=8)
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(3)
+    PPLLaVAForConditionalGeneration(tiny_config_for(tokenizer)).save_pretrained(root / "start")
+    save_tokenizers(tokenizer, tokenizer, root / "start")
+    return root, manifest
+
+
+def run_lora_dpo(root, manifest, name: str, reference: str) -> list[dict]:
+    recipe = training_recipe(root / name, manifest)
+    recipe.pop("sft")
+    recipe["dpo"] = {"zero_stage": 2, "precision": "fp32", "global_batch_size": 4, "micro_batch_size": 2,
+                     "lr": 1e-2, "max_steps": 4, "log_every": 1, "init": str(root / "start"), "reference": reference,
+                     "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}}
+    recipe["export"] = {"dtype": "fp32"}
+    result = run_pipeline("run", str(write_recipe(root / f"{name}.yaml", recipe)))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return read_metrics(root / name / "dpo" / "metrics.jsonl")
+
+
+def test_lora_dpo_reference_with_the_adapters_disabled_is_the_start_model(dpo_setup):
+    """Live, the reference is the policy with its adapters off (no second copy); precomputed, the
+    start model's log-probs from one pass before training: the same losses, and only adapters train."""
+    root, manifest = dpo_setup
+    live = run_lora_dpo(root, manifest, "live", "live")
+    precomputed = run_lora_dpo(root, manifest, "precomputed", "precomputed")
+    assert [m["step"] for m in live] == [1, 2, 3, 4]
+    assert abs(live[0]["rewards/margins"]) < 1e-6  # step 1: the adapters are zero, the policy is the reference
+    assert abs(live[-1]["rewards/margins"]) > 1e-3  # ...then they train
+    assert [m["loss"] for m in live] == pytest.approx([m["loss"] for m in precomputed], abs=1e-5)
+    index = json.loads((root / "live" / "dpo" / "checkpoints" / "step_4" / "training_state" / "index.json").read_text())
+    trained = [name for name, entry in index["parameters"].items() if entry["trainable"]]
+    assert trained and all(".lora_" in name for name in trained)
+    exported = PPLLaVAForConditionalGeneration.from_pretrained(root / "live" / "export")
+    assert not any(".lora_" in name for name in exported.state_dict())
