@@ -113,6 +113,19 @@ def test_cluster_recipes_validate_to_a_global_batch_of_256(name, layout):
             recipe.data.max_length) == (2e-5, 0.03, 1.0, 3, "bf16", 4096)
 
 
+@pytest.mark.parametrize("name, stage, layout, total", [
+    ("sft_lora_gpu", "sft", "micro 1 x accumulation 32 x world 8", 256),
+    ("sft_lora_npu", "sft", "micro 2 x accumulation 16 x world 8", 256),
+    ("dpo_lora_gpu", "dpo", "micro 1 x accumulation 8 x world 8", 64)])
+def test_lora_recipes_reach_the_papers_global_batch_on_one_node(name, stage, layout, total):
+    result = run_pipeline("validate", f"recipes/{name}.yaml", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"{stage} global batch: {layout} (1 node(s) x 8) = {total}" in result.stdout
+    section = getattr(load_recipe(REPO_ROOT / "recipes" / f"{name}.yaml"), stage)
+    assert section.lora is not None and section.lora.rank == 128 and section.zero_stage == 2
+    assert stage == "dpo" or not section.trainable.llm
+
+
 def test_every_recipe_starts_with_the_command_that_runs_it():
     for path in sorted((REPO_ROOT / "recipes").glob("*.yaml")):
         lines = path.read_text().splitlines()
@@ -123,6 +136,8 @@ def test_every_recipe_starts_with_the_command_that_runs_it():
 @pytest.mark.parametrize("change, expected", [
     ({"sft": {"lerning_rate": 1}}, "sft.lerning_rate: unknown key"),
     ({"sft": {"micro_batch_size": "two"}}, "sft.micro_batch_size: expected an integer"),
+    ({"sft": {"lora": {}}}, "sft.lora trains the LLM through adapters, but sft.trainable.llm is true"),
+    ({"sft": {"lora": {"dropout": 1.0}, "trainable": {"llm": False}}}, "sft.lora.dropout: expected a fraction in [0, 1)"),
     ({"sft": {"micro_batch_size": 3}}, "not divisible"),
     ({"data": {"manifest": "/nonexistent/manifest.json"}}, "data.manifest: /nonexistent/manifest.json does not exist"),
 ])
