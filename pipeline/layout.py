@@ -15,7 +15,8 @@
                                       clip_tokenizer/, processor_config.json (export adds the weights)
       dpo/init/                       the consolidated SFT model DPO starts from
       dpo/reference_logps.json        the precomputed reference log-probs
-      export/                         a HuggingFace model directory (+ SHA256SUMS, README.md)
+      export/                         a HuggingFace model directory (+ SHA256SUMS, README.md; adapter/ with
+                                      export.adapter: the LoRA adapters alone, PEFT's format)
       eval/                           results.json, results.md, per-task predictions
 
 A model directory (export/, dpo/init/, sft/model/) holds the LLM tokenizer at its top,
@@ -45,6 +46,8 @@ MODEL_DIR = "model"
 CLIP_TOKENIZER_DIR = "clip_tokenizer"
 PROCESSOR_CONFIG = "processor_config.json"
 CHECKSUMS = "SHA256SUMS"
+
+ADAPTER_DIR = "adapter"              # export/adapter/: the LoRA adapters alone (export.adapter)
 
 DPO_INIT = "init"
 REFERENCE_LOGPS = "reference_logps.json"

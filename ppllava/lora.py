@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file name: what the LoRA of a weightless model directory was
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_NAME = "default"
 
 
 def _peft():
@@ -104,3 +106,24 @@ def load_lora_config(directory: Path):
     if not (Path(directory) / ADAPTER_CONFIG).is_file():
         return None
     return _peft().LoraConfig.from_pretrained(str(directory))
+
+
+def peft_adapter_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapters of a state dict (ours: ``...q_proj.lora_A.default.weight``) under the names PEFT
+    saves them (``base_model.model....q_proj.lora_A.weight``: its wrapper's prefix, no adapter name)."""
+    return {"base_model.model." + name.replace(f".{ADAPTER_NAME}.", "."): tensor.contiguous()
+            for name, tensor in state.items() if ".lora_" in name}
+
+
+def save_adapter(config, state: dict[str, torch.Tensor], directory: Path) -> dict[str, torch.Tensor]:
+    """The adapters alone, in PEFT's own format: ``peft.PeftModel.from_pretrained(<the model they
+    were trained on>, directory)`` applies them. Returns what was written (PEFT's names)."""
+    from safetensors.torch import save_file
+
+    tensors = peft_adapter_tensors(state)
+    if not tensors:
+        raise ValueError("no LoRA adapters in this state")
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    save_file(tensors, str(Path(directory) / ADAPTER_WEIGHTS))
+    return tensors

@@ -34,13 +34,14 @@ from backends import PRECISIONS
 from pipeline.atomic import publish_directory, set_aside, temporary_directory
 from pipeline.checkpoint import latest_checkpoint
 from pipeline.data.templates import ASSISTANT, ROLE_TEMPLATES, USER
-from pipeline.layout import CLIP_TOKENIZER_DIR, MODEL_DIR, PROCESSOR_CONFIG, RECIPE_FILE, TRAINER_STATE, checkpoints_dir
+from pipeline.layout import ADAPTER_DIR, CLIP_TOKENIZER_DIR, MODEL_DIR, PROCESSOR_CONFIG, RECIPE_FILE, TRAINER_STATE, checkpoints_dir
 from pipeline.model.check import probe_inputs, probe_logits, write_checksums
-from pipeline.model.consolidate import consolidated_model
+from pipeline.model.consolidate import consolidated_state_dict, model_from_state_dict
 from pipeline.model.setup import load_directory_tokenizers, save_tokenizers
 from pipeline.recipe import Recipe
 from pipeline.runner import StageContext, StageFailed
 from ppllava import PPLLaVAForConditionalGeneration
+from ppllava.lora import ADAPTER_CONFIG, load_lora_config, save_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +160,22 @@ def verify(directory: Path, expected: torch.Tensor, inputs: dict, dtype: torch.d
     return list(loaders)
 
 
+def write_adapter(state: dict[str, torch.Tensor], model_dir: Path, directory: Path) -> int:
+    """export.adapter: the LoRA adapters alone in PEFT's format, read back with PEFT's own loader
+    and compared tensor by tensor; returns how many tensors were written."""
+    config = load_lora_config(model_dir)
+    if config is None:
+        raise StageFailed(f"export.adapter: {model_dir} records no LoRA adapters ({ADAPTER_CONFIG}): the stage "
+                          f"trained without lora")
+    written = save_adapter(config, state, directory)
+    from peft.utils import load_peft_weights
+
+    read = load_peft_weights(str(directory), device="cpu")
+    if set(read) != set(written) or any(not torch.equal(read[name], written[name]) for name in written):
+        raise StageFailed(f"export.adapter: PEFT reads back other tensors from {directory}")
+    return len(written)
+
+
 def run(context: StageContext) -> dict:
     recipe, settings = context.recipe, context.recipe.export
     source = recipe.stage_dir(recipe.export_source)
@@ -170,9 +187,12 @@ def run(context: StageContext) -> dict:
     dtype = PRECISIONS[settings.dtype]
     logger.info("export: consolidating %s (step %d) into %s weights", checkpoint, trainer_state["step"], settings.dtype)
     try:
-        model = consolidated_model(checkpoint, source / MODEL_DIR, dtype)
-    except ValueError as error:
-        raise StageFailed(f"cannot export: {error}") from None
+        state = consolidated_state_dict(checkpoint)
+        model = model_from_state_dict(state, source / MODEL_DIR, dtype)  # LoRA adapters merged
+    except (ValueError, FileNotFoundError) as error:
+        raise StageFailed(f"cannot export: {checkpoint}: {error}") from None
+    adapter = write_adapter(state, source / MODEL_DIR, temporary / ADAPTER_DIR) if settings.adapter else None
+    del state
     probe = probe_inputs(model.config)
     expected = probe_logits(model, probe)
 
@@ -207,5 +227,7 @@ def run(context: StageContext) -> dict:
     publish_directory(temporary, final)
     shards = sorted(p.name for p in final.glob("*.safetensors"))
     logger.info("export: %s verified (%s) and written to %s", settings.dtype, ", ".join(loaded_by), final)
+    if adapter is not None:
+        logger.info("export: the LoRA adapters alone (%d tensors, PEFT's format) in %s", adapter, final / ADAPTER_DIR)
     return {"directory": str(final), "from": str(checkpoint), "dtype": settings.dtype, "shards": len(shards),
             "verified": f"logits equal after {len(loaded_by)} reloads", "remote code": len(remote_files) > 0}

@@ -283,12 +283,16 @@ class ExportSection:
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     max_shard_size: str = "5GB"
     trust_remote_code: bool = False          # also copy the modeling code and write auto_map
+    adapter: bool = False                    # also the LoRA adapters alone (PEFT's format) in export/adapter/
 
     def validate(self, recipe: Recipe, missing: list[str] | None) -> None:
         src, source = recipe.source, recipe.export_source
         if getattr(recipe, source) is None:
             raise RecipeError(f"{src}: export.source_stage: exports the {source} stage's final checkpoint, but the "
                               f"recipe has no {source} section (keep it; `--stages export` runs only the export)")
+        if self.adapter and getattr(recipe, source).lora is None:
+            raise RecipeError(f"{src}: export.adapter: writes the LoRA adapters of the {source} stage, which trains "
+                              f"none (no {source}.lora)")
         if not re.fullmatch(r"\d+[KMG]i?B", self.max_shard_size, flags=re.IGNORECASE):
             raise RecipeError(f"{src}: export.max_shard_size: expected a size like 5GB, 500MB or 2GiB, "
                               f"got {self.max_shard_size!r}")

@@ -1,6 +1,7 @@
 """LoRA SFT end to end (PEFT adapters on the tiny LLM, ZeRO-2, fp32): only the adapters and the
 parts `trainable` names train, a killed run resumes with the uninterrupted losses, and export
-merges the adapters into a plain PPLLaVA directory whose logits are the adapter model's."""
+merges the adapters into a plain PPLLaVA directory whose logits are the adapter model's, and
+writes them alone in PEFT's format on request."""
 
 import json
 import signal
@@ -28,7 +29,7 @@ def lora_recipe(tmp_path, manifest):
     recipe = training_recipe(tmp_path / "run", manifest, max_steps=STEPS, save_every=2, lr=1e-2)
     recipe["sft"]["trainable"] = {"llm": False, "clip_text": False}
     recipe["sft"]["lora"] = {"rank": 4, "alpha": 8, "dropout": 0.0}
-    recipe["export"] = {"dtype": "fp32"}
+    recipe["export"] = {"dtype": "fp32", "adapter": True}
     return write_recipe(tmp_path / "recipe.yaml", recipe)
 
 
@@ -72,8 +73,21 @@ def test_lora_sft_trains_the_adapters_resumes_exactly_and_exports_merged(tmp_pat
     adapted.load_state_dict(late, strict=True)
     batch = build_batch(config, [(VIDEO, 4), (IMAGE, 3)], seed=2)
     with torch.no_grad():
-        difference = (exported(**batch).logits - adapted.eval()(**batch).logits).abs().max()
+        expected = adapted.eval()(**batch).logits
+        difference = (exported(**batch).logits - expected).abs().max()
     assert difference < 1e-5
+
+    # export.adapter: the adapters alone, which PEFT's own loader applies to the model they trained on
+    from peft import PeftModel
+
+    assert sorted(p.name for p in (run_dir / "export" / "adapter").iterdir()) == ["adapter_config.json",
+                                                                                   "adapter_model.safetensors"]
+    base = PPLLaVAForConditionalGeneration._from_config(config, dtype=torch.float32)
+    base.load_state_dict({name.replace(".base_layer.", "."): tensor for name, tensor in late.items()
+                          if ".lora_" not in name}, strict=True)
+    with torch.no_grad():
+        applied = PeftModel.from_pretrained(base, run_dir / "export" / "adapter").eval()(**batch).logits
+    assert torch.equal(applied, expected)
 
 
 @pytest.fixture(scope="module")
