@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import pipeline_env, run_pipeline, small_shards, training_recipe, write_recipe
+from conftest import pipeline_env, run_pipeline, saved_tensors, small_shards, training_recipe, write_recipe
 from pipeline.checkpoint import FAULT_ENV
 from pipeline.metrics import read_metrics
 from pipeline.model.setup import save_tokenizers
@@ -98,3 +98,28 @@ def test_dpo_with_a_precomputed_reference_moves_the_same_way(tmp_path):
     assert_same_training(expected, moved)
     stored = json.loads((tmp_path / "moved" / "dpo" / "reference_logps.json").read_text())["logps"]
     assert len(stored) == 9  # computed once, by the first segment's two ranks, and found by the others
+
+
+def test_lora_sft_in_bf16_with_checkpointing_moves_from_two_zero3_ranks_to_one_zero2_rank(tmp_path):
+    """LoRA adapters (PEFT) under ZeRO-3 on 2 ranks, bf16, gradient checkpointing, continued on 1
+    rank under ZeRO-2: the adapters train and the moved run exports a merged model."""
+    manifest = small_shards(tmp_path / "data")
+    recipe = training_recipe(tmp_path / "run", manifest, zero_stage=3, precision="bf16", max_steps=4, save_every=2,
+                             micro_batch_size=1, lr=1e-2)
+    recipe["sft"]["trainable"] = {"llm": False}
+    recipe["sft"]["lora"] = {"rank": 4, "alpha": 8}
+    recipe["model"]["gradient_checkpointing"] = True
+    recipe["cluster"] = {"nodes": 1, "procs_per_node": 2, "dist_timeout_minutes": 3}
+    recipe["export"] = {"dtype": "bf16"}
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    first = run_pipeline("run", str(path), env=pipeline_env(**{FAULT_ENV: "before_rename:4"}), timeout=600)
+    assert first.returncode != 0
+    moved = run_pipeline("run", str(path), "--resume", "auto", "cluster.procs_per_node=1", "sft.zero_stage=2",
+                         timeout=600)
+    assert moved.returncode == 0, moved.stderr[-6000:]
+    assert "resuming step_2 on another layout: world_size 2 -> 1" in moved.stderr
+    saved = saved_tensors(tmp_path / "run" / "sft" / "checkpoints" / "step_4")
+    adapters_b = [name for name in saved if ".lora_B." in name]
+    assert adapters_b and all(saved[name].abs().sum() > 0 for name in adapters_b)
+    exported = PPLLaVAForConditionalGeneration.from_pretrained(tmp_path / "run" / "export")
+    assert exported.dtype == torch.bfloat16 and not any(".lora_" in name for name in exported.state_dict())
