@@ -140,21 +140,27 @@ else:  # one uninterrupted iteration; the state is saved after its third batch
     assert sequences[0] != sequences[1]  # each rank has batches of its own
 
 
-def test_corrupt_media_is_skipped_counted_and_bounded(manifest, tmp_path, caplog):
+def with_corrupt_videos(manifest, root, count: int = 3):
+    """A copy of ``manifest`` in ``root`` (its tars linked) plus a video shard of ``count`` samples
+    whose media cannot be decoded; returns the new manifest's path."""
     data = json.loads(manifest.read_text())
-    bad_shard = tmp_path / "video" / "corrupt-000000.tar"
+    bad_shard = root / "video" / "corrupt-000000.tar"
     bad_shard.parent.mkdir(parents=True)
     with webdataset.TarWriter(str(bad_shard)) as writer:
-        for index in range(3):
+        for index in range(count):
             record = {"key": f"corrupt/{index}", "modality": "video", "media": ["x.mp4"], "dataset": "corrupt",
                       "turns": [{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "No."}]}
             writer.write({"__key__": f"{index:09d}", "json": json.dumps(record).encode(), "mp4": b"\x00not a video"})
     for shard in data["shards"]:
-        (tmp_path / shard["path"]).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / shard["path"]).symlink_to(manifest.parent / shard["path"])
-    data["shards"].append({"path": "video/corrupt-000000.tar", "modality": "video", "samples": 3})
-    (tmp_path / "manifest.json").write_text(json.dumps(data))
+        (root / shard["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (root / shard["path"]).symlink_to(manifest.parent / shard["path"])
+    data["shards"].append({"path": "video/corrupt-000000.tar", "modality": "video", "samples": count})
+    (root / "manifest.json").write_text(json.dumps(data))
+    return root / "manifest.json"
 
+
+def test_corrupt_media_is_skipped_counted_and_bounded(manifest, tmp_path, caplog):
+    with_corrupt_videos(manifest, tmp_path)
     tolerant = StreamingLoader(tmp_path / "manifest.json", tiny_processor(),
                                LoaderSettings(micro_batch_size=2, weights={"video": 1.0}, shuffle_buffer=2))
     with caplog.at_level("WARNING", logger="pipeline.data.loader"):
@@ -217,6 +223,20 @@ def test_a_state_resumes_on_any_layout_but_not_mid_step_or_with_another_seed(man
     other_seed = StreamingLoader(manifest, tiny_processor(), replace(layout(1, 8, 0), seed=12))
     with pytest.raises(LoaderError, match="exact resume needs the same values"):
         other_seed.load_state_dict(merged)
+
+
+def test_samples_refused_on_one_layout_are_skipped_the_same_way_on_another(manifest, tmp_path):
+    """A refused (undecodable) sample is remembered by key in the merged state: a run resumed on
+    another layout replays past it without decoding and reads on as the uninterrupted run does."""
+    corrupt = with_corrupt_videos(manifest, tmp_path, count=8)
+    settings = lambda world, micro: replace(layout(world, micro, 0), max_bad_fraction=0.5)  # noqa: E731
+    straight = global_steps(corrupt, 1, settings(1, 8), 6)
+    first = [StreamingLoader(corrupt, tiny_processor(), settings(2, 2), rank, 2) for rank in range(2)]
+    assert [sorted(a + b) for a, b in zip(*(step_keys(loader, 3) for loader in first))] == straight[:3]
+    merged = merge_loader_states([loader.state_dict() for loader in first])
+    assert merged["bad"] and all(key.startswith("corrupt/") for key in merged["bad"])
+    assert global_steps(corrupt, 4, settings(4, 1), 3, merged) == straight[3:]
+    assert not any(key.startswith("corrupt/") for keys in straight for key in keys)
 
 
 @pytest.mark.parametrize("ranks, micro, workers", [(1, 8, 0), (1, 2, 2), (2, 4, 0), (2, 1, 2), (4, 2, 1), (8, 1, 0)])
