@@ -132,10 +132,33 @@ def _set_trainable(engine, name: str, parameter: torch.nn.Parameter, tensors: di
             for key, target in whole.items():
                 target.copy_(tensors[key])
         return
+    if _partitioned(parameter):
+        for key in ("value", *MOMENTS):
+            _set_zero3_partition(parameter, tensors[key].float(), None if key == "value" else key)
+        return
     fragment = _tensor_fragment()
     fragment.safe_set_full_fp32_param(parameter, tensors["value"].float())
     for key in MOMENTS:
         fragment.safe_set_full_optimizer_state(parameter, tensors[key].float(), key)
+
+
+def _set_zero3_partition(parameter: torch.nn.Parameter, value: torch.Tensor, key: str | None) -> None:
+    """This rank's slice of a ZeRO-3 parameter's master weight (``key`` None) or optimizer state.
+
+    DeepSpeed's own ``safe_set_full_*`` (0.19) cuts the whole tensor into equal slices without the
+    padding its partitions carry, so the last rank's slice runs past the end whenever the world
+    size does not divide the parameter's size (a 4096-element bias on 24 ranks). The same
+    DeepSpeed accessors are used here, with the tail padded: its padding holds zeros."""
+    optimizer = parameter._z3_optimizer
+    partition, group = optimizer._get_fp32_opt_state_partition(parameter, release_swap_buffers=False,
+                                                                 optim_state_key=key)
+    start = partition.numel() * optimizer._get_param_partition_rank(parameter)
+    flat = value.flatten()
+    count = max(0, min(partition.numel(), flat.numel() - start))
+    partition.data.zero_()
+    partition.data[:count].copy_(flat[start:start + count])
+    if optimizer._swappable_optimizer_subgroup(group):
+        optimizer._optimizer_states_and_gradient_swap_out(group)
 
 
 def _full_frozen(parameter: torch.nn.Parameter) -> torch.Tensor:
