@@ -82,6 +82,7 @@ def stage_inputs(recipe: Recipe, stage: str, world_size: int) -> dict:
     for key in ("cards", "variables"):  # reach training through the shard stage's fingerprint
         data.pop(key)
     data.pop("verify_shards")  # how they are checked, not what is trained
+    data.pop("num_workers")  # who decodes, not what: the data order is the step's (pipeline/data/loader.py)
     found = {"seed": recipe.seed, "model": model, "data": data, stage: section}
     if recipe.shard is None:  # shards made elsewhere: their manifest is this stage's data input
         found["manifest_sha256"] = sha256_of(Path(recipe.data.manifest))
@@ -158,6 +159,8 @@ class TrainingRun:
         self.metrics: MetricsLog | None = None
         self.progress = None
         self.step_keys: list[str] = []
+        self.left_out: list[str] = []    # keys of this step's micro-batches left out (non-finite loss)
+        self.micro_seen = self.micro_good = 0
 
     @property
     def lr(self) -> float:
@@ -280,6 +283,7 @@ class TrainingRun:
         the step's normaliser (``per_micro_batch``) is known before the first backward."""
         window = [next(batches) for _ in range(accumulation)]
         self.step_keys = [key for batch in window for key in batch.keys]
+        self.left_out, self.micro_seen, self.micro_good = [], 0, 0
         return window
 
     def per_micro_batch(self, counts: list[float], accumulation: int) -> float:
@@ -298,8 +302,9 @@ class TrainingRun:
         """Whether the loss is finite on every rank; a micro-batch where it is not gets no backward
         (``stand_in`` runs in its place), is counted, and the run stops after N in a row."""
         finite = sum_across_ranks([float(torch.isfinite(loss.detach()).all())], self.device)[0] == self.world
+        self.micro_seen += 1
         if finite:
-            self.in_a_row = 0
+            self.in_a_row, self.micro_good = 0, self.micro_good + 1
             return True
         self.in_a_row, self.nonfinite_skipped = self.in_a_row + 1, self.nonfinite_skipped + 1
         logger.warning("step %d: non-finite loss on some rank, micro-batch %s skipped (%d in a row)", step + 1, keys,
@@ -315,10 +320,17 @@ class TrainingRun:
         ``accumulation`` backward passes (its optimizer steps on the last) and every rank calls the
         same modules. Nothing is read in its place: the later steps train on the samples they
         always would, so the data order stays a function of the step on any layout. (The step's
-        normaliser still counts the left-out micro-batch's tokens or pairs.)"""
+        normaliser still counts the left-out micro-batch's tokens or pairs.) When every micro-batch
+        of the step was left out, its optimizer step runs at learning rate 0: no weight moves (AdamW's
+        moments still decay one step); the schedule goes on at the next step."""
+        self.left_out.extend(batch.keys)
         token = batch.inputs["input_ids"][:1, :1].to(self.device)
         logits = self.engine(input_ids=token, attention_mask=torch.ones_like(token)).logits
         self.engine.backward(logits.float().sum() * 0.0)
+        if self.micro_good == 0 and self.micro_seen == self.loader.settings.accumulation:
+            logger.warning("every micro-batch of this step was left out: its optimizer step changes no weight")
+            for group in self.engine.optimizer.param_groups:  # the scheduler sets the next step's rate
+                group["lr"] = 0.0
         self.engine.step()
 
     def end_step(self, done: int, step_loss: float, lr: float) -> None:
@@ -349,8 +361,11 @@ class TrainingRun:
         run appends the steps it trains again; the last line of a step is the one that counts."""
         path = self.context.directory / SAMPLES_DIR / f"rank_{self.context.ranks.rank:05d}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"step": done, "keys": self.step_keys}
+        if self.left_out:
+            entry["left_out"] = self.left_out  # read, but their loss was not finite: no gradient
         with path.open("a") as log:
-            log.write(json.dumps({"step": done, "keys": self.step_keys}) + "\n")
+            log.write(json.dumps(entry) + "\n")
 
     def _log_values(self, lr: float) -> dict:
         interval, names = self.interval, sorted(self.interval.sums)

@@ -225,7 +225,12 @@ def run(context: StageContext) -> dict:
         if dpo.reference == "live":
             # with LoRA the reference is the policy with its adapters off: the start model, no copy
             with torch.no_grad(), (adapters_disabled(model) if lora is not None else contextlib.nullcontext()):
-                logps = _pair_logps(reference if reference is not None else engine, batch, device)
+                if reference is None:  # the policy, in eval mode as the frozen copy and the precomputed pass run
+                    engine.eval()
+                try:
+                    logps = _pair_logps(reference if reference is not None else engine, batch, device)
+                finally:
+                    engine.train()
             return logps[:len(batch.keys)], logps[len(batch.keys):]
         missing = [key for key in batch.keys if key not in reference_logps]
         if missing:

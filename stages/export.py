@@ -31,10 +31,12 @@ import torch
 
 import ppllava
 from backends import PRECISIONS
+from backends.portable_state import read_index
 from pipeline.atomic import publish_directory, set_aside, temporary_directory
 from pipeline.checkpoint import latest_checkpoint
 from pipeline.data.templates import ASSISTANT, ROLE_TEMPLATES, USER
-from pipeline.layout import ADAPTER_DIR, CLIP_TOKENIZER_DIR, MODEL_DIR, PROCESSOR_CONFIG, RECIPE_FILE, TRAINER_STATE, checkpoints_dir
+from pipeline.layout import (ADAPTER_DIR, CLIP_TOKENIZER_DIR, MODEL_DIR, PROCESSOR_CONFIG, RECIPE_FILE, TRAINER_STATE,
+                             TRAINING_STATE, checkpoints_dir)
 from pipeline.model.check import probe_inputs, probe_logits, write_checksums
 from pipeline.model.consolidate import consolidated_state_dict, model_from_state_dict
 from pipeline.model.setup import load_directory_tokenizers, save_tokenizers
@@ -160,13 +162,21 @@ def verify(directory: Path, expected: torch.Tensor, inputs: dict, dtype: torch.d
     return list(loaders)
 
 
-def write_adapter(state: dict[str, torch.Tensor], model_dir: Path, directory: Path) -> int:
+def write_adapter(state: dict[str, torch.Tensor], checkpoint: Path, model_dir: Path, directory: Path) -> int:
     """export.adapter: the LoRA adapters alone in PEFT's format, read back with PEFT's own loader
-    and compared tensor by tensor; returns how many tensors were written."""
+    and compared tensor by tensor; returns how many tensors were written. Refused when the stage
+    also trained other parameters fully: an adapter file does not carry them."""
     config = load_lora_config(model_dir)
     if config is None:
         raise StageFailed(f"export.adapter: {model_dir} records no LoRA adapters ({ADAPTER_CONFIG}): the stage "
                           f"trained without lora")
+    index = read_index(checkpoint / TRAINING_STATE)
+    fully = sorted(name for name, entry in index["parameters"].items() if entry["trainable"] and ".lora_" not in name)
+    if fully:
+        raise StageFailed(f"export.adapter: besides its LoRA adapters the stage trained {len(fully)} parameters fully "
+                          f"({', '.join(fully[:3])}, ...), which an adapter file cannot carry: applied to the start "
+                          f"model it would leave them untrained. Export the merged model only (export.adapter: "
+                          f"false), or train the adapters alone (every trainable part false)")
     written = save_adapter(config, state, directory)
     from peft.utils import load_peft_weights
 
@@ -191,7 +201,7 @@ def run(context: StageContext) -> dict:
         model = model_from_state_dict(state, source / MODEL_DIR, dtype)  # LoRA adapters merged
     except (ValueError, FileNotFoundError) as error:
         raise StageFailed(f"cannot export: {checkpoint}: {error}") from None
-    adapter = write_adapter(state, source / MODEL_DIR, temporary / ADAPTER_DIR) if settings.adapter else None
+    adapter = write_adapter(state, checkpoint, source / MODEL_DIR, temporary / ADAPTER_DIR) if settings.adapter else None
     del state
     probe = probe_inputs(model.config)
     expected = probe_logits(model, probe)

@@ -24,7 +24,7 @@ import torch
 from backends.portable_state import PortableStateError, portable_state_dict
 from pipeline.layout import CLIP_TOKENIZER_DIR, DEEPSPEED_TAG, PROCESSOR_CONFIG, TRAINING_STATE
 from ppllava import PPLLaVAConfig, PPLLaVAForConditionalGeneration
-from ppllava.lora import add_lora, load_lora_config, merge_lora
+from ppllava.lora import add_lora, load_lora_config, lora_parameters, merge_lora
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,9 @@ def model_from_state_dict(state: dict[str, torch.Tensor], model_dir: Path,
         model = PPLLaVAForConditionalGeneration._from_config(config, dtype=dtype)
     lora = load_lora_config(model_dir)
     if lora is not None:
-        add_lora(model, lora)  # in fp32: merged into weights of ``dtype`` after loading
+        add_lora(model, lora)
+        for _, parameter in lora_parameters(model):  # PEFT makes them in the base layer's dtype: merge from fp32
+            parameter.data = parameter.data.float()
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

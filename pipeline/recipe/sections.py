@@ -293,6 +293,13 @@ class ExportSection:
         if self.adapter and getattr(recipe, source).lora is None:
             raise RecipeError(f"{src}: export.adapter: writes the LoRA adapters of the {source} stage, which trains "
                               f"none (no {source}.lora)")
+        if self.adapter and source == "sft":
+            fully = [part for part, on in dataclasses.asdict(recipe.sft.trainable).items()
+                     if on and part not in ("llm", "bt_adapter")]
+            if fully:
+                raise RecipeError(f"{src}: export.adapter: sft also trains {', '.join(fully)} fully (sft.trainable), "
+                                  f"which an adapter file cannot carry; set them false to train the adapters alone, "
+                                  f"or leave export.adapter out (the merged export holds everything)")
         if not re.fullmatch(r"\d+[KMG]i?B", self.max_shard_size, flags=re.IGNORECASE):
             raise RecipeError(f"{src}: export.max_shard_size: expected a size like 5GB, 500MB or 2GiB, "
                               f"got {self.max_shard_size!r}")

@@ -27,7 +27,8 @@ def manifest(tmp_path_factory):
 
 def lora_recipe(tmp_path, manifest):
     recipe = training_recipe(tmp_path / "run", manifest, max_steps=STEPS, save_every=2, lr=1e-2)
-    recipe["sft"]["trainable"] = {"llm": False, "clip_text": False}
+    # the adapters alone: export.adapter can then carry everything that trained
+    recipe["sft"]["trainable"] = {"llm": False, "projector": False, "clip_text": False, "clip_projections": False}
     recipe["sft"]["lora"] = {"rank": 4, "alpha": 8, "dropout": 0.0}
     recipe["export"] = {"dtype": "fp32", "adapter": True}
     return write_recipe(tmp_path / "recipe.yaml", recipe)
@@ -46,10 +47,7 @@ def test_lora_sft_trains_the_adapters_resumes_exactly_and_exports_merged(tmp_pat
     index = json.loads((checkpoints / f"step_{STEPS}" / "training_state" / "index.json").read_text())
     trained = sorted(name for name, entry in index["parameters"].items() if entry["trainable"])
     adapters = [name for name in trained if ".lora_" in name]
-    assert len(adapters) == 2 * 7 * 2  # A and B on the 7 linear layers of each of the 2 LLM layers
-    assert [name for name in trained if name not in adapters] and all(  # the projector trains fully
-        name.split(".")[0] in ("multi_modal_projector", "image_newline", "visual_projection", "text_projection")
-        for name in trained if name not in adapters)
+    assert len(adapters) == 2 * 7 * 2 and adapters == trained  # A and B on the 7 linear layers of 2 LLM layers
     early, late = saved_tensors(checkpoints / "step_2"), saved_tensors(checkpoints / f"step_{STEPS}")
     base = [name for name in late if name.startswith("language_model.") and ".lora_" not in name]
     assert base and all(torch.equal(early[name], late[name]) for name in base)  # the LLM's own weights stay

@@ -138,13 +138,15 @@ def test_every_recipe_starts_with_the_command_that_runs_it():
     ({"sft": {"micro_batch_size": "two"}}, "sft.micro_batch_size: expected an integer"),
     ({"sft": {"lora": {}}}, "sft.lora trains the LLM through adapters, but sft.trainable.llm is true"),
     ({"sft": {"lora": {"dropout": 1.0}, "trainable": {"llm": False}}}, "sft.lora.dropout: expected a fraction in [0, 1)"),
+    ({"sft": {"lora": {}, "trainable": {"llm": False}}, "export": {"adapter": True}},
+     "export.adapter: sft also trains projector, clip_text, clip_projections fully"),
     ({"sft": {"micro_batch_size": 3}}, "not divisible"),
     ({"data": {"manifest": "/nonexistent/manifest.json"}}, "data.manifest: /nonexistent/manifest.json does not exist"),
 ])
 def test_bad_recipes_fail_fast_on_the_command_line(tmp_path, change, expected):
     data = minimal(tmp_path)
     for section, values in change.items():
-        data[section].update(values)
+        data.setdefault(section, {}).update(values)
     path = write_recipe(tmp_path / "bad.yaml", data)
     # Fast means before torch: a torch that cannot be imported stands first on the path.
     stand_in = tmp_path / "no_torch" / "torch"
