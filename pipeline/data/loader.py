@@ -335,6 +335,9 @@ class StreamingLoader:
                  rank: int = 0, world_size: int = 1) -> None:
         self.manifest_path, self.processor, self.settings = manifest_path, processor, settings
         self.rank, self.world_size = rank, world_size
+        # the streams' checks now (weights, virtual streams the world size divides), not at the first
+        # batch: a run moved onto a layout that cannot read the data stops before loading a checkpoint
+        InterleavedStream(manifest_path, processor, settings, rank, world_size)
         self.batches, self.used, self.bad = 0, 0, []  # used: samples this process handed out
         # What a resumed run carries over from the checkpoint (every rank's, merged): the refused
         # keys (the first ``carried_bad`` of ``bad``) and the samples used before.
