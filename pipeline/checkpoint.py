@@ -318,9 +318,9 @@ def load_checkpoint(engine, scheduler, path: Path, rank: int, same_ranks: bool) 
         load_portable(engine, scheduler, path / TRAINING_STATE)
     except (PortableStateError, OSError, RuntimeError, KeyError) as error:
         raise CheckpointError(f"{path / TRAINING_STATE} cannot be loaded: {error}") from None
-    rank_file = path / f"rank_{rank:05d}.pt"
     if not same_ranks:
         return None
+    rank_file = path / f"rank_{rank:05d}.pt"
     if not rank_file.is_file():
         raise CheckpointError(f"{path} has no state for rank {rank} ({rank_file.name} is missing)")
     return torch.load(rank_file, weights_only=False)

@@ -55,8 +55,13 @@ def add_lora(model: torch.nn.Module, config) -> torch.nn.Module:
     return model
 
 
+def is_adapter(name: str) -> bool:
+    """Whether a parameter or state-dict name is a LoRA adapter's (``...q_proj.lora_A.default.weight``)."""
+    return ".lora_" in name
+
+
 def lora_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(name, parameter) for name, parameter in model.named_parameters() if ".lora_" in name]
+    return [(name, parameter) for name, parameter in model.named_parameters() if is_adapter(name)]
 
 
 def train_lora(model: torch.nn.Module) -> None:
@@ -112,7 +117,7 @@ def peft_adapter_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     """The adapters of a state dict (ours: ``...q_proj.lora_A.default.weight``) under the names PEFT
     saves them (``base_model.model....q_proj.lora_A.weight``: its wrapper's prefix, no adapter name)."""
     return {"base_model.model." + name.replace(f".{ADAPTER_NAME}.", "."): tensor.contiguous()
-            for name, tensor in state.items() if ".lora_" in name}
+            for name, tensor in state.items() if is_adapter(name)}
 
 
 def save_adapter(config, state: dict[str, torch.Tensor], directory: Path) -> dict[str, torch.Tensor]:

@@ -43,7 +43,7 @@ from pipeline.model.setup import load_directory_tokenizers, save_tokenizers
 from pipeline.recipe import Recipe
 from pipeline.runner import StageContext, StageFailed
 from ppllava import PPLLaVAForConditionalGeneration
-from ppllava.lora import ADAPTER_CONFIG, load_lora_config, save_adapter
+from ppllava.lora import ADAPTER_CONFIG, is_adapter, load_lora_config, save_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def write_adapter(state: dict[str, torch.Tensor], checkpoint: Path, model_dir: P
         raise StageFailed(f"export.adapter: {model_dir} records no LoRA adapters ({ADAPTER_CONFIG}): the stage "
                           f"trained without lora")
     index = read_index(checkpoint / TRAINING_STATE)
-    fully = sorted(name for name, entry in index["parameters"].items() if entry["trainable"] and ".lora_" not in name)
+    fully = sorted(name for name, entry in index["parameters"].items() if entry["trainable"] and not is_adapter(name))
     if fully:
         raise StageFailed(f"export.adapter: besides its LoRA adapters the stage trained {len(fully)} parameters fully "
                           f"({', '.join(fully[:3])}, ...), which an adapter file cannot carry: applied to the start "
