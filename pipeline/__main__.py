@@ -2,6 +2,7 @@
 
     run RECIPE [key=value ...] [--stages a,b] [--resume auto|PATH] [--dry-run]
     validate RECIPE [key=value ...]     check a recipe without touching a device, model or data
+    plan RECIPE [key=value ...] [--device NAME ...]   each training stage's memory per device, and whether it fits
     launch RECIPE [key=value ...] --scheduler slurm|torchrun [--out job.sh] [--submit]   a cluster job (docs/cluster.md)
     status RUN_DIR                      stages done, latest checkpoints, last metrics
     synth OUT_DIR                       write synthetic videos, images, multi-image sets, cards
@@ -26,6 +27,7 @@ from typing import NoReturn
 
 from pipeline.data.cards import CardError
 from pipeline.data.synthetic import SynthSettings, generate
+from pipeline.devices import DEVICES
 from pipeline.exit_codes import ExitCode
 from pipeline.recipe import RecipeError, load_recipe, validate
 
@@ -64,12 +66,34 @@ def _validate(args: argparse.Namespace) -> int:
     for budget in budgets:  # printed before the verdict, so a failing budget shows its numbers
         print("\n".join(budget.lines()))
     check_budgets(recipe, budgets)
+    if recipe.cluster.device is not None:  # the memory plan on the device the recipe names
+        from pipeline.model.memory import plan_report
+
+        text, problems = plan_report(recipe)
+        print(text)
+        if problems:
+            raise RecipeError(f"{recipe.source}: " + "; ".join(problems))
     print(f"{args.recipe}: valid. stages: {', '.join(recipe.stages)}; run_dir: {recipe.run_dir}; "
           f"backend: {recipe.backend}")
     for stage in ("sft", "dpo"):
         if getattr(recipe, stage) is not None:
             print(recipe.batch_layout_line(stage))
     return ExitCode.OK
+
+
+def _plan(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    validate(recipe, missing_paths=[])  # paths missing here are fine: the plan reads configs where it can
+    from pipeline.model.memory import plan_report, training_stages
+
+    if not training_stages(recipe):
+        print(f"error: {args.recipe} has no training stage (sft, dpo) to plan", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    text, problems = plan_report(recipe, args.device, args.tokens)
+    print(text)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return ExitCode.BAD_INPUT if problems else ExitCode.OK
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -243,6 +267,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("recipe")
     check.add_argument("overrides", nargs="*", metavar="key=value")
     check.set_defaults(handler=_validate)
+
+    plan = commands.add_parser(
+        "plan", help="the device memory each training stage needs, and whether it fits (no device needed)",
+        description="Plan each training stage's memory per device from the model's config on the meta device "
+                    "(nothing is allocated): weights, gradients and optimizer states by ZeRO stage, activations for "
+                    "the longest sequence with and without gradient checkpointing, the frozen vision tower, the DPO "
+                    "reference, host memory; then a verdict per device and, where it does not fit, the smallest "
+                    "change that makes it fit. Exit code 2 when a device named (--device, or the recipe's "
+                    "cluster.device) does not fit.",
+        epilog=f"devices: {', '.join(DEVICES)}")
+    plan.add_argument("recipe")
+    plan.add_argument("overrides", nargs="*", metavar="key=value")
+    plan.add_argument("--device", action="append", metavar="NAME",
+                      help="judge the plan on this device (repeatable; default: cluster.device, else every known "
+                           "device of the recipe's backend)")
+    plan.add_argument("--tokens", type=int, metavar="N", help="longest row in tokens (default: data.max_length)")
+    plan.set_defaults(handler=_plan)
 
     from pipeline.launch import add_arguments as add_launch_arguments
 

@@ -257,8 +257,10 @@ def launch(args: argparse.Namespace) -> int:
     notes: list[str] = []
     validate(recipe, missing_paths=notes)
     from pipeline.model.budget import check_budgets  # torch: only once the recipe is valid
+    from pipeline.model.memory import check_plan
 
     check_budgets(recipe)
+    check_plan(recipe)  # a job that would run out of memory on cluster.device is not queued
     for key in ("partition", "time", "account"):
         if getattr(args, key) is not None:
             setattr(recipe.cluster, key, getattr(args, key))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.data.records import MODALITIES
+from pipeline.devices import device_named
 from pipeline.recipe.checks import existing, fraction, note, positive, written_by_synth
 from pipeline.recipe.typed_yaml import RecipeError
 
@@ -106,6 +107,7 @@ class ClusterSection:
     nodes: int = 1
     procs_per_node: int = 1
     dist_timeout_minutes: float = 30.0
+    device: str | None = None               # e.g. a100-80g: validate plans each training stage's memory on it
     # `python -m pipeline launch` only (the batch script's header and environment; docs/cluster.md):
     partition: str | None = None
     account: str | None = None
@@ -125,6 +127,11 @@ class ClusterSection:
         src = recipe.source
         for key in ("nodes", "procs_per_node", "dist_timeout_minutes"):
             positive(src, f"cluster.{key}", getattr(self, key))
+        if self.device is not None:
+            try:
+                device_named(self.device, f"{src}: cluster.device")
+            except ValueError as error:
+                raise RecipeError(str(error)) from None
         for key in ("gpus_per_node", "cpus_per_task", "signal_seconds"):
             value = getattr(self, key)
             if value is not None and value <= 0:
