@@ -14,7 +14,7 @@ plan for, so plan total vs measured peak is the whole comparison.
 Cases (the LLM shrunk in width and depth only; vocabulary 32000 as Vicuna's):
 
     tiny             the tests' tiny PPLLaVA, ZeRO-2 fp32, micro 2
-    100m-full        LLM 768 x 12 layers (134 M parameters), full fine-tuning, ZeRO-2 fp32
+    100m-full        LLM 768 x 12 layers (134 M parameters), full fine-tuning, ZeRO-2 fp32, micro 3
     100m-lora-ckpt   the same with LoRA (rank 16) and gradient checkpointing, ZeRO-2 fp32
     100m-zero3-bf16  full fine-tuning, ZeRO-3, bf16 (fp32 master weights), checkpointing
     100m-dpo-lora    DPO with LoRA, the live reference = the policy with adapters off, ZeRO-2 fp32
@@ -45,7 +45,7 @@ VIDEO_336 = {"num_frames": 32, "vision_config": {"image_size": 336, "patch_size"
                                                  "num_attention_heads": 2}}
 CASES = {
     "tiny": dict(stage="sft", overrides={}, zero=2, precision="fp32", micro=2),
-    "100m-full": dict(stage="sft", overrides={**VIDEO_336, "text_config": LLM_100M}, zero=2, precision="fp32", micro=1),
+    "100m-full": dict(stage="sft", overrides={**VIDEO_336, "text_config": LLM_100M}, zero=2, precision="fp32", micro=3),
     "100m-lora-ckpt": dict(stage="sft", overrides={**VIDEO_336, "text_config": LLM_100M}, zero=2, precision="fp32",
                            micro=1, lora={"rank": 16, "alpha": 32, "dropout": 0.05}, checkpointing=True),
     "100m-zero3-bf16": dict(stage="sft", overrides={**VIDEO_336, "text_config": LLM_100M}, zero=3, precision="bf16",

@@ -66,9 +66,9 @@ def _validate(args: argparse.Namespace) -> int:
     for budget in budgets:  # printed before the verdict, so a failing budget shows its numbers
         print("\n".join(budget.lines()))
     check_budgets(recipe, budgets)
-    if recipe.cluster.device is not None:  # the memory plan on the device the recipe names
-        from pipeline.model.memory import plan_report
+    from pipeline.model.memory import judged_on_its_device, plan_report
 
+    if judged_on_its_device(recipe):  # the memory plan on the device the recipe names
         text, problems = plan_report(recipe)
         print(text)
         if problems:

@@ -41,18 +41,20 @@ ZeRO paper's accounting and are not measured; the device reserves are estimates.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from backends.deepspeed_engine import REDUCE_BUCKET_ELEMENTS
 from pipeline.devices import DEVICES, GIB, Device, device_named
 from pipeline.recipe import Recipe, RecipeError
 from ppllava.config import VIDEO, PPLLaVAConfig
 
 FRAGMENTATION = 0.10            # of a device kept free for the allocator's fragmentation
-REDUCE_BUCKET = 500_000_000     # DeepSpeed's reduce_bucket_size default (elements); our config keeps it
 PREFETCH_BUCKET = 50_000_000    # ZeRO-3 stage3_prefetch_bucket_size default (elements)
 PERSISTENCE = 100_000           # ZeRO-3 stage3_param_persistence_threshold: smaller parameters stay whole
 PREFETCH_FACTOR = 2             # torch DataLoader's batches in flight per worker
@@ -125,7 +127,7 @@ def _meta_model(config: PPLLaVAConfig, parts: dict[str, bool], lora) -> torch.nn
     from ppllava import PPLLaVAForConditionalGeneration
 
     with torch.device("meta"):
-        model = PPLLaVAForConditionalGeneration(config)
+        model = PPLLaVAForConditionalGeneration._from_config(copy.deepcopy(config))
         set_trained_parts(model, parts, lora)
     return model
 
@@ -216,15 +218,17 @@ def _meta_forward(model, config: PPLLaVAConfig, dtype: torch.dtype, videos: int,
                   dpo: bool) -> _Saved:
     """Saved activations of one micro-batch: ``videos`` videos through the visual path, ``rows``
     sequences of ``tokens`` through the LLM (the loss as the stage takes it)."""
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, PretrainedConfig
 
     from pipeline.preference import sequence_logps
     from ppllava.pooling import pool_tokens, relevance
 
     AttentionInterface.register(ATTENTION, _fused_attention)
     model.to(dtype)
+    for module in model.modules():  # every tower's attention (the model's config is _meta_model's copy)
+        if isinstance(getattr(module, "config", None), PretrainedConfig):
+            module.config._attn_implementation = ATTENTION
     language_model = model.language_model
-    language_model.config._attn_implementation = ATTENTION
     model.train()
     saved = _Saved()
     meta = {"device": "meta"}
@@ -251,17 +255,27 @@ def _meta_forward(model, config: PPLLaVAConfig, dtype: torch.dtype, videos: int,
     return saved
 
 
+def _pixel_bytes(config: PPLLaVAConfig, videos: int, element: int = 4) -> int:
+    """A micro-batch's frames (the loader's pixels are fp32; the tower reads them in its dtype)."""
+    size = config.vision_config.image_size
+    return videos * config.num_frames * 3 * size * size * element
+
+
 def _vision_forward_bytes(config: PPLLaVAConfig, videos: int, element: int) -> int:
-    """The frozen tower's no-grad forward of ``videos`` videos at its peak: every hidden state
-    (they are all returned) plus one layer's working set (its MLP's input, hidden and output)."""
+    """The frozen tower's no-grad forward of ``videos`` videos at its peak: its input in the
+    training dtype, every hidden state (they are all returned), one layer's working set (its MLP's
+    input, hidden and output)."""
     vision = config.vision_config
     tokens = videos * config.num_frames * (config.patches_per_side ** 2 + 1)
     states = (vision.num_hidden_layers + 1) * tokens * vision.hidden_size
     working = tokens * (2 * vision.hidden_size + 2 * vision.intermediate_size)
-    return (states + working) * element
+    return (states + working) * element + _pixel_bytes(config, videos, element)
 
 
 # -- the plan ---------------------------------------------------------------------------------
+
+_SAVED: dict[tuple, _Saved] = {}   # recent meta forwards' counts
+
 
 def plan_stage(recipe: Recipe, stage: str, tokens: int | None = None) -> MemoryPlan:
     """The per-device memory of ``stage`` (sft or dpo) of ``recipe``; ``tokens`` (default
@@ -282,7 +296,12 @@ def plan_stage(recipe: Recipe, stage: str, tokens: int | None = None) -> MemoryP
     model = _meta_model(config, parts, section.lora)
     counts = _count(model)
     rows = 2 * micro if stage == "dpo" else micro   # DPO: the chosen and the rejected answer of each pair
-    saved = _meta_forward(model, config, dtype, micro, rows, tokens, dpo=stage == "dpo")
+    key = (config.to_json_string(), repr(parts), repr(section.lora), dtype, micro, rows, tokens, stage)
+    if key not in _SAVED:  # smallest_change plans many variants; most share their activations
+        if len(_SAVED) > 16:
+            _SAVED.clear()
+        _SAVED[key] = _meta_forward(model, config, dtype, micro, rows, tokens, dpo=stage == "dpo")
+    saved = _SAVED[key]
     zero, trained, checkpointing = section.zero_stage, counts.trained, recipe.model.gradient_checkpointing
     split = world if zero == 3 else 1                   # what divides the weights
     state_split = world if zero >= 1 else 1             # what divides the optimizer states
@@ -313,16 +332,21 @@ def plan_stage(recipe: Recipe, stage: str, tokens: int | None = None) -> MemoryP
     # bucket holds them all) to the step; ZeRO-0 keeps every gradient from the backward to the step.
     gradients = trained * element // grad_split
     note = f"{trained / 1e9:.3f} B trained parameters" + (f", 1/{grad_split}" if grad_split > 1 else "")
+    bucket_note = f"DeepSpeed's, {REDUCE_BUCKET_ELEMENTS:.0e} elements (backends/deepspeed_engine.py)"
     if zero == 3:
         lines.append(Line("gradients", gradients, note))
-        lines.append(Line("reduce bucket", REDUCE_BUCKET * element, "DeepSpeed's reduce_bucket_size elements"))
+        lines.append(Line("reduce bucket", REDUCE_BUCKET_ELEMENTS * element, bucket_note))
     elif zero >= 1:
-        reduced_early = trained > REDUCE_BUCKET
+        reduced_early = trained > REDUCE_BUCKET_ELEMENTS
         lines.append(Line("gradients", gradients, note, ("layer backward", "step") if reduced_early else ("step",)))
-        lines.append(Line("reduce bucket", REDUCE_BUCKET * element, "DeepSpeed's reduce_bucket_size elements",
-                          ("layer backward",)))
+        lines.append(Line("reduce bucket", REDUCE_BUCKET_ELEMENTS * element, bucket_note, ("layer backward",)))
     else:
         lines.append(Line("gradients", gradients, note, ("layer backward", "step")))
+    # The micro-batch: on an accelerator its copy; on the CPU the loader's batches themselves (the
+    # one training and the next one, received from a worker)
+    batches = 2 if recipe.backend == "cpu" else 1
+    lines.append(Line("input batch", batches * _pixel_bytes(config, micro),
+                      f"{micro} x {config.num_frames} frames in fp32" + (", and the next one" if batches > 1 else "")))
     # The forward: the frozen tower's no-grad pass (and a live DPO reference's) before the LLM's.
     lines.append(Line("vision tower forward", _vision_forward_bytes(config, micro, element),
                       f"{micro} x {config.num_frames} frames, no grad: its hidden states and one layer",
@@ -375,8 +399,7 @@ def _host_lines(recipe: Recipe, stage: str, config: PPLLaVAConfig, micro: int, w
     if section.offload_optimizer:
         lines.append(Line("offloaded optimizer (pinned)", trained * 16 // world * per_node,
                           "fp32 master, Adam moments and fp32 gradients of each process's partition"))
-    size = config.vision_config.image_size
-    batch = micro * config.num_frames * 3 * size * size * 4   # fp32 pixels dominate a batch
+    batch = _pixel_bytes(config, micro)   # the pixels dominate a batch
     workers = max(recipe.data.num_workers, 1)
     lines.append(Line("loader batches", batch * (workers * PREFETCH_FACTOR + 1) * per_node,
                       f"{workers} worker(s) x {PREFETCH_FACTOR} batches in flight + the one training, per process"))
@@ -427,17 +450,16 @@ def candidate_changes(recipe: Recipe, stage: str) -> list[str]:
 
 
 def smallest_change(recipe: Recipe, stage: str, device: Device, tokens: int | None = None) -> str:
-    """The first single change (least disruptive first) that makes the plan fit, else the
-    changes applied together in that order until it fits; or what does not."""
+    """The fewest changes (the least disruptive first among as many) that make the plan fit; or
+    that none does."""
     changes = candidate_changes(recipe, stage)
-    for change in changes:
-        if plan_stage(_changed(recipe, stage, change), stage, tokens).verdict(device)[0]:
-            return f"fits with {change}"
-    applied, edited = [], recipe
-    for change in changes:
-        edited, applied = _changed(edited, stage, change), [*applied, change]
-        if plan_stage(edited, stage, tokens).verdict(device)[0]:
-            return f"fits with {' '.join(applied)}"
+    for size in range(1, len(changes) + 1):
+        for chosen in itertools.combinations(changes, size):
+            edited = recipe
+            for change in chosen:
+                edited = _changed(edited, stage, change)
+            if plan_stage(edited, stage, tokens).verdict(device)[0]:
+                return f"fits with {' '.join(chosen)}"
     return "does not fit with any of " + (" ".join(changes) if changes else "the memory settings") + \
         ": more devices, a larger device, or a shorter data.max_length"
 
@@ -510,9 +532,15 @@ def plan_report(recipe: Recipe, names: list[str] | None = None, tokens: int | No
     return "\n".join(texts), problems
 
 
+def judged_on_its_device(recipe: Recipe) -> bool:
+    """Whether validate and launch check the plan: the recipe names its device and runs on it (a
+    cluster recipe rehearsed or launched on CPU nodes does not)."""
+    return recipe.cluster.device is not None and recipe.backend != "cpu"
+
+
 def check_plan(recipe: Recipe) -> None:
     """RecipeError when a training stage's plan does not fit the recipe's cluster.device."""
-    if recipe.cluster.device is None:
+    if not judged_on_its_device(recipe):
         return
     _, problems = plan_report(recipe)
     if problems:

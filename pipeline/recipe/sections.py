@@ -129,9 +129,12 @@ class ClusterSection:
             positive(src, f"cluster.{key}", getattr(self, key))
         if self.device is not None:
             try:
-                device_named(self.device, f"{src}: cluster.device")
+                family = device_named(self.device, f"{src}: cluster.device").family
             except ValueError as error:
                 raise RecipeError(str(error)) from None
+            if recipe.backend in ("cuda", "npu") and family != recipe.backend:
+                raise RecipeError(f"{src}: cluster.device: {self.device} is a {family} device, but the recipe's "
+                                  f"backend is {recipe.backend}")
         for key in ("gpus_per_node", "cpus_per_task", "signal_seconds"):
             value = getattr(self, key)
             if value is not None and value <= 0:
