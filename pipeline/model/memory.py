@@ -1,33 +1,43 @@
 """The device memory a training stage of a recipe needs, planned before the job is queued.
 
 `python -m pipeline plan RECIPE [--device a100-40g ...]` prints it; `validate` prints it and
-stops a recipe that names a device (``cluster.device``) its plan does not fit. Nothing is
+`launch` checks it when the recipe names its device (``cluster.device``), and both stop a recipe
+whose plan does not fit it. Nothing is
 allocated: the model is built on the meta device from its config (``budget.stage_model_config``:
 the recipe's real config.json files where they are readable, the PPLLaVA defaults otherwise), so
 a 7B plan takes about a second on a laptop.
 
-Per device (one training process), at the step's peak:
+Per device (one training process). Each line is held in some phases of a step (the vision
+tower's forward, a live DPO reference's forward, the loss's backward, the layers' backward, the
+optimizer step); the peak is the phase whose lines sum to the most:
 
-    weights              every parameter in the training dtype (DeepSpeed casts the whole module);
-                         1/world under ZeRO-3, plus the parameters it gathers around the running
-                         module and the small ones it never partitions
-    gradients            of the trained parameters: ZeRO-2 keeps its 1/world partition in the
-                         training dtype and an fp32 copy for the optimizer; ZeRO-3 the partition;
-                         ZeRO-0/1 the whole gradient
+    weights              every parameter in the training dtype (DeepSpeed casts the whole module;
+                         the frozen vision tower on its own line); 1/world under ZeRO-3, plus the
+                         parameters it gathers around the running module and the small ones it
+                         never partitions
     optimizer states     fp32 master weights + Adam's two moments (12 bytes per trained
                          parameter; 1/world from ZeRO-1 on; on the host with offload_optimizer)
-    DeepSpeed buffers    the gradient reduce bucket ZeRO allocates (reduce_bucket_size elements)
-    frozen vision tower  its share of the weights above, and its no-grad forward (every hidden
-                         state is returned: the feature layer is read from them)
-    activations          what autograd saves in the forward for the recipe's longest sequence:
-                         counted by running the visual path and the LLM on meta tensors with a
-                         hook on every saved tensor (exact for the model code that runs, LoRA
-                         dropout and fp32 up-casts included); with gradient checkpointing each
-                         LLM layer keeps its input and one layer is recomputed at a time
-    backward working     the gradients in flight at the peak: twice the largest saved tensor
-                         (the fp32 log-softmax of the logits, or a layer's MLP activation)
-    DPO reference        live without LoRA: a second frozen copy of the model and its forward;
-                         with LoRA: nothing (the policy with its adapters off); precomputed: nothing
+    gradients            the trained parameters' partition in the training dtype: ZeRO-3 from
+                         the start, ZeRO-1/2 from their first reduction to the step (the
+                         backward's end when the reduce bucket holds them all), ZeRO-0 all of them
+    reduce bucket        DeepSpeed's (backends.deepspeed_engine.REDUCE_BUCKET_ELEMENTS), allocated
+                         at the start under ZeRO-3 and in every micro-step's backward under ZeRO-1/2
+    input batch          the micro-batch's frames in fp32 (on CPU also the next batch received)
+    vision tower forward its no-grad forward: every hidden state (they are all returned) and one
+                         layer's working set
+    activations          what autograd saves in the forward for the longest rows: counted by
+                         running the visual path and the LLM on meta tensors with a hook on every
+                         saved tensor (the model code that runs: LoRA's dropout, fp32 up-casts in
+                         norms and loss); with gradient checkpointing each LLM layer keeps its
+                         input and one layer is recomputed at a time; the logits and the loss
+                         apart (freed before the first parameter gradient)
+    backward working     the gradients in flight: twice the largest saved tensor of the loss
+                         (its fp32 log-softmax) or of a layer
+    optimizer step       the fp32 gradient the optimizer reads (and torch AdamW's full-size
+                         temporaries on CPU, where ZeRO flattens the partition into one tensor)
+    DPO reference        live without LoRA: a second frozen copy of the model; with LoRA nothing
+                         (the policy with its adapters off); precomputed: nothing. A live
+                         reference's forward (its logits) in its own phase
 
 The runtime's own share (CUDA context, cuBLAS workspaces, NCCL; CANN and HCCL on Ascend) is a
 fixed reserve per device family, and a plan "fits" with 10 % of the device left for allocator
@@ -35,8 +45,10 @@ fragmentation. Attention is counted as a fused kernel (flash / memory-efficient 
 fused attention on Ascend, PyTorch's flash kernel on CPU): no sequence x sequence matrix.
 
 Checked against measurement: ``benchmarks/memory_plan.py`` (plan vs the peak of real training
-steps on CPU; BENCHMARKS.md). The ZeRO-2/3 terms are measured there; ZeRO-0/1 in bf16 follow the
-ZeRO paper's accounting and are not measured; the device reserves are estimates.
+steps on CPU; BENCHMARKS.md). ZeRO-2/3, fp32 and bf16 are measured there; ZeRO-0/1 in bf16 follow
+the ZeRO paper's accounting and are not; nor are the device reserves and the fused optimizers'
+step on GPU / NPU (no device here). Grouped-query attention is counted with its keys and values
+repeated to every head (transformers' SDPA path; a kernel that reads them unrepeated saves less).
 """
 
 from __future__ import annotations
@@ -339,6 +351,8 @@ def plan_stage(recipe: Recipe, stage: str, tokens: int | None = None) -> MemoryP
     elif zero >= 1:
         reduced_early = trained > REDUCE_BUCKET_ELEMENTS
         lines.append(Line("gradients", gradients, note, ("layer backward", "step") if reduced_early else ("step",)))
+        # One fresh bucket every micro-step. (In 2 of about 20 CPU runs of benchmarks/memory_plan.py
+        # the previous micro-step's bucket was still alive beside it: 95 MiB more in bf16.)
         lines.append(Line("reduce bucket", REDUCE_BUCKET_ELEMENTS * element, bucket_note, ("layer backward",)))
     else:
         lines.append(Line("gradients", gradients, note, ("layer backward", "step")))
@@ -363,12 +377,14 @@ def plan_stage(recipe: Recipe, stage: str, tokens: int | None = None) -> MemoryP
     one_layer = saved.in_layers // max(saved.layers, 1)
     kept = saved.layers * saved.layer_input if checkpointing else saved.in_layers
     other = saved.in_layers if checkpointing else saved.layers * saved.layer_input + one_layer
-    backward = ("loss backward", "layer backward")
+    # A live reference runs after the policy's forward: its forward holds the policy's activations.
+    after_forward = ("reference forward",) if stage == "dpo" and section.reference == "live" else ()
+    backward = (*after_forward, "loss backward", "layer backward")
     lines.append(Line("activations: visual path, LLM layers", saved.before + kept,
                       f"{micro} x {config.num_frames}-frame video, {rows} x {tokens} tokens; gradient checkpointing "
                       f"{'on' if checkpointing else 'off'} (with it {'off' if checkpointing else 'on'}: "
                       f"{_gib(saved.before + other)} GiB)", backward))
-    lines.append(Line("activations: logits, loss", saved.head, "", ("loss backward",)))
+    lines.append(Line("activations: logits, loss", saved.head, "", (*after_forward, "loss backward")))
     lines.append(Line("loss backward working memory", 2 * saved.largest_in_head, "the logits' gradients",
                       ("loss backward",)))
     lines.append(Line("layer backward working memory", 2 * saved.largest_in_layers + (one_layer if checkpointing else 0),
@@ -467,9 +483,8 @@ def smallest_change(recipe: Recipe, stage: str, device: Device, tokens: int | No
 def _when(phases: tuple[str, ...]) -> str:
     if phases == ALWAYS:
         return "always"
-    if phases == ("loss backward", "layer backward"):
-        return "backward"
-    return " + ".join(phases)
+    names = " + ".join(phases)
+    return names.replace("loss backward + layer backward", "backward")
 
 
 def format_plan(plan: MemoryPlan, devices: list[Device], advice: dict[str, str] | None = None) -> str:

@@ -1,5 +1,7 @@
 """LoRA adapters on the tiny model: what they adapt, and merging them (ppllava/lora.py)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -37,3 +39,37 @@ def test_a_bf16_export_merges_from_the_fp32_adapters(tmp_path):
     expected = state[f"{layer}.base_layer.weight"].to(torch.bfloat16) + (b @ a) * (8 / 4)
     assert torch.equal(merged.state_dict()[f"{layer}.weight"], expected.to(torch.bfloat16))
     assert merged.state_dict()[f"{layer}.weight"].dtype == torch.bfloat16
+
+
+def test_the_adapter_disabled_reference_gives_a_separate_frozen_references_dpo_losses():
+    """DPO with LoRA takes the reference from the policy with its adapters off; with trained
+    (non-zero) adapters that gives the losses a separate frozen copy of the start model gives."""
+    from conftest import build_batch
+    from pipeline.preference import dpo_loss, sequence_logps
+    from ppllava import IMAGE, VIDEO
+    from ppllava.lora import adapters_disabled
+
+    start = tiny_model().eval()
+    reference = copy.deepcopy(start)           # the second copy a LoRA run does without
+    policy = start
+    add_lora(policy, lora_config(policy, rank=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for _, parameter in lora_parameters(policy):
+            parameter.normal_(0, 0.05)          # as after some training: the policy has moved
+    batch = build_batch(policy.config, [(VIDEO, 4), (IMAGE, 3), (VIDEO, 4), (IMAGE, 3)], seed=5)
+    chosen, rejected = slice(0, 2), slice(2, 4)
+
+    def pair_logps(model):
+        logps, _ = sequence_logps(model(**batch).logits, batch["labels"])
+        return logps[chosen], logps[rejected]
+
+    with torch.no_grad():
+        policy_chosen, policy_rejected = pair_logps(policy)
+        with adapters_disabled(policy):
+            disabled = pair_logps(policy)
+        separate = pair_logps(reference)
+    loss_disabled, _ = dpo_loss(policy_chosen, policy_rejected, *disabled, beta=0.1)
+    loss_separate, _ = dpo_loss(policy_chosen, policy_rejected, *separate, beta=0.1)
+    assert (policy_chosen - separate[0]).abs().max() > 1e-3    # the adapters change the policy's log-probs
+    assert loss_disabled.item() == pytest.approx(loss_separate.item(), abs=1e-5)
+    assert torch.allclose(torch.stack(disabled), torch.stack(separate), atol=1e-5, rtol=0)
