@@ -121,6 +121,19 @@ def _gib(value: int) -> str:
     return f"{value / GIB:.1f}"
 
 
+def _size(value: int) -> str:
+    """Bytes as GiB, or MiB below one GiB (a tiny model's plan is all MiB)."""
+    return f"{value / GIB:.1f} GiB" if value >= GIB else f"{value / 2**20:.1f} MiB"
+
+
+def _amount(numbers: int) -> str:
+    """A parameter count in B, M or K."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if numbers >= scale:
+            return f"{numbers / scale:.2f} {unit}"
+    return str(numbers)
+
+
 # -- the model on the meta device -------------------------------------------------------------
 
 @dataclass
@@ -324,10 +337,10 @@ def plan_stage(recipe: Recipe, stage: str, tokens: int | None = None) -> MemoryP
     frozen_vision = counts.vision - counts.vision_trained
     others = counts.total - frozen_vision
     lines.append(Line("weights", others * element // split,
-                      f"{others / 1e9:.2f} B parameters in {section.precision}" + (f", 1/{world}" if split > 1 else "")))
+                      f"{_amount(others)} parameters in {section.precision}" + (f", 1/{world}" if split > 1 else "")))
     if frozen_vision:
         lines.append(Line("frozen vision tower", frozen_vision * element // split,
-                          f"{frozen_vision / 1e9:.2f} B parameters" + (f", 1/{world}" if split > 1 else "")))
+                          f"{_amount(frozen_vision)} parameters" + (f", 1/{world}" if split > 1 else "")))
     if zero == 3:
         gathered = (counts.largest_module + PREFETCH_BUCKET + counts.persistent) * element
         lines.append(Line("ZeRO-3 gathered parameters", gathered, "the running module, the prefetch bucket, "
@@ -343,7 +356,7 @@ def plan_stage(recipe: Recipe, stage: str, tokens: int | None = None) -> MemoryP
     # backward and keep their partition from the first reduction (the backward's end when the
     # bucket holds them all) to the step; ZeRO-0 keeps every gradient from the backward to the step.
     gradients = trained * element // grad_split
-    note = f"{trained / 1e9:.3f} B trained parameters" + (f", 1/{grad_split}" if grad_split > 1 else "")
+    note = f"{_amount(trained)} trained parameters" + (f", 1/{grad_split}" if grad_split > 1 else "")
     bucket_note = f"DeepSpeed's, {REDUCE_BUCKET_ELEMENTS:.0e} elements (backends/deepspeed_engine.py)"
     if zero == 3:
         lines.append(Line("gradients", gradients, note))
@@ -383,7 +396,7 @@ def plan_stage(recipe: Recipe, stage: str, tokens: int | None = None) -> MemoryP
     lines.append(Line("activations: visual path, LLM layers", saved.before + kept,
                       f"{micro} x {config.num_frames}-frame video, {rows} x {tokens} tokens; gradient checkpointing "
                       f"{'on' if checkpointing else 'off'} (with it {'off' if checkpointing else 'on'}: "
-                      f"{_gib(saved.before + other)} GiB)", backward))
+                      f"{_size(saved.before + other)})", backward))
     lines.append(Line("activations: logits, loss", saved.head, "", (*after_forward, "loss backward")))
     lines.append(Line("loss backward working memory", 2 * saved.largest_in_head, "the logits' gradients",
                       ("loss backward",)))
@@ -400,7 +413,7 @@ def plan_stage(recipe: Recipe, stage: str, tokens: int | None = None) -> MemoryP
                           "fp32 gradient" + ("" if fused else " and AdamW's temporaries (torch AdamW)"), ("step",)))
 
     host = _host_lines(recipe, stage, config, micro, world, trained)
-    summary = (f"{stage}: {counts.total / 1e9:.2f} B parameters ({where}), {trained / 1e9:.3f} B trained"
+    summary = (f"{stage}: {_amount(counts.total)} parameters ({where}), {_amount(trained)} trained"
                f"{' through LoRA' if section.lora is not None else ''}; ZeRO-{zero} over {world} process(es), "
                f"{section.precision}, micro-batch {micro}, {tokens} tokens per row")
     return MemoryPlan(stage, summary, lines, host)
@@ -493,9 +506,9 @@ def format_plan(plan: MemoryPlan, devices: list[Device], advice: dict[str, str] 
     when_width = max(len(when) for when in [*whens.values(), plan.peak_phase])
 
     def row(label: str, size: int, when: str, note: str) -> str:
-        return f"  {label:<{width}}{_gib(size):>7}  {when:<{when_width}}  {note}".rstrip()
+        return f"  {label:<{width}}{_size(size):>10}  {when:<{when_width}}  {note}".rstrip()
 
-    out = [plan.summary, row("per device", 0, "held in", "").replace("    0.0", "    GiB")]
+    out = [plan.summary, row("per device", 0, "held in", "").replace("   0.0 MiB", "          ")]
     for line in plan.lines:
         out.append(row(line.label, line.bytes, whens[line.label], line.note))
     held = [line.label for line in plan.lines if plan.peak_phase in line.phases and line.bytes]
