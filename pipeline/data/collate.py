@@ -80,10 +80,12 @@ class SampleProcessor:
             raise ValueError(f"the CLIP tokenizer has {len(self.clip_tokenizer)} tokens but the CLIP text tower's "
                              f"vocabulary has {vocabulary}: use the tokenizer of the CLIP checkpoint the model came from")
 
-    def pixels(self, sample: Sample, media: list[bytes], epoch: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        """CLIP-normalised frames [T, 3, S, S], and the image's (height, width) for image samples."""
+    def pixels(self, sample: Sample, media: list[bytes], epoch: int,
+               frames: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """CLIP-normalised frames [T, 3, S, S], and the image's (height, width) for image samples;
+        ``frames``: how many to sample from a video (default: the settings', else the model's)."""
         size = self.config.vision_config.image_size
-        count = self.settings.num_frames or self.config.num_frames
+        count = frames or self.settings.num_frames or self.config.num_frames
         randomly = self.settings.training if self.settings.frames is None else self.settings.frames == "random"
         if sample.modality == "video" and len(media) > 1:  # frames pre-extracted by the shard stage
             chosen = sample_indices(len(media), count, randomly, sample_seed(sample.key, epoch), self.settings.frame_scheme)

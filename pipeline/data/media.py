@@ -217,8 +217,22 @@ def read_video(data: bytes, count: int, training: bool, key: str, epoch: int = 0
     """``count`` RGB frames [count, H, W, 3] uint8 of a video, sampled per :func:`sample_indices`;
     with ``bounds`` (start, end) in seconds, from that part of the video only (frames
     round(start x fps) .. round(end x fps), clipped to the video)."""
+    video_decoder = _decoder_for(data, video_decoder)
+    positions = frame_positions(data, count, training, key, epoch, seed, video_decoder, bounds, scheme)
+    return video_decoder.read(data, positions, key)
+
+
+def _decoder_for(data: bytes, video_decoder: VideoDecoder | None) -> VideoDecoder:
     if video_decoder is None or data[:4] == b"GIF8":  # decord cannot open GIFs (TGIF, MVBench)
-        video_decoder = PyAVDecoder()
+        return PyAVDecoder()
+    return video_decoder
+
+
+def frame_positions(data: bytes, count: int, training: bool, key: str, epoch: int = 0, seed: int = 0,
+                    video_decoder: VideoDecoder | None = None, bounds: Sequence[float] | None = None,
+                    scheme: str = "segments") -> list[int]:
+    """The indices of the frames :func:`read_video` reads (VideoMME's subtitles are those shown at them)."""
+    video_decoder = _decoder_for(data, video_decoder)
     total = video_decoder.frame_count(data, key)
     if total < 1:
         raise MediaError(key, "the video has no frames")
@@ -229,7 +243,7 @@ def read_video(data: bytes, count: int, training: bool, key: str, epoch: int = 0
         if first > last:
             raise MediaError(key, f"bounds {list(bounds)} s hold no frame of a {total}-frame video at {fps:g} fps")
     indices = sample_indices(last - first + 1, count, training, sample_seed(key, epoch, seed), scheme)
-    return video_decoder.read(data, [first + i for i in indices], key)
+    return [first + i for i in indices]
 
 
 def read_image(data: bytes, key: str) -> np.ndarray:

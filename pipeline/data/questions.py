@@ -4,7 +4,7 @@ Multiple-choice records (MVBench style): {"video" | "image": path or, for images
 paths, "question": str, "options" | "candidates": [str, ...], "answer": a letter "A".. or the
 answer's text}; open-ended records: {"video" | "image": path, "question": str, "answer": str
 (optional)}. A video may be a file, a GIF or a folder of frames, and may carry "start" / "end"
-seconds (MVBench's bounded tasks). Media paths are relative to a media root (default: the
+seconds (MVBench's bounded tasks; on a folder of frames also "fps", their rate). Media paths are relative to a media root (default: the
 file's folder) and may not leave it. ``read_task`` checks every record before any model loads, and names the file, the
 record index and the reason of the first bad one (RecordError).
 """
@@ -15,13 +15,13 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.benchmarks.prompts import LETTERS, mvbench_prompt
 from pipeline.data.cards import media_under_root
 from pipeline.data.media import FRAME_SUFFIXES, frame_files
 from pipeline.data.records import RecordError
 from pipeline.data.sources import read_bounds
 from pipeline.model.inference import Question
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 KINDS = ("multiple_choice", "open_ended")
 
 
@@ -77,7 +77,16 @@ def _media(record: dict, root: Path, file: str, where: str) -> Question:
     question = _text(record, "question", file, where)
     asked = Question.from_media(question, videos=paths if present[0] == "video" else (),
                                 images=paths if present[0] == "image" else ())
-    return replace(asked, bounds=read_bounds(record, file, where)) if present[0] == "video" else asked
+    if present[0] != "video":
+        return asked
+    bounds = read_bounds(record, file, where)
+    fps = record.get("fps")
+    if bounds is not None and paths[0].is_dir():  # frames of a folder are placed by their rate
+        if not isinstance(fps, (int, float)) or isinstance(fps, bool) or fps <= 0:
+            raise RecordError(file, where, f"'start' / 'end' on a folder of frames need its frame rate: 'fps' > 0, "
+                                           f"got {fps!r}")
+        return replace(asked, bounds=bounds, folder_fps=float(fps))
+    return replace(asked, bounds=bounds)
 
 
 def _answer_index(record: dict, options: list[str], file: str, where: str) -> int:
@@ -116,11 +125,6 @@ def _item(record, index: int, kind: str, root: Path, file: str) -> Item:
     return Item(index, record, question, [o.strip() for o in options], _answer_index(record, options, file, where))
 
 
-# The authors' MVBench prompt (their test/mvbench/utils.py and mv_bench_infer_mp.py, as their script
-# runs it: no system text): the question and lettered options, an instruction, and the answer
-# opened with "Best option:(". CLIP reads the question and options without the instruction.
-MVBENCH_INSTRUCTION = "Only give the best option."
-MVBENCH_ANSWER_PREFIX = "Best option:("
 PROMPTS = ("mvbench", "plain")
 
 
@@ -134,11 +138,9 @@ def multiple_choice_prompt(item: Item, style: str = "mvbench") -> tuple[Question
         return item.question, list(item.options)
     if style != "mvbench":
         raise ValueError(f"unknown multiple-choice prompt {style!r}; expected one of {PROMPTS}")
-    lettered = [f"({LETTERS[i]}) {option}" for i, option in enumerate(item.options)]
-    guide = f"Question: {item.question.text}\nOptions:\n" + "\n".join(lettered)
-    question = replace(item.question, text=f"{guide}\n{MVBENCH_INSTRUCTION}", answer_prefix=MVBENCH_ANSWER_PREFIX,
-                       guide=guide)
-    return question, [line[1:] for line in lettered]  # "A) option": the answer after "Best option:("
+    prompt = mvbench_prompt(item.question.text, item.options)  # the authors' (pipeline/benchmarks/prompts.py)
+    question = replace(item.question, text=prompt.text, answer_prefix=prompt.answer_prefix, guide=prompt.guide)
+    return question, [f"{LETTERS[i]}) {option}" for i, option in enumerate(item.options)]  # after "Best option:("
 
 
 def read_task(path: str | Path, kind: str, media_root: str | None = None, limit: int | None = None) -> Task:

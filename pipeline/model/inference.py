@@ -61,6 +61,8 @@ class Question:
     answer_prefix: str = ""             # the assistant's answer starts with it (not scored), e.g. "Best option:("
     guide: str | None = None            # the text that guides pooling (default: the question)
     bounds: list[float] | None = None   # a video's (start, end) in seconds: frames from that part only
+    frames: int | None = None           # frames sampled from the video (None: the model's)
+    folder_fps: float | None = None     # a video given as a folder of frames: their rate (for bounds)
 
     @classmethod
     def from_media(cls, text: str, videos: Sequence[str | Path] = (), images: Sequence[str | Path] = ()) -> "Question":
@@ -91,11 +93,21 @@ class Question:
 
 
 def read_media(question: Question) -> list[bytes]:
-    """The media's bytes; a video given as a folder of frames gives its frames' bytes, in order."""
+    """The media's bytes; a video given as a folder of frames gives its frames' bytes, in order
+    (with bounds, those of frames round(start x fps) .. round(end x fps), counted from 1 as
+    MVBench's frame folders are: the authors' arithmetic)."""
     if question.modality == "video" and question.media and question.media[0].is_dir():
         frames = frame_files(question.media[0])
         if not frames:
             raise InferenceError(f"frame folder {question.media[0]} holds no frames")
+        if question.bounds is not None:
+            if question.folder_fps is None:
+                raise InferenceError(f"{question.key}: bounds on a folder of frames need its frame rate")
+            first = max(1, round(question.bounds[0] * question.folder_fps))
+            last = min(round(question.bounds[1] * question.folder_fps), len(frames))
+            if first > last:
+                raise InferenceError(f"{question.key}: bounds {question.bounds} s hold none of its {len(frames)} frames")
+            frames = frames[first - 1:last]
         return [p.read_bytes() for p in frames]
     missing = [str(p) for p in question.media if not p.is_file()]
     if missing:
@@ -127,8 +139,8 @@ class InferenceModel:
     def pixels(self, question: Question) -> tuple[torch.Tensor, tuple[int, int]]:
         """Frames [T, 3, S, S] as the model sees them (eval sampling) and an image's (height, width)."""
         sample = Sample(question.key, question.modality, [str(p) for p in question.media], [question.user_turn()],
-                        bounds=question.bounds)
-        pixel_values, image_size = self.processor.pixels(sample, read_media(question), epoch=0)
+                        bounds=None if question.folder_fps else question.bounds)  # a folder's: read_media
+        pixel_values, image_size = self.processor.pixels(sample, read_media(question), epoch=0, frames=question.frames)
         return pixel_values, tuple(int(v) for v in image_size)
 
     def encode(self, question: Question, answer: str | None, pixel_values: torch.Tensor,

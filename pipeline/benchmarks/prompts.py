@@ -1,0 +1,170 @@
+"""The paper's benchmarks asked and scored the authors' way: prompts, answer prefixes, what guides
+the pooling, and how an answer is read from the generated text.
+
+The authors answer every benchmark by generation with fixed prompts (their ``test/`` scripts;
+read from farewellthree/PPLLaVA, nothing copied). In their Vicuna format a question renders as
+
+    USER: <image>\\n{text} ASSISTANT: {answer_prefix}
+
+which is ``templates.render`` of one user turn in ``plain_v1`` followed by the prefix
+(``prompt_string``), so the same ``Question`` objects drive our inference:
+
+    mvbench     text "Question: {q}\\nOptions:\\n(A) {o1}\\n(B) {o2}...\\nOnly give the best option.",
+                prefix "Best option:(", CLIP reads the question and options. Their released
+                script passes --system_llm, a store_false flag: no system text (``system=True``
+                puts it back in front).
+    videomme    text "{instruction}\\n{q}\\n{options}", with subtitles first when there are
+                any ("This video's subtitles are listed below: {subs} \\n"); prefix
+                "The best answer is:"; CLIP reads "{q}\\n{options}". {options} is numpy's text
+                of the options array (their parquet rows hold numpy arrays and they format
+                them with str()), reproduced here by numpy itself.
+    qa          MSVD-QA, MSRVTT-QA, ActivityNet-QA: "{instruction} Question: {q}", prefix
+                "Answer: In the video,"; CLIP reads the question. The prediction is what follows
+                the prefix, for GPT-assisted scoring.
+    vcg         Video-ChatGPT's benchmark: the question alone, no prefix; CLIP reads it.
+
+Reading answers: ``mvbench_letter`` takes the option letter a generation opens with, or names
+("(B) The man...", "B.", "Answer: C", "The best option is D"); ``videomme_letter`` is the
+authors' rule (strip answer phrases, nothing from a long answer without a letter, else the first
+of A-D). Where theirs count wrongly we do not follow: an empty MVBench answer is wrong here (their
+substring test scores "(" as right), and VideoMME accuracy is over every question (theirs over
+the answered ones; both are reported).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pipeline.data.records import IMAGE_PLACEHOLDER, Turn
+from pipeline.data.templates import render
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+MVBENCH_SYSTEM = ("Carefully watch the video and pay attention to the cause and sequence of events, the detail and "
+                  "movement of objects, and the action and pose of persons. Based on your observations, select the "
+                  "best option that accurately addresses the question.\n")
+MVBENCH_INSTRUCTION = "Only give the best option."
+MVBENCH_ANSWER_PREFIX = "Best option:("
+
+VIDEOMME_INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the video and the "
+                        "subtitles. Respond with only the letter (A, B, C, or D) of the correct option.")
+VIDEOMME_SUBTITLES = "This video's subtitles are listed below: "
+VIDEOMME_ANSWER_PREFIX = "The best answer is:"
+
+QA_INSTRUCTION = ("The input consists of a sequence of key frames from a video. Answer the question concisely first "
+                  "and followed by significant events, characters, or objects that appear throughout the frames. "
+                  "Question:")
+QA_ANSWER_PREFIX = "Answer: In the video,"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str                 # the user turn after the visual placeholder
+    answer_prefix: str = ""   # the assistant's answer opens with it (generation continues it)
+    guide: str = ""           # the text CLIP reads to weigh the visual tokens (prompt-guided pooling)
+
+
+def prompt_string(prompt: Prompt) -> str:
+    """The whole prompt as the authors' Vicuna format writes it (without the BOS token)."""
+    return render([Turn("user", f"{IMAGE_PLACEHOLDER}\n{prompt.text}")], "plain_v1") + prompt.answer_prefix
+
+
+def lettered(options: list[str]) -> str:
+    return "\n".join(f"({LETTERS[index]}) {option}" for index, option in enumerate(options))
+
+
+def mvbench_prompt(question: str, options: list[str], system: bool = False) -> Prompt:
+    guide = f"Question: {question}\nOptions:\n{lettered(options)}".rstrip()
+    text = f"{MVBENCH_SYSTEM if system else ''}{guide}\n{MVBENCH_INSTRUCTION}"
+    return Prompt(text, MVBENCH_ANSWER_PREFIX, guide)
+
+
+def numpy_options(options: list[str]) -> str:
+    """The options as the authors' VideoMME prompt writes them: numpy's str() of the array."""
+    import numpy
+
+    return str(numpy.array(options, dtype=object))
+
+
+def videomme_prompt(question: str, options: list[str], subtitles: str = "") -> Prompt:
+    """``options`` as VideoMME gives them ("A. ...", "B. ..."); ``subtitles`` the lines of the
+    sampled frames (``videomme_subtitles``), empty for none."""
+    guide = f"{question}\n{numpy_options(options)}"
+    head = f"{VIDEOMME_SUBTITLES}{subtitles} \n" if subtitles else ""
+    return Prompt(f"{head}{VIDEOMME_INSTRUCTION}\n{guide}", VIDEOMME_ANSWER_PREFIX, guide)
+
+
+def qa_prompt(question: str) -> Prompt:
+    return Prompt(f"{QA_INSTRUCTION} {question}", QA_ANSWER_PREFIX, question)
+
+
+def vcg_prompt(question: str) -> Prompt:
+    return Prompt(question, "", question)
+
+
+# -- reading answers ----------------------------------------------------------------------------
+
+def mvbench_letter(generated: str, options: int) -> str | None:
+    """The option letter a generation after "Best option:(" gives: its first character when that
+    is a letter of an option followed by ")", ".", ":", a space or the end ("B) The man", "B."),
+    else a letter named as the answer ("Answer: C", "option (D)"); None when there is none."""
+    allowed = LETTERS[:options]
+    text = generated.strip()
+    opening = re.match(rf"\(?([{allowed}])(?:[).:,\s]|$)", text)
+    if opening:
+        return opening.group(1)
+    named = re.search(rf"(?:answer|option)(?: is)?\s*[:\-]?\s*\(?([{allowed}])(?:[).:,\s]|$)", text, re.IGNORECASE)
+    return named.group(1) if named else None
+
+
+# The phrases the authors' VideoMME scorer strips before looking for a letter (their list lost two
+# commas, which glued four of them into two that never match; these are the phrases it meant).
+VIDEOMME_PHRASES = ("The best answer is", "The correct answer is", "The answer is", "The answer", "The best option is",
+                    "The correct option is", "Best answer:", "Best option:", "Answer:", "Option:",
+                    "The correct answer", "The correct option")
+
+
+def videomme_letter(generated: str) -> str | None:
+    """The authors' VideoMME rule: strip the answer phrases; a long answer (over 10 words) without
+    any of A-D gives nothing; else the first of A-D in the text, or None."""
+    text = generated.strip()
+    for phrase in VIDEOMME_PHRASES:
+        text = text.replace(phrase, "")
+    if len(text.split()) > 10 and not re.search("[ABCD]", text):
+        return None
+    found = re.search("[ABCD]", text)
+    return found.group(0) if found else None
+
+
+def after_prefix(generated: str) -> str:
+    """An open-ended answer as scored: the generation (which continues the prefix), stripped."""
+    return generated.strip()
+
+
+# -- VideoMME subtitles -------------------------------------------------------------------------
+
+_SRT_TIME = re.compile(r"(\d+):(\d+):(\d+)[,.](\d+)")
+_WHITE_FONT = re.compile(r'<font color="white" size=".72c">(.*?)</font>')
+
+
+def _seconds(stamp: str) -> float:
+    hours, minutes, seconds, millis = (int(part) for part in _SRT_TIME.match(stamp.strip()).groups())
+    return hours * 3600 + minutes * 60 + seconds + millis / 1000
+
+
+def videomme_subtitles(srt: str, frame_indices: list[int], fps: float) -> str:
+    """The subtitle lines shown at the sampled frames, in time order, joined by spaces: each SRT
+    block whose [start, end) frame range holds a sampled frame, its text inside VideoMME's
+    ``<font color="white" size=".72c">`` tag (blocks without it are skipped, as the authors')."""
+    shown = []
+    for block in srt.strip().split("\n\n"):
+        lines = block.strip().splitlines()
+        if len(lines) < 3 or " --> " not in lines[1]:
+            continue
+        start, end = (int(_seconds(stamp) * fps) for stamp in lines[1].split(" --> "))
+        if any(start <= index < end for index in frame_indices):
+            text = _WHITE_FONT.findall(" ".join(lines[2:]))
+            if text:
+                shown.append((start, text[0]))
+    return " ".join(text for _, text in sorted(shown, key=lambda item: item[0]))

@@ -1,0 +1,204 @@
+"""A benchmark question asked of a model and its answer read and scored; the results laid out like
+the paper's tables; the answer files in the input format of the GPT-assisted scoring the
+open-ended benchmarks use (the eval stage runs the loop: stages/eval.py).
+
+    multiple choice (mvbench, videomme)   accuracy per group (MVBench task, VideoMME duration)
+                                          over every question: a failed one (video missing or
+                                          undecodable) or an answer without a letter counts wrong
+                                          and is counted apart;
+                                          MVBench's figure is the mean over its tasks (the
+                                          paper's), VideoMME's the accuracy over all questions,
+                                          and the authors' (over answered ones) beside it
+    open-ended QA                         answers for GPT scoring ({pred, answer, question, id},
+                                          the authors' file), and two scorer-free figures: exact
+                                          match and "contains" (the reference, normalised, is in
+                                          the answer)
+    vcg                                   general.json / temporal.json / consist.json as
+                                          Video-ChatGPT's scoring scripts read them
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+from pipeline.benchmarks.prompts import (Prompt, after_prefix, mvbench_letter, mvbench_prompt, qa_prompt, vcg_prompt,
+                                         videomme_letter, videomme_prompt, videomme_subtitles)
+from pipeline.benchmarks.readers import (QA_BENCHMARKS, BenchmarkQuestion, read_mvbench, read_qa, read_vcg,
+                                         read_videomme)
+from pipeline.data.media import frame_positions
+from pipeline.model.inference import InferenceModel, Question
+
+MULTIPLE_CHOICE = ("mvbench", "videomme")
+
+
+def benchmark_questions(entry) -> list[BenchmarkQuestion]:
+    """The questions of a recipe's ``eval.benchmarks`` entry (a BenchmarkSection)."""
+    if entry.name == "mvbench":
+        return read_mvbench(entry.root, entry.limit)
+    if entry.name == "videomme":
+        return read_videomme(entry.root, entry.limit, entry.subtitles)
+    if entry.name in QA_BENCHMARKS:
+        return read_qa(entry.name, entry.annotations, entry.videos, entry.answers, entry.limit)
+    return read_vcg(entry.root, entry.videos, entry.limit)
+
+
+@contextlib.contextmanager
+def video_kernel(model: InferenceModel, kernel: list[int] | None):
+    """The model pools videos with ``kernel`` (= stride) inside the block (None: as it is)."""
+    config = model.config
+    saved = (config.video_kernel, config.video_stride)
+    if kernel is not None:
+        config.video_kernel = config.video_stride = tuple(kernel)
+    try:
+        yield
+    finally:
+        config.video_kernel, config.video_stride = saved
+
+
+def _subtitles(model: InferenceModel, item: BenchmarkQuestion, frames: int) -> str:
+    """The subtitle lines shown at the frames the model sees of this video."""
+    if item.subtitles is None:
+        return ""
+    data, decoder = item.media.read_bytes(), model.processor.video_decoder
+    positions = frame_positions(data, frames, False, str(item.media), video_decoder=decoder,
+                                scheme=model.processor.settings.frame_scheme)
+    return videomme_subtitles(item.subtitles.read_text(encoding="utf-8", errors="replace"), positions,
+                              decoder.frame_rate(data, str(item.media)))
+
+
+def prompt_of(model: InferenceModel, item: BenchmarkQuestion, entry, frames: int) -> Prompt:
+    if item.benchmark == "mvbench":
+        return mvbench_prompt(item.question, item.options, entry.system)
+    if item.benchmark == "videomme":
+        return videomme_prompt(item.question, item.options, _subtitles(model, item, frames))
+    if item.benchmark in QA_BENCHMARKS:
+        return qa_prompt(item.question)
+    return vcg_prompt(item.question)
+
+
+def _question(item: BenchmarkQuestion, prompt: Prompt, frames: int) -> Question:
+    return Question(prompt.text, "video", (item.media,), answer_prefix=prompt.answer_prefix, guide=prompt.guide,
+                    bounds=item.bounds, frames=frames, folder_fps=item.folder_fps)
+
+
+def result_line(item: BenchmarkQuestion, frames: int) -> dict:
+    return {"benchmark": item.benchmark, "group": item.group, "key": item.key, "question": item.question,
+            "answer": item.answer, "frames": frames, **item.fields}
+
+
+def failed(line: dict, reason: str) -> dict:
+    """A question that could not be asked (its video missing or undecodable): wrong, and counted."""
+    return {**line, "failed": reason, "prediction": None, "correct": False}
+
+
+def ask(model: InferenceModel, item: BenchmarkQuestion, entry) -> dict:
+    """One question: its result line (the prompt's text, the generation, the answer read from it,
+    whether it is right for multiple choice). A missing video gives a ``failed`` line."""
+    frames = entry.num_frames or item.frames or model.num_frames
+    line = result_line(item, frames)
+    if item.missing:
+        return failed(line, f"video not found: {item.media}")
+    prompt = prompt_of(model, item, entry, frames)
+    generated = model.generate(_question(item, prompt, frames), entry.max_new_tokens)
+    line.update(prompt=prompt.text, generated=generated)
+    if item.benchmark == "mvbench":
+        letter = mvbench_letter(generated, len(item.options))
+        return {**line, "options": item.options, "prediction": letter, "correct": letter == item.answer}
+    if item.benchmark == "videomme":
+        letter = videomme_letter(generated)
+        return {**line, "options": item.options, "prediction": letter, "correct": letter == item.answer}
+    if item.second_question is not None:  # VCG consistency: the same video, the question said another way
+        second = model.generate(_question(item, vcg_prompt(item.second_question), frames), entry.max_new_tokens)
+        return {**line, "question2": item.second_question, "prediction": after_prefix(generated),
+                "prediction2": after_prefix(second)}
+    return {**line, "prediction": after_prefix(generated)}
+
+
+# -- results ------------------------------------------------------------------------------------
+
+def _normalised(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def summarise(name: str, lines: list[dict]) -> dict:
+    """Per group and overall: questions, missing videos, and accuracy (multiple choice) or the
+    scorer-free figures (open-ended QA) or the answer counts (VCG)."""
+    groups: dict[str, dict] = {}
+    for line in lines:
+        group = groups.setdefault(line["group"], {"questions": 0, "failed": 0})
+        group["questions"] += 1
+        group["failed"] += "failed" in line
+        if name in MULTIPLE_CHOICE:
+            group["correct"] = group.get("correct", 0) + line["correct"]
+            group["unanswered"] = group.get("unanswered", 0) + (line["prediction"] is None and "failed" not in line)
+        elif name in QA_BENCHMARKS and "failed" not in line:
+            answer, prediction = _normalised(line["answer"]), _normalised(line["prediction"])
+            group["exact_match"] = group.get("exact_match", 0) + (prediction == answer)
+            group["contains"] = group.get("contains", 0) + (bool(answer) and f" {answer} " in f" {prediction} ")
+    overall = {key: sum(group.get(key, 0) for group in groups.values())
+               for key in ("questions", "failed", "correct", "unanswered", "exact_match", "contains")}
+    for entry in (*groups.values(), overall):
+        if name in MULTIPLE_CHOICE:
+            entry["accuracy"] = entry["correct"] / entry["questions"]
+            answered = entry["questions"] - entry["failed"] - entry["unanswered"]
+            entry["accuracy_of_answered"] = entry["correct"] / answered if answered else 0.0
+        elif name in QA_BENCHMARKS:
+            entry["exact_match_accuracy"] = entry["exact_match"] / entry["questions"]
+            entry["contains_accuracy"] = entry["contains"] / entry["questions"]
+    if name in MULTIPLE_CHOICE:
+        overall["mean_group_accuracy"] = sum(g["accuracy"] for g in groups.values()) / len(groups)
+    else:
+        overall = {k: v for k, v in overall.items() if k not in ("correct", "unanswered")}
+    return {"groups": groups, "overall": overall}
+
+
+def gpt_scoring_files(name: str, lines: list[dict]) -> dict[str, list[dict]]:
+    """What the GPT-assisted scoring reads, in its field names: the QA benchmarks' {pred, answer,
+    question, id}; VCG's general (generic questions), temporal and consist files."""
+    answered = [line for line in lines if "failed" not in line]
+    if name in QA_BENCHMARKS:
+        return {f"{name}.json": [{"pred": line["prediction"], "answer": line["answer"], "question": line["question"],
+                                  "id": line["id"]} for line in answered]}
+    if name != "vcg":
+        return {}
+    general = [{"pred": line["prediction"], "A": line["answer"], "Q": line["question"],
+                "video_name": line["video_name"]} for line in answered if line["group"] == "generic"]
+    temporal = [{"pred": line["prediction"], "A": line["answer"], "Q": line["question"],
+                 "video_name": line["video_name"]} for line in answered if line["group"] == "temporal"]
+    consist = [{"pred1": line["prediction"], "pred2": line["prediction2"], "video_name": line["video_name"],
+                "A": line["answer"], "Q1": line["question"], "Q2": line["question2"]}
+               for line in answered if line["group"] == "consistency"]
+    return {"general.json": general, "temporal.json": temporal, "consist.json": consist}
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def benchmark_table(name: str, summary: dict) -> str:
+    """The paper's layout: MVBench's tasks and their mean; VideoMME's durations and overall; the QA
+    datasets' scorer-free figures; VCG's answer counts (its scores come from GPT)."""
+    groups, overall = summary["groups"], summary["overall"]
+    if name in MULTIPLE_CHOICE:
+        rows = [f"| {name} | questions | accuracy | no letter | failed |", "|---|---:|---:|---:|---:|"]
+        for group, entry in groups.items():
+            rows.append(f"| {group} | {entry['questions']} | {_percent(entry['accuracy'])} | {entry['unanswered']} | "
+                        f"{entry['failed']} |")
+        label = "**mean of tasks**" if name == "mvbench" else "**overall**"
+        value = overall["mean_group_accuracy"] if name == "mvbench" else overall["accuracy"]
+        rows.append(f"| {label} | {overall['questions']} | {_percent(value)} | {overall['unanswered']} | "
+                    f"{overall['failed']} |")
+        return "\n".join(rows)
+    if name in QA_BENCHMARKS:
+        return "\n".join([f"| {name} | questions | exact match | contains | failed | GPT scoring |",
+                          "|---|---:|---:|---:|---:|---|",
+                          f"| answers | {overall['questions']} | {_percent(overall['exact_match_accuracy'])} | "
+                          f"{_percent(overall['contains_accuracy'])} | {overall['failed']} | gpt/{name}.json |"])
+    rows = [f"| {name} task | questions | failed | GPT scoring |", "|---|---:|---:|---|"]
+    files = {"generic": "general.json", "temporal": "temporal.json", "consistency": "consist.json"}
+    for group, entry in groups.items():
+        rows.append(f"| {group} | {entry['questions']} | {entry['failed']} | gpt/{files[group]} |")
+    return "\n".join(rows)
+
+

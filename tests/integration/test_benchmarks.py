@@ -1,0 +1,202 @@
+"""The paper's benchmarks end to end on smoke data in their published layouts (made here from
+synthetic videos): MVBench (20 task files, clip bounds, a frame-folder task), VideoMME (parquet,
+subtitles, 32 / 64 frames by duration, a missing video), MSVD-QA and ActivityNet-QA (questions and
+answers apart, frame folders), VCG (generic, temporal, consistency), through the eval stage and a
+tiny model directory: prompts as the authors write them, answers read from the generations,
+tables and the files GPT-assisted scoring reads."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import backends
+from backends import DistributedContext
+from pipeline.benchmarks.prompts import mvbench_prompt, qa_prompt, vcg_prompt, videomme_prompt
+from pipeline.benchmarks.readers import MVBENCH_TASKS
+from pipeline.data.media import PyAVDecoder
+from pipeline.data.synthetic import SynthSettings, generate
+from pipeline.model.setup import save_processor_config, save_tokenizers
+from pipeline.recipe import Recipe, RecipeError, parse_recipe, validate
+from pipeline.runner import StageContext
+from ppllava import PPLLaVAForConditionalGeneration
+from stages import eval as eval_stage
+from conftest import tiny_config_for, tiny_tokenizer
+
+pytestmark = pytest.mark.integration
+
+OPTIONS = ["red", "green", "blue", "yellow"]
+SRT = ('1\n00:00:00,000 --> 00:00:01,000\n<font color="white" size=".72c">The circle moves.</font>\n\n'
+       '2\n00:00:01,000 --> 00:00:30,000\n<font color="white" size=".72c">It stops.</font>\n')
+
+
+def frame_folder(video, folder, count: int = 12) -> None:
+    """A video as a folder of numbered JPEG frames (MVBench's and ActivityNet's layout)."""
+    data = video.read_bytes()
+    frames = PyAVDecoder().read(data, list(range(min(count, PyAVDecoder().frame_count(data, str(video))))), str(video))
+    folder.mkdir(parents=True)
+    for index, frame in enumerate(frames, start=1):
+        Image.fromarray(frame).save(folder / f"{index:05d}.jpg")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("benchmarks")
+    generate(root / "synth", SynthSettings(seed=4, videos=3, images=0, multi_images=0, eval_questions=0, dpo_pairs=0,
+                                           size=48, frames=16))
+    videos = sorted((root / "synth" / "media" / "videos").glob("*.mp4"))
+
+    mvbench = root / "MVBench"
+    for index, (task, filename, folder, kind, bounded) in enumerate(MVBENCH_TASKS):
+        record = {"video": f"clip_{index}" if kind == "frames" else f"clip_{index}.mp4",
+                  "question": f"Which colour is shape {index}?", "candidates": OPTIONS[: 2 + index % 3],
+                  "answer": OPTIONS[index % 2]}
+        if bounded:
+            record.update(start=0.2, end=1.6)
+        target = mvbench / "video" / folder / record["video"]
+        if kind == "frames":
+            frame_folder(videos[0], target)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(videos[index % len(videos)], target)
+        (mvbench / "json").mkdir(parents=True, exist_ok=True)
+        (mvbench / "json" / filename).write_text(json.dumps([record]))
+
+    videomme = root / "Video-MME"
+    rows = [{"video_id": f"00{i}", "duration": duration, "domain": "Knowledge", "sub_category": "Humanity",
+             "videoID": f"vid{i}", "question_id": f"00{i}-1", "task_type": "Counting Problem",
+             "question": f"How many shapes move in video {i}?", "options": ["A. One.", "B. Two.", "C. Three.", "D. Four."],
+             "answer": "BCDA"[i]} for i, duration in enumerate(["short", "medium", "long", "short"])]
+    (videomme / "data").mkdir(parents=True)
+    (videomme / "subtitle").mkdir()
+    for i in range(3):  # vid3 has no video: counted as failed
+        shutil.copy(videos[i], videomme / "data" / f"vid{i}.mp4")
+    (videomme / "subtitle" / "vid0.srt").write_text(SRT)
+    (videomme / "videomme").mkdir()
+    import pyarrow
+    import pyarrow.parquet
+
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), videomme / "videomme" / "test-00000-of-00001.parquet")
+
+    qa = root / "qa"
+    (qa / "msvd").mkdir(parents=True)
+    for i, video in enumerate(videos):
+        shutil.copy(video, qa / "msvd" / f"vid{i}.avi.mp4")
+    (qa / "msvd_test_qa.json").write_text(json.dumps(
+        [{"video_name": f"vid{i}.avi", "question": "what is moving?", "answer": "circle", "question_id": i}
+         for i in range(3)]))
+    frame_folder(videos[1], qa / "anet" / "v_abc")
+    (qa / "test_q.json").write_text(json.dumps([{"video_name": "abc", "question_id": "v_abc_1",
+                                                  "question": "what moves first?"}]))
+    (qa / "test_a.json").write_text(json.dumps([{"answer": "the red circle", "type": 0, "question_id": "v_abc_1"}]))
+
+    vcg = root / "vcg"
+    (vcg / "Test_Videos").mkdir(parents=True)
+    shutil.copy(videos[2], vcg / "Test_Videos" / "v_vcg.mkv.mp4")
+    (vcg / "Benchmarking_QA").mkdir()
+    (vcg / "Benchmarking_QA" / "generic_qa.json").write_text(json.dumps(
+        [{"Q": "Describe the video.", "A": "Shapes move.", "video_name": "v_vcg.mkv"}]))
+    (vcg / "Benchmarking_QA" / "temporal_qa.json").write_text(json.dumps(
+        [{"Q": "What happens first?", "A": "A circle moves.", "video_name": "v_vcg.mkv"}]))
+    (vcg / "Benchmarking_QA" / "consistency_qa.json").write_text(json.dumps(
+        [{"Q1": "What moves?", "Q2": "Which object is moving?", "A": "A circle.", "video_name": "v_vcg.mkv"}]))
+
+    tokenizer = tiny_tokenizer()
+    config = tiny_config_for(tokenizer)
+    torch.manual_seed(0)
+    model_dir = root / "model"
+    PPLLaVAForConditionalGeneration(config).save_pretrained(model_dir)
+    save_tokenizers(tokenizer, tokenizer, model_dir)
+    save_processor_config(Recipe(name="tiny", run_dir=str(root)), config, model_dir)
+    benchmarks = [
+        {"name": "mvbench", "root": str(mvbench), "max_new_tokens": 4},
+        {"name": "videomme", "root": str(videomme), "subtitles": True, "max_new_tokens": 4},
+        {"name": "msvd_qa", "annotations": str(qa / "msvd_test_qa.json"), "videos": str(qa / "msvd"),
+         "max_new_tokens": 4},
+        {"name": "activitynet_qa", "annotations": str(qa / "test_q.json"), "answers": str(qa / "test_a.json"),
+         "videos": str(qa / "anet"), "max_new_tokens": 4},
+        {"name": "vcg", "root": str(vcg / "Benchmarking_QA"), "videos": str(vcg / "Test_Videos"), "max_new_tokens": 4},
+    ]
+    return {"root": root, "model": model_dir, "benchmarks": benchmarks, "rows": rows}
+
+
+def context_for(world, run_dir, benchmarks) -> StageContext:
+    recipe = parse_recipe({"name": "b", "run_dir": str(run_dir), "backend": "cpu",
+                           "eval": {"model_path": str(world["model"]), "benchmarks": benchmarks}})
+    validate(recipe)
+    single = DistributedContext(0, 1, 0, 1, "127.0.0.1", 29500, "single")
+    context = StageContext("eval", recipe, backends.CPU, single, "test", eval_stage.inputs(recipe, 1))
+    context.directory.mkdir(parents=True)
+    return context
+
+
+def answers(out, name) -> list[dict]:
+    return [json.loads(line) for line in (out / f"{name}.answers.jsonl").read_text().splitlines()]
+
+
+def test_every_benchmark_end_to_end_on_smoke_data(world, tmp_path):
+    context = context_for(world, tmp_path / "run", world["benchmarks"])
+    summary = eval_stage.run(context)
+    out = context.directory
+    results = json.loads((out / "results.json").read_text())["benchmarks"]
+
+    # MVBench: every task asked with the authors' prompt; the answer read from the generation
+    mvbench = answers(out, "mvbench")
+    assert [line["group"] for line in mvbench] == [task for task, *_ in MVBENCH_TASKS]
+    for line in mvbench:
+        assert "failed" not in line, line
+        assert line["prompt"] == mvbench_prompt(line["question"], line["options"]).text
+        assert line["correct"] == (line["prediction"] == line["answer"]) and line["frames"] == 8
+    assert len(results["mvbench"]["groups"]) == 20 and results["mvbench"]["overall"]["questions"] == 20
+    correct = sum(line["correct"] for line in mvbench)
+    assert results["mvbench"]["overall"]["mean_group_accuracy"] == pytest.approx(correct / 20)
+    assert summary["mvbench"] == f"{100 * correct / 20:.1f} %"
+
+    # VideoMME: 32 frames for short videos, 64 for medium and long; subtitles at the sampled frames
+    # first; the missing video counted as failed, not dropped
+    videomme = {line["videoID"]: line for line in answers(out, "videomme")}
+    assert [videomme[f"vid{i}"]["frames"] for i in range(4)] == [32, 64, 64, 32]
+    row = world["rows"][0]
+    assert videomme["vid0"]["prompt"] == videomme_prompt(row["question"], row["options"],
+                                                         "The circle moves. It stops.").text
+    assert videomme["vid1"]["prompt"] == videomme_prompt(world["rows"][1]["question"], row["options"]).text
+    assert videomme["vid3"]["failed"].startswith("video not found") and not videomme["vid3"]["correct"]
+    overall = results["videomme"]["overall"]
+    assert overall["questions"] == 4 and overall["failed"] == 1 and results["videomme"]["frames"] == [32, 64]
+    assert set(results["videomme"]["groups"]) == {"short", "medium", "long"}
+
+    # Open-ended QA: the authors' prompt, answers for GPT scoring in their fields, scorer-free figures
+    msvd = answers(out, "msvd_qa")
+    assert [line["prompt"] for line in msvd] == [qa_prompt("what is moving?").text] * 3
+    gpt = json.loads((out / "gpt" / "msvd_qa.json").read_text())
+    assert [sorted(record) for record in gpt] == [["answer", "id", "pred", "question"]] * 3
+    assert {"exact_match_accuracy", "contains_accuracy"} <= set(results["msvd_qa"]["overall"])
+    anet = json.loads((out / "gpt" / "activitynet_qa.json").read_text())
+    assert anet[0]["answer"] == "the red circle" and anet[0]["id"] == "v_abc_1"
+
+    # VCG: the question alone; the consistency pair asked twice of the same video
+    vcg = {line["group"]: line for line in answers(out, "vcg")}
+    assert vcg["generic"]["prompt"] == vcg_prompt("Describe the video.").text
+    consist = json.loads((out / "gpt" / "consist.json").read_text())
+    assert consist[0]["Q1"] == "What moves?" and consist[0]["Q2"] == "Which object is moving?"
+    assert {"pred1", "pred2", "A", "video_name"} <= set(consist[0])
+    assert [len(json.loads((out / "gpt" / name).read_text())) for name in ("general.json", "temporal.json")] == [1, 1]
+
+    table = (out / "results.md").read_text()
+    assert "**mean of tasks**" in table and "| long |" in table and "gpt/msvd_qa.json" in table
+
+
+def test_a_malformed_record_names_its_file_and_index_before_the_model_loads(world, tmp_path):
+    broken = tmp_path / "MVBench"
+    shutil.copytree(world["benchmarks"][0]["root"], broken)
+    records = json.loads((broken / "json" / "object_shuffle.json").read_text())
+    records[0]["answer"] = "purple"
+    (broken / "json" / "object_shuffle.json").write_text(json.dumps(records))
+    context = context_for(world, tmp_path / "run", [{"name": "mvbench", "root": str(broken)}])
+    with pytest.raises(RecipeError, match=r"object_shuffle.json, record 0: answer 'purple' is not one of"):
+        eval_stage.run(context)
+    with pytest.raises(RecipeError, match=r"eval.benchmarks\[0\].videos: msvd_qa needs it"):
+        validate(parse_recipe({"name": "b", "run_dir": str(tmp_path), "eval": {
+            "benchmarks": [{"name": "msvd_qa", "annotations": world["benchmarks"][2]["annotations"]}]}}))

@@ -1,0 +1,91 @@
+"""The benchmarks' prompts string for string against the authors' (golden strings written out from
+their test scripts' templates), and answers read from real-looking generations
+(pipeline/benchmarks/prompts.py)."""
+
+import pytest
+
+from pipeline.benchmarks.prompts import (mvbench_letter, mvbench_prompt, prompt_string, qa_prompt, vcg_prompt,
+                                 videomme_letter, videomme_prompt, videomme_subtitles)
+from pipeline.data.questions import Item, multiple_choice_prompt
+from pipeline.model.inference import Question
+
+OPTIONS = ["The man is running.", "The man is sitting.", "The man is jumping.", "The man is swimming."]
+
+
+def test_mvbench_as_the_authors_release_runs_it():
+    prompt = mvbench_prompt("What is the man doing?", OPTIONS)
+    assert prompt_string(prompt) == (
+        "USER: <image>\nQuestion: What is the man doing?\nOptions:\n(A) The man is running.\n(B) The man is sitting.\n"
+        "(C) The man is jumping.\n(D) The man is swimming.\nOnly give the best option. ASSISTANT: Best option:(")
+    assert prompt.guide == ("Question: What is the man doing?\nOptions:\n(A) The man is running.\n(B) The man is "
+                            "sitting.\n(C) The man is jumping.\n(D) The man is swimming.")
+    with_system = prompt_string(mvbench_prompt("What is the man doing?", OPTIONS[:2], system=True))
+    assert with_system == (
+        "USER: <image>\nCarefully watch the video and pay attention to the cause and sequence of events, the detail "
+        "and movement of objects, and the action and pose of persons. Based on your observations, select the best "
+        "option that accurately addresses the question.\nQuestion: What is the man doing?\nOptions:\n(A) The man is "
+        "running.\n(B) The man is sitting.\nOnly give the best option. ASSISTANT: Best option:(")
+
+
+def test_the_likelihood_eval_asks_the_same_mvbench_question():
+    item = Item(0, {}, Question("What is the man doing?", "video"), OPTIONS, 1)
+    question, answers = multiple_choice_prompt(item, "mvbench")
+    assert (question.text, question.answer_prefix, question.guide) == tuple(vars(mvbench_prompt(
+        "What is the man doing?", OPTIONS)).values())
+    assert answers[1] == "B) The man is sitting."
+
+
+def test_videomme_with_and_without_subtitles():
+    options = ["A. Apples.", "B. Candles.", "C. Berries.", "D. The three kinds are of the same number."]
+    plain = videomme_prompt("Which fruit appears most?", options)
+    assert prompt_string(plain) == (
+        "USER: <image>\nSelect the best answer to the following multiple-choice question based on the video and the "
+        "subtitles. Respond with only the letter (A, B, C, or D) of the correct option.\nWhich fruit appears most?\n"
+        "['A. Apples.' 'B. Candles.' 'C. Berries.'\n 'D. The three kinds are of the same number.'] "
+        "ASSISTANT: The best answer is:")
+    assert plain.guide == ("Which fruit appears most?\n['A. Apples.' 'B. Candles.' 'C. Berries.'\n "
+                           "'D. The three kinds are of the same number.']")
+    subtitled = videomme_prompt("Whose hat?", ["A. man's hat", "B. a hat"], subtitles="Hello there. Look!")
+    assert prompt_string(subtitled) == (
+        "USER: <image>\nThis video's subtitles are listed below: Hello there. Look! \nSelect the best answer to the "
+        "following multiple-choice question based on the video and the subtitles. Respond with only the letter (A, B, "
+        "C, or D) of the correct option.\nWhose hat?\n[\"A. man's hat\" 'B. a hat'] ASSISTANT: The best answer is:")
+    assert "subtitles are listed" not in subtitled.guide
+
+
+def test_open_ended_qa_and_vcg():
+    assert prompt_string(qa_prompt("what is a woman doing?")) == (
+        "USER: <image>\nThe input consists of a sequence of key frames from a video. Answer the question concisely "
+        "first and followed by significant events, characters, or objects that appear throughout the frames. "
+        "Question: what is a woman doing? ASSISTANT: Answer: In the video,")
+    assert qa_prompt("what is a woman doing?").guide == "what is a woman doing?"
+    assert prompt_string(vcg_prompt("Describe the video in detail.")) == \
+        "USER: <image>\nDescribe the video in detail. ASSISTANT: "
+
+
+@pytest.mark.parametrize("generated, letter", [
+    ("B) The man is sitting.", "B"), ("B", "B"), ("C.", "C"), ("(D) swimming", "D"), (" A) x", "A"),
+    ("Answer: C", "C"), ("The best option is D.", "D"), ("option (B)", "B"),
+    ("", None), ("I am not sure.", None), ("E) out of range", None), ("Because the man", None),
+])
+def test_mvbench_letters_from_generations(generated, letter):
+    assert mvbench_letter(generated, 4) == letter
+
+
+@pytest.mark.parametrize("generated, letter", [
+    ("B", "B"), (" C. Berries.", "C"), ("The best answer is: A", "A"), ("Answer: D", "D"),
+    ("(B) Candles", "B"), ("There are many kinds of fruit shown in this video and none is more common", None),
+    ("", None),
+])
+def test_videomme_letters_from_generations(generated, letter):
+    assert videomme_letter(generated) == letter
+
+
+def test_videomme_subtitles_at_the_sampled_frames_in_time_order():
+    srt = ('1\n00:00:00,000 --> 00:00:02,000\n<font color="white" size=".72c">First line.</font>\n\n'
+           '2\n00:00:02,000 --> 00:00:04,000\n<font color="white" size=".72c">Second line.</font>\n\n'
+           '3\n00:00:04,000 --> 00:00:06,000\nno font tag here\n\n'
+           '4\n00:00:06,000 --> 00:00:08,000\n<font color="white" size=".72c">Fourth line.</font>\n')
+    # 10 fps: frames 5 (block 1), 45 (block 3: no tag), 70 (block 4); block 2 (frames 20-39) unsampled
+    assert videomme_subtitles(srt, [70, 5, 45], fps=10) == "First line. Fourth line."
+    assert videomme_subtitles(srt, [95], fps=10) == ""
