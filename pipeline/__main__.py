@@ -7,6 +7,7 @@
     status RUN_DIR                      stages done, latest checkpoints, last metrics
     synth OUT_DIR                       write synthetic videos, images, multi-image sets, cards
     chat MODEL_DIR [--video V | --image I ...] QUESTION    answer a question, streaming it
+    explain MODEL_DIR --video V QUESTION [--out PNG]     where the question's relevance goes (a heat-map PNG)
 
 Exit codes: 0 done; 2 bad recipe or input; 3 stopped by a signal after a checkpoint (requeue);
 anything else a failure.
@@ -239,6 +240,33 @@ def _chat(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _explain(args: argparse.Namespace) -> int:
+    """The question's eq.1 relevance over the video's frames and the pooled grid, as one PNG."""
+    import backends
+    from backends import BackendUnavailable
+    from pipeline.data.media import MediaError
+    from pipeline.model.check import ModelFilesError
+    from pipeline.model.inference import InferenceError, Question, load_for_inference
+    from pipeline.model.relevance_map import draw, relevance_map
+
+    try:
+        if not args.question.strip():
+            raise InferenceError("the question is empty")
+        if not Path(args.video).exists():
+            raise InferenceError(f"video not found: {args.video}")
+        backend = backends.select(args.backend)
+        model = load_for_inference(args.model_dir, backend, 0, args.frames, args.video_kernel)
+        result = relevance_map(model, Question.from_media(args.question, videos=[args.video]))
+        out = draw(result, args.out or f"{Path(args.video).stem}.relevance.png")
+    except (InferenceError, MediaError, BackendUnavailable, ModelFilesError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    frame, row, column = result.hottest
+    print(f"{out}: {len(result.frames)} frames, {result.pooled.size} pooled tokens; most relevant patch: frame "
+          f"{frame}, row {row}, column {column} ({100 * result.scores.max():.1f} % of the video's relevance)")
+    return ExitCode.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="PPLLaVA training pipeline")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -327,6 +355,24 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "npu"),
                       help="device family (default auto: npu, then cuda, then cpu)")
     chat.set_defaults(handler=_chat)
+
+    explain = commands.add_parser(
+        "explain", help="draw where a question's relevance goes in a video (prompt-guided pooling, a PNG)",
+        description="The question's relevance (the paper's eq.1: CLIP's question embedding against every patch of "
+                    "every frame, a softmax over the video) as a heat map over the frames the model sees, and the "
+                    "pooled-token grid it produces (each pooled token's window mass), in one PNG.",
+        epilog="example: python -m pipeline explain runs/demo_cpu/export --video clip.mp4 \"What colour is the "
+               "triangle?\" --out triangle.png")
+    explain.add_argument("model_dir", help="model directory (the export stage's output)")
+    explain.add_argument("question", help="the question (put it in quotes)")
+    explain.add_argument("--video", required=True, metavar="PATH", help="a video file or a folder of frames")
+    explain.add_argument("--out", metavar="PNG", help="where to write the picture (default: <video>.relevance.png)")
+    explain.add_argument("--frames", type=int, metavar="N", help="frames sampled from the video (default: the model's)")
+    explain.add_argument("--video-kernel", type=int, nargs=3, metavar=("T", "H", "W"),
+                         help="video pooling kernel = stride (default: the model's)")
+    explain.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "npu"),
+                         help="device family (default auto: npu, then cuda, then cpu)")
+    explain.set_defaults(handler=_explain)
     return parser
 
 

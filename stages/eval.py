@@ -36,12 +36,14 @@ from tqdm import tqdm
 from pipeline.atomic import sha256_of, write_text_atomically
 from pipeline.benchmarks.readers import BenchmarkError, annotation_files
 from pipeline.benchmarks.scoring import (MULTIPLE_CHOICE, ask, benchmark_questions, benchmark_table, failed,
-                                         gpt_scoring_files, result_line, summarise, video_kernel)
+                                         frames_of, gpt_scoring_files, question_of, result_line, summarise,
+                                         video_kernel)
 from pipeline.data.media import MediaError
 from pipeline.data.questions import KINDS, LETTERS, Task, multiple_choice_prompt, read_task
 from pipeline.data.records import RecordError
 from pipeline.model.check import ModelFilesError, directory_fingerprint
 from pipeline.model.inference import InferenceError, InferenceModel, load_for_inference
+from pipeline.model.relevance_map import draw, relevance_map
 from pipeline.model.setup import build_model
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.runner import StageContext, StoppedForRequeue
@@ -169,8 +171,12 @@ def _benchmark(model: InferenceModel, entry, questions: list, context: StageCont
                 raise StoppedForRequeue(f"{context.stop.received} received during eval; the stage starts over next run")
             try:
                 lines.append(ask(model, item, entry))
+                if len(lines) <= context.recipe.eval.relevance_maps and "failed" not in lines[-1]:
+                    picture = out / "relevance" / entry.name / f"{item.key.replace('/', '_')}.png"
+                    draw(relevance_map(model, question_of(model, item, entry)), picture)
+                    lines[-1]["relevance_map"] = str(picture.relative_to(out))
             except (MediaError, InferenceError) as error:  # undecodable video, prompt too long: counted, not fatal
-                lines.append(failed(result_line(item, entry.num_frames or item.frames or model.num_frames), str(error)))
+                lines.append(failed(result_line(item, frames_of(model, item, entry)), str(error)))
                 logger.warning("%s %s: %s", entry.name, item.key, error)
             progress.set_postfix_str(entry.name)
             progress.update(1)

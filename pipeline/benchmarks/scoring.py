@@ -77,6 +77,17 @@ def prompt_of(model: InferenceModel, item: BenchmarkQuestion, entry, frames: int
     return vcg_prompt(item.question)
 
 
+def frames_of(model: InferenceModel, item: BenchmarkQuestion, entry) -> int:
+    """Frames sampled for a question: the entry's, else the benchmark's (VideoMME's by duration), else the model's."""
+    return entry.num_frames or item.frames or model.num_frames
+
+
+def question_of(model: InferenceModel, item: BenchmarkQuestion, entry) -> Question:
+    """The question as the model is asked it (media, the authors' prompt, pooling text, frames)."""
+    frames = frames_of(model, item, entry)
+    return _question(item, prompt_of(model, item, entry, frames), frames)
+
+
 def _question(item: BenchmarkQuestion, prompt: Prompt, frames: int) -> Question:
     return Question(prompt.text, "video", (item.media,), answer_prefix=prompt.answer_prefix, guide=prompt.guide,
                     bounds=item.bounds, frames=frames, folder_fps=item.folder_fps)
@@ -95,7 +106,7 @@ def failed(line: dict, reason: str) -> dict:
 def ask(model: InferenceModel, item: BenchmarkQuestion, entry) -> dict:
     """One question: its result line (the prompt's text, the generation, the answer read from it,
     whether it is right for multiple choice). A missing video gives a ``failed`` line."""
-    frames = entry.num_frames or item.frames or model.num_frames
+    frames = frames_of(model, item, entry)
     line = result_line(item, frames)
     if item.missing:
         return failed(line, f"video not found: {item.media}")

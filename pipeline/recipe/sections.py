@@ -374,12 +374,14 @@ class EvalSection:
     limit: int | None = None                 # questions per file at most
     baseline: bool = False                   # also score the untrained start model on the same questions
     benchmarks: list[BenchmarkSection] = field(default_factory=list)  # the paper's, the authors' way
+    relevance_maps: int = 0                  # the first N questions of each benchmark: a relevance-map PNG
 
     def validate(self, recipe: Recipe, missing: list[str] | None) -> None:
         src, synth_dir = recipe.source, recipe.synth_dir
         if not self.multiple_choice and not self.open_ended and not self.benchmarks:
             raise RecipeError(f"{src}: eval: give at least one question file in eval.multiple_choice or "
                               f"eval.open_ended, or a benchmark in eval.benchmarks")
+        positive(src, "eval.relevance_maps", self.relevance_maps, allow_zero=True)
         names = [benchmark.name for benchmark in self.benchmarks]
         if len(set(names)) != len(names):
             raise RecipeError(f"{src}: eval.benchmarks: {names} names a benchmark twice")

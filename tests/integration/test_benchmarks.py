@@ -18,6 +18,7 @@ from pipeline.benchmarks.prompts import mvbench_prompt, qa_prompt, vcg_prompt, v
 from pipeline.benchmarks.readers import MVBENCH_TASKS
 from pipeline.data.media import PyAVDecoder
 from pipeline.data.synthetic import SynthSettings, generate
+from pipeline.model.relevance_map import picture_size
 from pipeline.model.setup import save_processor_config, save_tokenizers
 from pipeline.recipe import Recipe, RecipeError, parse_recipe, validate
 from pipeline.runner import StageContext
@@ -124,7 +125,7 @@ def world(tmp_path_factory):
 
 def context_for(world, run_dir, benchmarks) -> StageContext:
     recipe = parse_recipe({"name": "b", "run_dir": str(run_dir), "backend": "cpu",
-                           "eval": {"model_path": str(world["model"]), "benchmarks": benchmarks}})
+                           "eval": {"model_path": str(world["model"]), "benchmarks": benchmarks, "relevance_maps": 1}})
     validate(recipe)
     single = DistributedContext(0, 1, 0, 1, "127.0.0.1", 29500, "single")
     context = StageContext("eval", recipe, backends.CPU, single, "test", eval_stage.inputs(recipe, 1))
@@ -183,6 +184,12 @@ def test_every_benchmark_end_to_end_on_smoke_data(world, tmp_path):
     assert consist[0]["Q1"] == "What moves?" and consist[0]["Q2"] == "Which object is moving?"
     assert {"pred1", "pred2", "A", "video_name"} <= set(consist[0])
     assert [len(json.loads((out / "gpt" / name).read_text())) for name in ("general.json", "temporal.json")] == [1, 1]
+
+    # the first question of each benchmark: its relevance map
+    for name in ("mvbench", "videomme", "msvd_qa", "activitynet_qa", "vcg"):
+        first = answers(out, name)[0]
+        assert Image.open(out / first["relevance_map"]).size == picture_size(first["frames"], first["frames"] // 2)
+        assert all("relevance_map" not in line for line in answers(out, name)[1:])
 
     table = (out / "results.md").read_text()
     assert "**mean of tasks**" in table and "| long |" in table and "gpt/msvd_qa.json" in table

@@ -165,3 +165,35 @@ def test_dry_run_builds_everything_and_runs_one_batch(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "dry run: loss " in result.stdout
     assert not (run_dir / "sft" / "COMPLETE").exists() and not (run_dir / "sft" / "checkpoints").exists()
+
+
+def test_explain_draws_the_questions_relevance_on_the_shape_it_asks_about(demo, tmp_path):
+    """`explain` on the demo's model (its CLIP pretrained on the shapes): wherever the triangle or
+    the circle is, the hottest patch of the map lies on the shape the question names."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.data.synthetic import RADIUS, Shape, draw_shapes, encode_mp4
+    from pipeline.model.inference import Question, load_model_dir
+    from pipeline.model.relevance_map import picture_size, relevance_map
+    from pipeline.model.tiny_clip import patch_cover
+
+    run_dir, _ = demo
+    model = load_model_dir(run_dir / "export")
+    size, patch = model.config.vision_config.image_size, model.config.vision_config.patch_size
+    for corner, (tx, ty, cx, cy) in enumerate([(12, 12, 36, 36), (36, 12, 12, 36), (12, 36, 36, 12), (36, 36, 12, 12)]):
+        shapes = [Shape("triangle", "red", tx, ty), Shape("circle", "blue", cx, cy)]
+        video = tmp_path / f"still_{corner}.mp4"
+        video.write_bytes(encode_mp4(np.stack([draw_shapes(shapes, size, RADIUS * size)] * 16), 8))
+        covers = patch_cover(shapes, size, patch).reshape(2, size // patch, size // patch)
+        for asked, cover in zip(("triangle", "circle"), covers):
+            result = relevance_map(model, Question.from_media(f"What colour is the {asked}?", videos=[video]))
+            _, row, column = result.hottest
+            assert cover[row, column], (corner, asked, result.hottest)
+
+    picture = tmp_path / "triangle.png"
+    drawn = run_pipeline("explain", str(run_dir / "export"), "--video", str(tmp_path / "still_0.mp4"),
+                         "What colour is the triangle?", "--out", str(picture))
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    assert "most relevant patch: frame" in drawn.stdout
+    assert Image.open(picture).size == picture_size(len(result.frames), len(result.pooled))
