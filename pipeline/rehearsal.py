@@ -110,6 +110,8 @@ def rehearsal_recipe(recipe: Recipe, samples_per_card: int = 8, steps: int = 3) 
         rehearsal.dpo.init = _shrunk_directory_model(recipe.dpo.init, "dpo.init", models / "dpo_init")
     if recipe.eval is not None:
         rehearsal.eval.limit = min(recipe.eval.limit or samples_per_card, samples_per_card)
+        for benchmark in rehearsal.eval.benchmarks:  # per task / duration / file, as eval.limit per file
+            benchmark.limit = min(benchmark.limit or samples_per_card, samples_per_card)
         if recipe.eval.model_path is not None:
             rehearsal.eval.model_path = _shrunk_directory_model(recipe.eval.model_path, "eval.model_path",
                                                                 models / "eval")
@@ -148,6 +150,10 @@ def rehearsal_report(recipe: Recipe) -> str:
         for name, scores in results.get("multiple_choice", {}).items():
             lines.append(f"  eval    {name}: {scores.get('questions')} questions answered "
                          f"(accuracy of a random-weight model: {scores.get('accuracy')})")
+        for name, scores in results.get("benchmarks", {}).items():
+            overall = scores["overall"]
+            lines.append(f"  eval    {name}: {overall['questions']} questions asked, {overall['failed']} failed "
+                         f"(missing or undecodable videos)")
     return "\n".join(lines)
 
 
