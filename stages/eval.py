@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from pipeline.atomic import sha256_of, write_text_atomically
 from pipeline.benchmarks.readers import BenchmarkError, annotation_files
-from pipeline.benchmarks.scoring import (MULTIPLE_CHOICE, ask, benchmark_questions, benchmark_table, failed,
-                                         frames_of, gpt_scoring_files, question_of, result_line, summarise,
-                                         video_kernel)
+from pipeline.benchmarks.scoring import (MULTIPLE_CHOICE, answered, benchmark_questions, benchmark_table, failed,
+                                         frames_of, gpt_scoring_files, prepared, question_of, result_line,
+                                         summarise, video_kernel)
 from pipeline.data.media import MediaError
 from pipeline.data.questions import KINDS, LETTERS, Task, multiple_choice_prompt, read_task
 from pipeline.data.records import RecordError
@@ -161,32 +161,45 @@ def run(context: StageContext) -> dict:
 
 
 def _benchmark(model: InferenceModel, entry, questions: list, context: StageContext, progress) -> dict:
-    """One benchmark, the authors' way: every question asked by generation (pipeline/benchmarks/);
-    its result lines, the files GPT-assisted scoring reads, and its summary."""
-    out, lines = context.directory, []
+    """One benchmark, the authors' way: its questions asked by greedy generation, eval.batch_size
+    at a time (pipeline/benchmarks/); its result lines, the files GPT-assisted scoring reads, its
+    summary. A question whose video is missing or cannot be decoded is counted, not fatal."""
+    out, lines, section = context.directory, [], context.recipe.eval
     with video_kernel(model, entry.video_kernel):
         kernel = list(model.config.video_kernel)
-        for item in questions:
+        for start in range(0, len(questions), section.batch_size):
             if context.stop.received:
                 raise StoppedForRequeue(f"{context.stop.received} received during eval; the stage starts over next run")
-            try:
-                lines.append(ask(model, item, entry))
-                if len(lines) <= context.recipe.eval.relevance_maps and "failed" not in lines[-1]:
-                    picture = out / "relevance" / entry.name / f"{item.key.replace('/', '_')}.png"
-                    draw(relevance_map(model, question_of(model, item, entry)), picture)
-                    lines[-1]["relevance_map"] = str(picture.relative_to(out))
-            except (MediaError, InferenceError) as error:  # undecodable video, prompt too long: counted, not fatal
-                lines.append(failed(result_line(item, frames_of(model, item, entry)), str(error)))
-                logger.warning("%s %s: %s", entry.name, item.key, error)
+            chunk, waiting, samples = questions[start:start + section.batch_size], [], []
+            for item in chunk:
+                try:
+                    line, asked = prepared(model, item, entry)
+                    inputs = [model.prepare(question) for question in asked]
+                except (MediaError, InferenceError) as error:  # undecodable video, prompt too long
+                    line, inputs = failed(result_line(item, frames_of(model, item, entry)), str(error)), []
+                    logger.warning("%s %s: %s", entry.name, item.key, error)
+                lines.append(line)
+                if inputs:
+                    waiting.append((len(lines) - 1, item, len(inputs)))
+                    samples += inputs
+            generated = model.generate_batch(samples, entry.max_new_tokens) if samples else []
+            for index, item, count in waiting:
+                lines[index] = answered(item, lines[index], generated[:count])
+                generated = generated[count:]
             progress.set_postfix_str(entry.name)
-            progress.update(1)
+            progress.update(len(chunk))
+        for item, line in list(zip(questions, lines))[:section.relevance_maps]:
+            if "failed" not in line:
+                picture = out / "relevance" / entry.name / f"{item.key.replace('/', '_')}.png"
+                draw(relevance_map(model, question_of(model, item, entry)), picture)
+                line["relevance_map"] = str(picture.relative_to(out))
     write_text_atomically(out / f"{entry.name}.answers.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
     scoring = gpt_scoring_files(entry.name, lines)
     for filename, records in scoring.items():
         (out / "gpt").mkdir(exist_ok=True)
         write_text_atomically(out / "gpt" / filename, json.dumps(records, indent=1))
     frames = sorted({line["frames"] for line in lines})
-    return {**summarise(entry.name, lines), "frames": frames, "video_kernel": kernel,
+    return {**summarise(entry.name, lines), "frames": frames, "video_kernel": kernel, "batch_size": section.batch_size,
             "answers": f"{entry.name}.answers.jsonl", "gpt_scoring": [f"gpt/{name}" for name in scoring]}
 
 

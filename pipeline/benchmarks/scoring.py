@@ -103,27 +103,35 @@ def failed(line: dict, reason: str) -> dict:
     return {**line, "failed": reason, "prediction": None, "correct": False}
 
 
-def ask(model: InferenceModel, item: BenchmarkQuestion, entry) -> dict:
-    """One question: its result line (the prompt's text, the generation, the answer read from it,
-    whether it is right for multiple choice). A missing video gives a ``failed`` line."""
+def prepared(model: InferenceModel, item: BenchmarkQuestion, entry) -> tuple[dict, list[Question]]:
+    """A question's result line so far and the questions the model is asked for it (two for a VCG
+    consistency pair: the same video, the question said two ways); none when its video is missing
+    (the line is then ``failed``)."""
     frames = frames_of(model, item, entry)
     line = result_line(item, frames)
     if item.missing:
-        return failed(line, f"video not found: {item.media}")
+        return failed(line, f"video not found: {item.media}"), []
     prompt = prompt_of(model, item, entry, frames)
-    generated = model.generate(_question(item, prompt, frames), entry.max_new_tokens)
-    line.update(prompt=prompt.text, generated=generated)
+    asked = [_question(item, prompt, frames)]
+    if item.second_question is not None:
+        asked.append(_question(item, vcg_prompt(item.second_question), frames))
+    return {**line, "prompt": prompt.text}, asked
+
+
+def answered(item: BenchmarkQuestion, line: dict, generated: list[str]) -> dict:
+    """The line with the generation(s) and the answer read from them (and, for multiple choice,
+    whether it is right)."""
+    line = {**line, "generated": generated[0]}
     if item.benchmark == "mvbench":
-        letter = mvbench_letter(generated, len(item.options))
+        letter = mvbench_letter(generated[0], len(item.options))
         return {**line, "options": item.options, "prediction": letter, "correct": letter == item.answer}
     if item.benchmark == "videomme":
-        letter = videomme_letter(generated)
+        letter = videomme_letter(generated[0])
         return {**line, "options": item.options, "prediction": letter, "correct": letter == item.answer}
-    if item.second_question is not None:  # VCG consistency: the same video, the question said another way
-        second = model.generate(_question(item, vcg_prompt(item.second_question), frames), entry.max_new_tokens)
-        return {**line, "question2": item.second_question, "prediction": after_prefix(generated),
-                "prediction2": after_prefix(second)}
-    return {**line, "prediction": after_prefix(generated)}
+    if item.second_question is not None:
+        return {**line, "question2": item.second_question, "prediction": after_prefix(generated[0]),
+                "prediction2": after_prefix(generated[1])}
+    return {**line, "prediction": after_prefix(generated[0])}
 
 
 # -- results ------------------------------------------------------------------------------------

@@ -164,8 +164,10 @@ class Batch:
     skip_reasons: dict[str, str] = field(default_factory=dict)  # why, per key (refused in this batch)
 
 
-def collate(samples: list[ProcessedSample], pad_token_id: int, clip_pad_token_id: int, image_token: int) -> Batch:
-    """Right-padded interleaved batch in PPLLaVAForConditionalGeneration's input layout."""
+def collate(samples: list[ProcessedSample], pad_token_id: int, clip_pad_token_id: int, image_token: int,
+            left_padded: bool = False) -> Batch:
+    """Right-padded interleaved batch in PPLLaVAForConditionalGeneration's input layout (left-padded
+    for batched generation: every row's prompt then ends where the generated tokens start)."""
     if not samples:
         raise ValueError("cannot collate an empty batch")
     length = max(len(s.input_ids) for s in samples)
@@ -178,9 +180,10 @@ def collate(samples: list[ProcessedSample], pad_token_id: int, clip_pad_token_id
     clip_attention_mask = torch.zeros((rows, clip_length), dtype=torch.long)
     visual_tokens: dict[str, list[int]] = {}
     for row, sample in enumerate(samples):
-        input_ids[row, : len(sample.input_ids)] = torch.tensor(sample.input_ids)
-        labels[row, : len(sample.labels)] = torch.tensor(sample.labels)
-        attention_mask[row, : len(sample.input_ids)] = 1
+        tokens = slice(length - len(sample.input_ids), length) if left_padded else slice(0, len(sample.input_ids))
+        input_ids[row, tokens] = torch.tensor(sample.input_ids)
+        labels[row, tokens] = torch.tensor(sample.labels)
+        attention_mask[row, tokens] = 1
         clip_input_ids[row, : len(sample.clip_input_ids)] = torch.tensor(sample.clip_input_ids)
         clip_attention_mask[row, : len(sample.clip_input_ids)] = 1
         visual_tokens.setdefault(MODALITY_NAMES[sample.modality], []).append(sample.input_ids.count(image_token))

@@ -162,16 +162,22 @@ class InferenceModel:
             raise InferenceError(f"{question.key}: {len(ids)} tokens do not fit the LLM context of {self.max_length}")
         return ids, labels
 
-    def _batch(self, question: Question, ids: list[int], pixel_values: torch.Tensor,
-               image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def _processed(self, question: Question, ids: list[int], pixel_values: torch.Tensor,
+                   image_size: tuple[int, int]) -> ProcessedSample:
         guide = [Turn("user", question.guide)] if question.guide is not None else [question.user_turn()]
         sample = Sample(question.key, question.modality, [], guide)
-        processed = ProcessedSample(question.key, MODALITY_IDS[question.modality], ids, [IGNORE_INDEX] * len(ids),
-                                    pixel_values, self.processor.clip_ids(sample), False, image_size)
-        inputs = collate([processed], self.tokenizer.pad_token_id, self.clip_tokenizer.pad_token_id,
-                         self.image_token).inputs
+        return ProcessedSample(question.key, MODALITY_IDS[question.modality], ids, [IGNORE_INDEX] * len(ids),
+                               pixel_values, self.processor.clip_ids(sample), False, image_size)
+
+    def _collated(self, samples: list[ProcessedSample], left_padded: bool = False) -> dict[str, torch.Tensor]:
+        inputs = collate(samples, self.tokenizer.pad_token_id, self.clip_tokenizer.pad_token_id, self.image_token,
+                         left_padded).inputs
         inputs.pop("labels")
         return {name: value.to(self.device) for name, value in inputs.items()}
+
+    def _batch(self, question: Question, ids: list[int], pixel_values: torch.Tensor,
+               image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return self._collated([self._processed(question, ids, pixel_values, image_size)])
 
     def prompt_inputs(self, question: Question) -> dict[str, torch.Tensor]:
         """Model inputs of one question, ready for ``generate`` (batch of one, on the model's device)."""
@@ -231,6 +237,26 @@ class InferenceModel:
                                      # an image token without pixels would stop the next step
                                      suppress_tokens=[self.image_token])
         return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    def prepare(self, question: Question) -> ProcessedSample:
+        """A question's model inputs (its media decoded, its prompt encoded), ready to be batched."""
+        pixel_values, image_size = self.pixels(question)
+        ids, _ = self.encode(question, None, pixel_values, image_size)
+        return self._processed(question, ids, pixel_values, image_size)
+
+    @torch.no_grad()
+    def generate_batch(self, questions: Sequence[Question | ProcessedSample], max_new_tokens: int = 64) -> list[str]:
+        """Greedy answers of several questions (or their ``prepare``d inputs) in one generation: the
+        prompts left-padded into one batch (each with its own media and pooling text), one key/value
+        cache, every row stepping until it ends or all do. The answers equal ``generate``'s one at a
+        time (up to the last bits of float arithmetic, which can flip a near tie between two tokens)."""
+        samples = [q if isinstance(q, ProcessedSample) else self.prepare(q) for q in questions]
+        inputs = self._collated(samples, left_padded=True)
+        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
+                                     suppress_tokens=[self.image_token])
+        start = inputs["input_ids"].shape[1]
+        return [self.tokenizer.decode(row[start:], skip_special_tokens=True).strip() for row in output]
 
 
 def load_for_inference(directory: str | Path, backend, local_rank: int = 0, num_frames: int | None = None,

@@ -375,6 +375,7 @@ class EvalSection:
     baseline: bool = False                   # also score the untrained start model on the same questions
     benchmarks: list[BenchmarkSection] = field(default_factory=list)  # the paper's, the authors' way
     relevance_maps: int = 0                  # the first N questions of each benchmark: a relevance-map PNG
+    batch_size: int = 8                      # benchmark questions per batched generation
 
     def validate(self, recipe: Recipe, missing: list[str] | None) -> None:
         src, synth_dir = recipe.source, recipe.synth_dir
@@ -382,6 +383,7 @@ class EvalSection:
             raise RecipeError(f"{src}: eval: give at least one question file in eval.multiple_choice or "
                               f"eval.open_ended, or a benchmark in eval.benchmarks")
         positive(src, "eval.relevance_maps", self.relevance_maps, allow_zero=True)
+        positive(src, "eval.batch_size", self.batch_size)
         names = [benchmark.name for benchmark in self.benchmarks]
         if len(set(names)) != len(names):
             raise RecipeError(f"{src}: eval.benchmarks: {names} names a benchmark twice")

@@ -15,12 +15,15 @@ from PIL import Image
 import backends
 from backends import DistributedContext
 from pipeline.benchmarks.prompts import mvbench_prompt, qa_prompt, vcg_prompt, videomme_prompt
-from pipeline.benchmarks.readers import MVBENCH_TASKS
+from pipeline.benchmarks.readers import MVBENCH_TASKS, read_mvbench, read_videomme
+from pipeline.benchmarks.scoring import question_of
 from pipeline.data.media import PyAVDecoder
 from pipeline.data.synthetic import SynthSettings, generate
+from pipeline.model.inference import load_model_dir
 from pipeline.model.relevance_map import picture_size
 from pipeline.model.setup import save_processor_config, save_tokenizers
 from pipeline.recipe import Recipe, RecipeError, parse_recipe, validate
+from pipeline.recipe.sections import BenchmarkSection
 from pipeline.runner import StageContext
 from ppllava import PPLLaVAForConditionalGeneration
 from stages import eval as eval_stage
@@ -207,3 +210,17 @@ def test_a_malformed_record_names_its_file_and_index_before_the_model_loads(worl
     with pytest.raises(RecipeError, match=r"eval.benchmarks\[0\].videos: msvd_qa needs it"):
         validate(parse_recipe({"name": "b", "run_dir": str(tmp_path), "eval": {
             "benchmarks": [{"name": "msvd_qa", "annotations": world["benchmarks"][2]["annotations"]}]}}))
+
+
+def test_batched_generation_answers_as_one_question_at_a_time(world):
+    """Questions of different lengths, frame counts (VideoMME's 32 and 64) and answer prefixes in
+    one left-padded batch: the same answers as asked one by one."""
+    model = load_model_dir(world["model"])
+    entry = BenchmarkSection("videomme", root=world["benchmarks"][1]["root"], max_new_tokens=12)
+    items = [item for item in read_videomme(entry.root) if not item.missing]
+    mvbench = BenchmarkSection("mvbench", root=world["benchmarks"][0]["root"])
+    questions = [question_of(model, item, entry) for item in items] + [
+        question_of(model, item, mvbench) for item in read_mvbench(mvbench.root)[:3]]
+    assert {q.frames for q in questions} == {8, 32, 64}
+    one_by_one = [model.generate(question, 12) for question in questions]
+    assert model.generate_batch(questions, 12) == one_by_one
