@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from backends.distributed import gather_objects, sum_across_ranks
 from pipeline.atomic import sha256_of, write_text_atomically
 from pipeline.benchmarks.readers import BenchmarkError, annotation_files
 from pipeline.benchmarks.scoring import (MULTIPLE_CHOICE, answered, benchmark_questions, benchmark_table, failed,
@@ -50,7 +51,7 @@ from pipeline.runner import StageContext, StoppedForRequeue
 
 logger = logging.getLogger(__name__)
 
-DISTRIBUTED = False  # rank 0 evaluates; the other ranks wait
+DISTRIBUTED = True  # benchmark questions are spread over the ranks; rank 0 does the question files and writes
 
 
 def model_directory(recipe: Recipe) -> Path:
@@ -109,8 +110,19 @@ def run(context: StageContext) -> dict:
     results = {"model": str(model.directory), "num_frames": model.num_frames,
                "video_kernel": list(model.config.video_kernel), "scoring": "mean log-prob per answer token",
                "multiple_choice": {}, "open_ended": {}, "benchmarks": {}}
+    ranks = context.ranks
     progress = tqdm(total=sum(len(task.items) for task in tasks) + sum(len(q) for _, q in benchmarks), desc="eval",
-                    unit="question", dynamic_ncols=True)
+                    unit="question", dynamic_ncols=True, disable=not ranks.is_main)
+    # Benchmarks: every rank asks its share (question i on rank i mod world); rank 0 gathers them.
+    for entry, questions in benchmarks:
+        rounds = -(-len(questions) // (ranks.world_size * section.batch_size))
+        mine = _ask(model, entry, questions[ranks.rank::ranks.world_size], rounds, context, progress)
+        shares = gather_objects(mine)
+        lines = [shares[index % ranks.world_size][index // ranks.world_size] for index in range(len(questions))]
+        if ranks.is_main:
+            results["benchmarks"][entry.name] = _write_benchmark(model, entry, questions, lines, context)
+    if not ranks.is_main:  # the question files and the result files are rank 0's
+        return None
     for task in tasks:
         lines, correct, correct_by_sum = _answer(model, task, context, progress)
         count = len(task.items)
@@ -122,8 +134,6 @@ def run(context: StageContext) -> dict:
             results["multiple_choice"][task.name] = {
                 "file": str(task.path), "questions": count, "correct": correct, "accuracy": correct / count,
                 "accuracy_by_sum": correct_by_sum / count, "predictions": f"{task.name}.choices.jsonl"}
-    for entry, questions in benchmarks:
-        results["benchmarks"][entry.name] = _benchmark(model, entry, questions, context, progress)
     progress.close()
 
     choice = results["multiple_choice"]
@@ -160,17 +170,18 @@ def run(context: StageContext) -> dict:
     return summary
 
 
-def _benchmark(model: InferenceModel, entry, questions: list, context: StageContext, progress) -> dict:
-    """One benchmark, the authors' way: its questions asked by greedy generation, eval.batch_size
-    at a time (pipeline/benchmarks/); its result lines, the files GPT-assisted scoring reads, its
-    summary. A question whose video is missing or cannot be decoded is counted, not fatal."""
-    out, lines, section = context.directory, [], context.recipe.eval
+def _ask(model: InferenceModel, entry, questions: list, rounds: int, context: StageContext, progress) -> list[dict]:
+    """This rank's share of a benchmark, asked by greedy generation eval.batch_size at a time
+    (pipeline/benchmarks/), in ``rounds`` rounds on every rank (a stop signal is voted on each
+    round, so all ranks leave together). A question whose video is missing or cannot be decoded
+    gets a ``failed`` line: counted, not fatal."""
+    lines, size = [], context.recipe.eval.batch_size
     with video_kernel(model, entry.video_kernel):
-        kernel = list(model.config.video_kernel)
-        for start in range(0, len(questions), section.batch_size):
-            if context.stop.received:
-                raise StoppedForRequeue(f"{context.stop.received} received during eval; the stage starts over next run")
-            chunk, waiting, samples = questions[start:start + section.batch_size], [], []
+        for round_ in range(rounds):
+            if sum_across_ranks([float(context.stop.received is not None)], model.device)[0]:
+                raise StoppedForRequeue(f"{context.stop.received or 'a stop signal'} received during eval (on some rank); "
+                                        f"the stage starts over next run")
+            chunk, waiting, samples = questions[round_ * size:(round_ + 1) * size], [], []
             for item in chunk:
                 try:
                     line, asked = prepared(model, item, entry)
@@ -187,7 +198,16 @@ def _benchmark(model: InferenceModel, entry, questions: list, context: StageCont
                 lines[index] = answered(item, lines[index], generated[:count])
                 generated = generated[count:]
             progress.set_postfix_str(entry.name)
-            progress.update(len(chunk))
+            progress.update(len(chunk) * context.ranks.world_size)
+    return lines
+
+
+def _write_benchmark(model: InferenceModel, entry, questions: list, lines: list[dict], context: StageContext) -> dict:
+    """Rank 0: the relevance maps of the first eval.relevance_maps questions, the answer file, the
+    files GPT-assisted scoring reads, and the benchmark's summary."""
+    out, section = context.directory, context.recipe.eval
+    with video_kernel(model, entry.video_kernel):
+        kernel = list(model.config.video_kernel)
         for item, line in list(zip(questions, lines))[:section.relevance_maps]:
             if "failed" not in line:
                 picture = out / "relevance" / entry.name / f"{item.key.replace('/', '_')}.png"
@@ -200,7 +220,8 @@ def _benchmark(model: InferenceModel, entry, questions: list, context: StageCont
         write_text_atomically(out / "gpt" / filename, json.dumps(records, indent=1))
     frames = sorted({line["frames"] for line in lines})
     return {**summarise(entry.name, lines), "frames": frames, "video_kernel": kernel, "batch_size": section.batch_size,
-            "answers": f"{entry.name}.answers.jsonl", "gpt_scoring": [f"gpt/{name}" for name in scoring]}
+            "ranks": context.ranks.world_size, "answers": f"{entry.name}.answers.jsonl",
+            "gpt_scoring": [f"gpt/{name}" for name in scoring]}
 
 
 def _answer(model: InferenceModel, task: Task, context: StageContext, progress) -> tuple[list[dict], int, int]:
