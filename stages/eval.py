@@ -120,7 +120,7 @@ def run(context: StageContext) -> dict:
         shares = gather_objects(mine)
         lines = [shares[index % ranks.world_size][index // ranks.world_size] for index in range(len(questions))]
         if ranks.is_main:
-            results["benchmarks"][entry.name] = _write_benchmark(model, entry, questions, lines, context)
+            results["benchmarks"][entry.label] = _write_benchmark(model, entry, questions, lines, context)
     if not ranks.is_main:  # the question files and the result files are rank 0's
         return None
     for task in tasks:
@@ -163,10 +163,10 @@ def run(context: StageContext) -> dict:
             summary["untrained accuracy"] = round(results["overall"]["untrained_accuracy"], 4)
     if results["open_ended"]:
         summary["open-ended answers"] = sum(t["questions"] for t in results["open_ended"].values())
-    for name, entry in results["benchmarks"].items():
-        overall = entry["overall"]
-        summary[name] = (f"{100 * overall['mean_group_accuracy' if name == 'mvbench' else 'accuracy']:.1f} %"
-                         if name in MULTIPLE_CHOICE else f"{overall['questions']} answers")
+    for label, entry in results["benchmarks"].items():
+        overall, name = entry["overall"], entry["benchmark"]
+        summary[label] = (f"{100 * overall['mean_group_accuracy' if name == 'mvbench' else 'accuracy']:.1f} %"
+                          if name in MULTIPLE_CHOICE else f"{overall['questions']} answers")
     return summary
 
 
@@ -210,17 +210,17 @@ def _write_benchmark(model: InferenceModel, entry, questions: list, lines: list[
         kernel = list(model.config.video_kernel)
         for item, line in list(zip(questions, lines))[:section.relevance_maps]:
             if "failed" not in line:
-                picture = out / "relevance" / entry.name / f"{item.key.replace('/', '_')}.png"
+                picture = out / "relevance" / entry.label / f"{item.key.replace('/', '_')}.png"
                 draw(relevance_map(model, question_of(model, item, entry)), picture)
                 line["relevance_map"] = str(picture.relative_to(out))
-    write_text_atomically(out / f"{entry.name}.answers.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
+    write_text_atomically(out / f"{entry.label}.answers.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
     scoring = gpt_scoring_files(entry.name, lines)
     for filename, records in scoring.items():
         (out / "gpt").mkdir(exist_ok=True)
         write_text_atomically(out / "gpt" / filename, json.dumps(records, indent=1))
     frames = sorted({line["frames"] for line in lines})
-    return {**summarise(entry.name, lines), "frames": frames, "video_kernel": kernel, "batch_size": section.batch_size,
-            "ranks": context.ranks.world_size, "answers": f"{entry.name}.answers.jsonl",
+    return {"benchmark": entry.name, **summarise(entry.name, lines), "frames": frames, "video_kernel": kernel,
+            "batch_size": section.batch_size, "ranks": context.ranks.world_size, "answers": f"{entry.label}.answers.jsonl",
             "gpt_scoring": [f"gpt/{name}" for name in scoring]}
 
 

@@ -106,6 +106,7 @@ def write_benchmarks(root: Path) -> dict:
     save_processor_config(Recipe(name="tiny", run_dir=str(root)), config, model_dir)
     benchmarks = [
         {"name": "mvbench", "root": str(mvbench), "max_new_tokens": 4},
+        {"name": "videomme", "root": str(videomme), "max_new_tokens": 4},
         {"name": "videomme", "root": str(videomme), "subtitles": True, "max_new_tokens": 4},
         {"name": "msvd_qa", "annotations": str(qa / "msvd_test_qa.json"), "videos": str(qa / "msvd"),
          "max_new_tokens": 4},

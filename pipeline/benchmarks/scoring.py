@@ -195,12 +195,13 @@ def _percent(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
-def benchmark_table(name: str, summary: dict) -> str:
+def benchmark_table(label: str, summary: dict) -> str:
     """The paper's layout: MVBench's tasks and their mean; VideoMME's durations and overall; the QA
-    datasets' scorer-free figures; VCG's answer counts (its scores come from GPT)."""
-    groups, overall = summary["groups"], summary["overall"]
+    datasets' scorer-free figures; VCG's answer counts (its scores come from GPT). ``label``: the
+    entry's (BenchmarkSection.label); ``summary`` carries the benchmark's name."""
+    groups, overall, name = summary["groups"], summary["overall"], summary["benchmark"]
     if name in MULTIPLE_CHOICE:
-        rows = [f"| {name} | questions | accuracy | no letter | failed |", "|---|---:|---:|---:|---:|"]
+        rows = [f"| {label} | questions | accuracy | no letter | failed |", "|---|---:|---:|---:|---:|"]
         for group, entry in groups.items():
             rows.append(f"| {group} | {entry['questions']} | {_percent(entry['accuracy'])} | {entry['unanswered']} | "
                         f"{entry['failed']} |")

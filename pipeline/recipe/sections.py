@@ -338,6 +338,11 @@ class BenchmarkSection:
     limit: int | None = None            # the first N questions of each task / duration / file
     max_new_tokens: int = 200           # the authors' generation length
 
+    @property
+    def label(self) -> str:
+        """Its name in results and file names: VideoMME with subtitles is another column of the paper's."""
+        return f"{self.name}_subtitles" if self.subtitles else self.name
+
     def validate(self, src: str, where: str, missing: list[str] | None) -> None:
         needed = BENCHMARK_PATHS[self.name]
         for key in ("root", "annotations", "answers", "videos"):
@@ -384,9 +389,10 @@ class EvalSection:
                               f"eval.open_ended, or a benchmark in eval.benchmarks")
         positive(src, "eval.relevance_maps", self.relevance_maps, allow_zero=True)
         positive(src, "eval.batch_size", self.batch_size)
-        names = [benchmark.name for benchmark in self.benchmarks]
+        names = [benchmark.label for benchmark in self.benchmarks]
         if len(set(names)) != len(names):
-            raise RecipeError(f"{src}: eval.benchmarks: {names} names a benchmark twice")
+            raise RecipeError(f"{src}: eval.benchmarks: {names} names a benchmark twice (videomme may appear "
+                              f"twice: with and without subtitles)")
         for index, benchmark in enumerate(self.benchmarks):
             benchmark.validate(src, f"eval.benchmarks[{index}]", missing)
         for key in ("num_frames", "limit"):

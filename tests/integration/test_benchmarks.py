@@ -65,16 +65,19 @@ def test_every_benchmark_end_to_end_on_smoke_data(world, tmp_path):
 
     # VideoMME: 32 frames for short videos, 64 for medium and long; subtitles at the sampled frames
     # first; the missing video counted as failed, not dropped
-    videomme = {line["videoID"]: line for line in answers(out, "videomme")}
+    videomme = {line["videoID"]: line for line in answers(out, "videomme_subtitles")}
     assert [videomme[f"vid{i}"]["frames"] for i in range(4)] == [32, 64, 64, 32]
     row = world["rows"][0]
     assert videomme["vid0"]["prompt"] == videomme_prompt(row["question"], row["options"],
                                                          "The circle moves. It stops.").text
     assert videomme["vid1"]["prompt"] == videomme_prompt(world["rows"][1]["question"], row["options"]).text
+    without = {line["videoID"]: line for line in answers(out, "videomme")}  # the paper's "w/o subs" column
+    assert without["vid0"]["prompt"] == videomme_prompt(row["question"], row["options"]).text
     assert videomme["vid3"]["failed"].startswith("video not found") and not videomme["vid3"]["correct"]
-    overall = results["videomme"]["overall"]
-    assert overall["questions"] == 4 and overall["failed"] == 1 and results["videomme"]["frames"] == [32, 64]
-    assert set(results["videomme"]["groups"]) == {"short", "medium", "long"}
+    for label in ("videomme", "videomme_subtitles"):
+        overall = results[label]["overall"]
+        assert overall["questions"] == 4 and overall["failed"] == 1 and results[label]["frames"] == [32, 64]
+        assert set(results[label]["groups"]) == {"short", "medium", "long"}
 
     # Open-ended QA: the authors' prompt, answers for GPT scoring in their fields, scorer-free figures
     msvd = answers(out, "msvd_qa")
@@ -94,7 +97,7 @@ def test_every_benchmark_end_to_end_on_smoke_data(world, tmp_path):
     assert [len(json.loads((out / "gpt" / name).read_text())) for name in ("general.json", "temporal.json")] == [1, 1]
 
     # the first question of each benchmark: its relevance map
-    for name in ("mvbench", "videomme", "msvd_qa", "activitynet_qa", "vcg"):
+    for name in ("mvbench", "videomme", "videomme_subtitles", "msvd_qa", "activitynet_qa", "vcg"):
         first = answers(out, name)[0]
         assert Image.open(out / first["relevance_map"]).size == picture_size(first["frames"], first["frames"] // 2)
         assert all("relevance_map" not in line for line in answers(out, name)[1:])
@@ -114,14 +117,14 @@ def test_a_malformed_record_names_its_file_and_index_before_the_model_loads(worl
         eval_stage.run(context)
     with pytest.raises(RecipeError, match=r"eval.benchmarks\[0\].videos: msvd_qa needs it"):
         validate(parse_recipe({"name": "b", "run_dir": str(tmp_path), "eval": {
-            "benchmarks": [{"name": "msvd_qa", "annotations": world["benchmarks"][2]["annotations"]}]}}))
+            "benchmarks": [{"name": "msvd_qa", "annotations": world["benchmarks"][3]["annotations"]}]}}))
 
 
 def test_batched_generation_answers_as_one_question_at_a_time(world):
     """Questions of different lengths, frame counts (VideoMME's 32 and 64) and answer prefixes in
     one left-padded batch: the same answers as asked one by one."""
     model = load_model_dir(world["model"])
-    entry = BenchmarkSection("videomme", root=world["benchmarks"][1]["root"], max_new_tokens=12)
+    entry = BenchmarkSection("videomme", root=world["benchmarks"][1]["root"], subtitles=True, max_new_tokens=12)
     items = [item for item in read_videomme(entry.root) if not item.missing]
     mvbench = BenchmarkSection("mvbench", root=world["benchmarks"][0]["root"])
     questions = [question_of(model, item, entry) for item in items] + [
