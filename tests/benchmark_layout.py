@@ -10,16 +10,12 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from pipeline.benchmarks.readers import MVBENCH_TASKS
 from pipeline.data.media import PyAVDecoder
 from pipeline.data.synthetic import SynthSettings, generate
-from pipeline.model.setup import save_processor_config, save_tokenizers
-from pipeline.model.tiny import tiny_config_for, tiny_tokenizer
-from pipeline.recipe import Recipe
-from ppllava import PPLLaVAForConditionalGeneration
+from conftest import tiny_model_directory
 
 OPTIONS = ["red", "green", "blue", "yellow"]
 SRT = ('1\n00:00:00,000 --> 00:00:01,000\n<font color="white" size=".72c">The circle moves.</font>\n\n'
@@ -97,13 +93,7 @@ def write_benchmarks(root: Path) -> dict:
     (vcg / "Benchmarking_QA" / "consistency_qa.json").write_text(json.dumps(
         [{"Q1": "What moves?", "Q2": "Which object is moving?", "A": "A circle.", "video_name": "v_vcg.mkv"}]))
 
-    tokenizer = tiny_tokenizer()
-    config = tiny_config_for(tokenizer)
-    torch.manual_seed(0)
-    model_dir = root / "model"
-    PPLLaVAForConditionalGeneration(config).save_pretrained(model_dir)
-    save_tokenizers(tokenizer, tokenizer, model_dir)
-    save_processor_config(Recipe(name="tiny", run_dir=str(root)), config, model_dir)
+    model_dir = tiny_model_directory(root / "model")
     benchmarks = [
         {"name": "mvbench", "root": str(mvbench), "max_new_tokens": 4},
         {"name": "videomme", "root": str(videomme), "max_new_tokens": 4},

@@ -23,6 +23,20 @@ def tiny_model(seed: int = 0, **overrides) -> PPLLaVAForConditionalGeneration:
     return PPLLaVAForConditionalGeneration(PPLLaVAConfig.tiny(**overrides)).eval()
 
 
+def tiny_model_directory(directory: Path, seed: int = 0) -> Path:
+    """A random tiny PPLLaVA in the export layout (weights, tokenizers, processor_config.json)."""
+    from pipeline.model.setup import save_processor_config, save_tokenizers
+    from pipeline.recipe import Recipe
+
+    tokenizer = tiny_tokenizer()
+    config = tiny_config_for(tokenizer)
+    torch.manual_seed(seed)
+    PPLLaVAForConditionalGeneration(config).save_pretrained(directory)
+    save_tokenizers(tokenizer, tokenizer, directory)
+    save_processor_config(Recipe(name="tiny", run_dir=str(directory)), config, directory)
+    return Path(directory)
+
+
 # (height, width) of a tiny-config image with base + 1x2 tiles (3 frames) or base + 2x2 tiles (5).
 IMAGE_SIZES = {3: (40, 96), 5: (90, 96)}
 

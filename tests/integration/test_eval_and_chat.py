@@ -13,13 +13,12 @@ from pipeline.data.collate import ProcessorSettings, SampleProcessor
 from pipeline.data.records import RecordError, Sample, Turn
 from pipeline.data.synthetic import SynthSettings, generate
 from pipeline.model.inference import InferenceError, Question, load_model_dir
-from pipeline.model.setup import save_processor_config, save_tokenizers
-from pipeline.recipe import Recipe, RecipeError, parse_recipe, validate
+from pipeline.recipe import RecipeError, parse_recipe, validate
 from pipeline.runner import StageContext
-from ppllava import VIDEO, PPLLaVAForConditionalGeneration
+from ppllava import VIDEO
 from ppllava.processing import visual_token_count
 from stages import eval as eval_stage
-from conftest import run_pipeline, tiny_config_for, tiny_tokenizer, write_recipe
+from conftest import run_pipeline, tiny_model_directory, write_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -30,13 +29,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     generate(root / "synth", SynthSettings(seed=3, videos=5, images=2, multi_images=0, eval_questions=5, dpo_pairs=0,
                                            size=48, frames=8))
-    tokenizer = tiny_tokenizer()
-    config = tiny_config_for(tokenizer)
-    torch.manual_seed(0)
-    model_dir = root / "model"
-    PPLLaVAForConditionalGeneration(config).save_pretrained(model_dir)
-    save_tokenizers(tokenizer, tokenizer, model_dir)
-    save_processor_config(Recipe(name="tiny", run_dir=str(root)), config, model_dir)
+    model_dir = tiny_model_directory(root / "model")
     questions = json.loads((root / "synth" / "eval_video.json").read_text())
     open_ended = [{"video": q["video"], "question": q["question"], "answer": q["options"][0]}
                   for q in questions[:3]] + [{"image": "images/image_0000.jpg", "question": "What colour is the circle?"}]
