@@ -4,9 +4,10 @@ Multiple-choice records (MVBench style): {"video" | "image": path or, for images
 paths, "question": str, "options" | "candidates": [str, ...], "answer": a letter "A".. or the
 answer's text}; open-ended records: {"video" | "image": path, "question": str, "answer": str
 (optional)}. A video may be a file, a GIF or a folder of frames, and may carry "start" / "end"
-seconds (MVBench's bounded tasks; on a folder of frames also "fps", their rate). Media paths are relative to a media root (default: the
-file's folder) and may not leave it. ``read_task`` checks every record before any model loads, and names the file, the
-record index and the reason of the first bad one (RecordError).
+seconds (MVBench's bounded tasks; on a folder of frames also "fps", their rate). Media paths are
+relative to a media root (default: the file's folder) and may not leave it. ``read_task`` checks
+every record before any model loads, and names the file, the record index and the reason of the
+first bad one (RecordError). The paper's benchmarks in their own layouts: pipeline/benchmarks/.
 """
 
 from __future__ import annotations
