@@ -106,7 +106,7 @@ def _text(record, key: str, file: Path, index: int) -> str:
         raise RecordError(str(file), f"record {index}", f"expected an object, got {type(record).__name__}")
     value = record.get(key)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and key in ("answer", "A"):
-        value = str(value)  # MSVD-QA has numeric answers ("2")
+        value = str(value)  # numeric answers (MSVD-QA's counts, MVBench's counting tasks)
     if not isinstance(value, str) or not value.strip():
         raise RecordError(str(file), f"record {index}", f"'{key}' must be a non-empty string, got {value!r}")
     return value.strip()
@@ -150,6 +150,8 @@ def read_mvbench(root: str | Path, limit: int | None = None) -> list[BenchmarkQu
         for index, record in enumerate(_records(file)[:limit]):
             question = _text(record, "question", file, index)
             options = record.get("candidates")
+            if isinstance(options, list):  # counting tasks may write numbers
+                options = [str(o) if isinstance(o, (int, float)) and not isinstance(o, bool) else o for o in options]
             if not isinstance(options, list) or not 2 <= len(options) <= len(LETTERS) or not all(
                     isinstance(o, str) for o in options):
                 raise RecordError(str(file), f"record {index}", f"'candidates' must be a list of 2 to {len(LETTERS)} "

@@ -89,3 +89,24 @@ def test_videomme_subtitles_at_the_sampled_frames_in_time_order():
     # 10 fps: frames 5 (block 1), 45 (block 3: no tag), 70 (block 4); block 2 (frames 20-39) unsampled
     assert videomme_subtitles(srt, [70, 5, 45], fps=10) == "First line. Fourth line."
     assert videomme_subtitles(srt, [95], fps=10) == ""
+
+
+def test_mvbench_counting_tasks_may_write_numbers(tmp_path):
+    """A task file whose candidates and answer are numbers reads as their text; a broken record
+    names its file and index."""
+    import json
+
+    from pipeline.benchmarks.readers import MVBENCH_TASKS, read_mvbench
+    from pipeline.data.records import RecordError
+
+    for _, filename, *_ in MVBENCH_TASKS:
+        (tmp_path / "json").mkdir(exist_ok=True)
+        (tmp_path / "json" / filename).write_text(json.dumps([{"video": "v.mp4", "question": "How many?",
+                                                                "candidates": [2, 3, 4], "answer": 3}]))
+    items = read_mvbench(tmp_path)
+    assert len(items) == 20 and items[0].options == ["2", "3", "4"] and items[0].answer == "B"
+    assert items[0].missing  # no video there: kept, to be counted as failed
+    (tmp_path / "json" / "action_count.json").write_text(json.dumps([{"video": "v.mp4", "question": "How many?",
+                                                                       "candidates": ["2"], "answer": "2"}]))
+    with pytest.raises(RecordError, match=r"action_count.json, record 0: 'candidates' must be a list of 2"):
+        read_mvbench(tmp_path)
