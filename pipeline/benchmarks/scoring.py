@@ -167,8 +167,10 @@ def summarise(name: str, lines: list[dict]) -> dict:
             entry["contains_accuracy"] = entry["contains"] / entry["questions"]
     if name in MULTIPLE_CHOICE:
         overall["mean_group_accuracy"] = sum(g["accuracy"] for g in groups.values()) / len(groups)
-    else:
-        overall = {k: v for k, v in overall.items() if k not in ("correct", "unanswered")}
+    else:  # open-ended: only the counts that apply (VCG's scores all come from GPT)
+        kept = ("questions", "failed", *(("exact_match", "contains", "exact_match_accuracy", "contains_accuracy")
+                                         if name in QA_BENCHMARKS else ()))
+        overall = {key: overall[key] for key in kept}
     return {"groups": groups, "overall": overall}
 
 

@@ -95,6 +95,7 @@ def test_every_benchmark_end_to_end_on_smoke_data(world, tmp_path):
     assert consist[0]["Q1"] == "What moves?" and consist[0]["Q2"] == "Which object is moving?"
     assert {"pred1", "pred2", "A", "video_name"} <= set(consist[0])
     assert [len(json.loads((out / "gpt" / name).read_text())) for name in ("general.json", "temporal.json")] == [1, 1]
+    assert results["vcg"]["overall"] == {"questions": 3, "failed": 0}
 
     # the first question of each benchmark: its relevance map
     for name in ("mvbench", "videomme", "videomme_subtitles", "msvd_qa", "activitynet_qa", "vcg"):
