@@ -43,7 +43,8 @@ from pipeline.layout import DPO_INIT, MODEL_DIR, REFERENCE_LOGPS, checkpoints_di
 from pipeline.model.check import directory_fingerprint
 from pipeline.model.consolidate import consolidated_model, copy_model_files
 from pipeline.model.setup import (count_parameters, load_directory_tokenizers, load_processor_settings,
-                                  model_source_directory, set_trained_parts, write_start_model)
+                                  model_source_directory, set_trained_parts, stage_trained_parts,
+                                  write_start_model)
 from pipeline.preference import dpo_loss, sequence_logps
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.runner import DRY_RUN_DONE, StageContext, StageFailed, fingerprint_of
@@ -176,8 +177,7 @@ def run(context: StageContext) -> dict:
     with model_init_context(settings, backend.resolve_dtype(dpo.precision, ranks.local_rank)):
         model = _load(init, attn)
     # the LLM trains: all its weights, or LoRA adapters on them (dpo.lora)
-    lora = set_trained_parts(model, dict(vision=False, projector=False, clip_text=False, llm=dpo.lora is None),
-                             dpo.lora)
+    lora = set_trained_parts(model, stage_trained_parts(recipe, "dpo"), dpo.lora)
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, _, scheduler = build_engine(model, backend, settings, ranks.local_rank)

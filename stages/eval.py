@@ -102,6 +102,8 @@ def run(context: StageContext) -> dict:
             raise RecipeError(f"{recipe.source}: eval.{kind}: two files share a name ({', '.join(stems)}); tasks are "
                               f"named by file stem, so rename one")
 
+    if not benchmarks and not context.ranks.is_main:  # nothing to share: the question files are rank 0's
+        return None
     try:
         model = load_for_inference(model_directory(recipe), context.backend, context.ranks.local_rank,
                                    section.num_frames, section.video_kernel, recipe.data.decoder)

@@ -21,14 +21,14 @@ tokenizers: the model directory without its weights, which live in the checkpoin
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 
 from backends.deepspeed_engine import build_engine, model_init_context
 from pipeline.data.loader import StreamingLoader, manifest_samples, natural_weights
 from pipeline.data.records import MODALITIES
 from pipeline.layout import MODEL_DIR
 from pipeline.model.setup import (build_model, build_processor, count_parameters, load_tokenizers,
-                                  loads_partitioned, save_processor_config, save_tokenizers, set_trained_parts)
+                                  loads_partitioned, save_processor_config, save_tokenizers, set_trained_parts,
+                                  stage_trained_parts)
 from pipeline.recipe import Recipe
 from pipeline.runner import DRY_RUN_DONE, StageContext
 from pipeline.training import (TrainingRun, answer_tokens, engine_settings, loader_settings, schedule_length,
@@ -63,7 +63,7 @@ def run(context: StageContext) -> dict:
     with model_init_context(settings, backend.resolve_dtype(sft.precision, ranks.local_rank),
                             partitioned=loads_partitioned(recipe)):
         model = build_model(recipe, tokenizer, backend.attn_implementation)
-    lora = set_trained_parts(model, asdict(sft.trainable), sft.lora)
+    lora = set_trained_parts(model, stage_trained_parts(recipe, "sft"), sft.lora)
     config = model.config
     engine, _, scheduler = build_engine(model, backend, settings, ranks.local_rank)
     loader = StreamingLoader(recipe.manifest_path, build_processor(recipe, config, tokenizer, clip_tokenizer),

@@ -307,6 +307,7 @@ def plan_stage(recipe: Recipe, stage: str, tokens: int | None = None) -> MemoryP
     ``data.max_length``) is the longest sequence a micro-batch row holds."""
     from backends.spec import PRECISIONS
     from pipeline.model.budget import stage_model_config
+    from pipeline.model.setup import stage_trained_parts
 
     section = getattr(recipe, stage)
     config, where, _ = stage_model_config(recipe, stage)
@@ -314,10 +315,7 @@ def plan_stage(recipe: Recipe, stage: str, tokens: int | None = None) -> MemoryP
     dtype = PRECISIONS[section.precision]
     element = dtype.itemsize
     tokens = tokens or recipe.data.max_length
-    if stage == "sft":
-        parts = dataclasses.asdict(recipe.sft.trainable)
-    else:
-        parts = dict(vision=False, projector=False, clip_text=False, llm=section.lora is None)
+    parts = stage_trained_parts(recipe, stage)
     model = _meta_model(config, parts, section.lora)
     counts = _count(model)
     rows = 2 * micro if stage == "dpo" else micro   # DPO: the chosen and the rejected answer of each pair

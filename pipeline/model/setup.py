@@ -14,6 +14,7 @@ train from the result with `source: pretrained`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -168,6 +169,14 @@ def load_processor_settings(directory: Path) -> ProcessorSettings:
     return ProcessorSettings(template=saved.get("template", "vicuna_v1"), frame_scheme=saved.get("frame_sampling", "segments"),
                              max_length=saved.get("max_length", ProcessorSettings.max_length),
                              training=False)
+
+
+def stage_trained_parts(recipe: Recipe, stage: str) -> dict[str, bool]:
+    """``set_trainable_parts``' switches for a training stage: SFT's ``sft.trainable``; DPO trains
+    the LLM alone (all its weights, or with ``dpo.lora`` adapters on them)."""
+    if stage == "sft":
+        return dataclasses.asdict(recipe.sft.trainable)
+    return dict(vision=False, projector=False, clip_text=False, llm=recipe.dpo.lora is None)
 
 
 def set_trained_parts(model: PPLLaVAForConditionalGeneration, parts: dict[str, bool],
