@@ -67,7 +67,7 @@ def _validate(args: argparse.Namespace) -> int:
     for budget in budgets:  # printed before the verdict, so a failing budget shows its numbers
         print("\n".join(budget.lines()))
     check_budgets(recipe, budgets)
-    from pipeline.model.memory import judged_on_its_device, plan_report
+    from pipeline.model.memory_fit import judged_on_its_device, plan_report
 
     if judged_on_its_device(recipe):  # the memory plan on the device the recipe names
         text, problems = plan_report(recipe)
@@ -85,7 +85,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     validate(recipe, missing_paths=[])  # paths missing here are fine: the plan reads configs where it can
-    from pipeline.model.memory import plan_report, training_stages
+    from pipeline.model.memory_fit import plan_report, training_stages
 
     if not training_stages(recipe):
         print(f"error: {args.recipe} has no training stage (sft, dpo) to plan", file=sys.stderr)

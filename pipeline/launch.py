@@ -257,7 +257,7 @@ def launch(args: argparse.Namespace) -> int:
     notes: list[str] = []
     validate(recipe, missing_paths=notes)
     from pipeline.model.budget import check_budgets  # torch: only once the recipe is valid
-    from pipeline.model.memory import check_plan
+    from pipeline.model.memory_fit import check_plan
 
     check_budgets(recipe)
     check_plan(recipe)  # a job that would run out of memory on cluster.device is not queued

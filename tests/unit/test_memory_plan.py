@@ -9,7 +9,9 @@ import torch
 
 from conftest import REPO_ROOT, build_batch, run_pipeline, pipeline_env
 from pipeline.devices import DEVICES
-from pipeline.model.memory import _meta_forward, _meta_model, plan_report, plan_stage, smallest_change
+from pipeline.model.memory import plan_stage
+from pipeline.model.memory_fit import plan_report, smallest_change, verdict
+from pipeline.model.meta_forward import meta_forward, meta_model
 from pipeline.model.setup import set_trained_parts
 from pipeline.recipe import RecipeError, load_recipe, parse_recipe
 from pipeline.recipe.sections import LoraSection
@@ -51,7 +53,7 @@ def test_the_meta_count_of_saved_activations_is_a_real_forwards(lora):
     batch["clip_attention_mask"] = torch.ones(1, length, dtype=torch.long)
     real = real_saved_bytes(model.train(), batch)
 
-    saved = _meta_forward(_meta_model(config, parts, lora), config, torch.float32, videos=1, rows=1,
+    saved = meta_forward(meta_model(config, parts, lora), config, torch.float32, videos=1, rows=1,
                           tokens=batch["input_ids"].shape[1], dpo=False)
     assert saved.before + saved.in_layers + saved.head == pytest.approx(real, rel=1e-3)
     assert saved.layers == 2 and saved.head >= batch["input_ids"].shape[1] * 512 * 4  # the fp32 log-softmax
@@ -104,7 +106,7 @@ def test_the_7b_recipes_are_planned_in_seconds_and_fit_their_devices(name, devic
     assert f"{device}" in text and "fits" in text and "PPLLaVA defaults" in text
     stage = "dpo" if name.startswith("dpo") else "sft"
     plan = plan_stage(recipe, stage)
-    total = sum(p.numel() for p in _meta_model(PPLLaVAConfig(), {}, None).parameters())
+    total = sum(p.numel() for p in meta_model(PPLLaVAConfig(), {}, None).parameters())
     assert 7.0e9 < total < 7.3e9
     assert 5 * GIB < plan.total < DEVICES[device].memory
 
@@ -114,8 +116,8 @@ def test_a_plan_that_does_not_fit_names_the_smallest_change_that_does(monkeypatc
     monkeypatch.setenv("DATA_ROOT", str(tmp_path))
     recipe = load_recipe(REPO_ROOT / "recipes" / "sft_gpu.yaml", ["cluster.nodes=1", "sft.micro_batch_size=8"])
     small = DEVICES["rtx4090-24g"]
-    fits, verdict = plan_stage(recipe, "sft").verdict(small)
-    assert not fits and "short" in verdict
+    fits, judged = verdict(plan_stage(recipe, "sft"), small)
+    assert not fits and "short" in judged
     assert smallest_change(recipe, "sft", small) == "fits with sft.micro_batch_size=1"
     # without checkpointing, one change is not enough: the least disruptive ones together
     unchecked = load_recipe(REPO_ROOT / "recipes" / "sft_gpu.yaml",
