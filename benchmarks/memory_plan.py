@@ -91,7 +91,7 @@ def measure(recipe_path: Path, stage: str) -> dict:
     longest row the LLM was given."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    import pipeline.training
+    import pipeline.training.run
     from pipeline.recipe import load_recipe, validate
     from pipeline.runner import run_recipe
     from ppllava import PPLLaVAForConditionalGeneration
@@ -107,14 +107,14 @@ def measure(recipe_path: Path, stage: str) -> dict:
             rows.append(int(ids.shape[1]))
         return forward(self, *args, **kwargs)
 
-    save = pipeline.training.save_checkpoint
+    save = pipeline.training.run.save_checkpoint
 
     def marked_save(*args, **kwargs):
         with record_function("memory_plan.save"):
             return save(*args, **kwargs)
 
     PPLLaVAForConditionalGeneration.forward = recording_forward
-    pipeline.training.save_checkpoint = marked_save
+    pipeline.training.run.save_checkpoint = marked_save
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         run_recipe(recipe, [stage])
     events = profiler.profiler.kineto_results.events()

@@ -1,123 +1,32 @@
-"""What every training stage (sft, dpo) shares; each stage keeps its own loop.
-
-    stage_inputs        the recipe keys a training stage's fingerprint covers
-    schedule_length     optimizer steps from epochs and samples, capped by max_steps
-    engine_settings     the DeepSpeed engine's settings from a training section
-    loader_settings     the streaming loader's settings from the data section
-    TrainingRun         the bookkeeping around a loop: resume (engine, scheduler, loader, RNG),
-                        the non-finite guard, per-step logging (tqdm, metrics.jsonl, TensorBoard),
-                        checkpoints (every save_every, at the end, and after SIGTERM/SIGUSR1 with
-                        the requeue exit), and the stage's summary
-
-A loop reads, top to bottom:
-
-    training = TrainingRun(context, engine, scheduler, loader, total_steps)
-    for step in range(training.start(), total_steps):
-        ... forward; if not training.finite(loss, batch.keys, step): training.stand_in(batch); continue
-            backward; engine.step; training.interval.add(batch) ...
-        training.end_step(step + 1, step_loss, lr)   # may raise StoppedForRequeue
-    return training.finish()
-"""
+"""TrainingRun: the bookkeeping around a training stage's loop (the package docstring shows the
+loop). It restores a checkpoint with --resume (``resume.py`` decides which and whether), guards
+against non-finite losses, logs each step (tqdm, metrics.jsonl, TensorBoard), checkpoints every
+save_every steps, at the end and after SIGTERM/SIGUSR1 (then exits for requeue), and writes the
+stage's summary."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from backends.deepspeed_engine import EngineSettings
 from backends.distributed import decided_on_rank0, gather_objects, sum_across_ranks
-from pipeline.atomic import sha256_of
-from pipeline.checkpoint import (CheckpointError, check_resume_path, latest_checkpoint,
-                                 load_checkpoint, read_trainer_state, remove_partial, restore_rng_state, rng_state,
-                                 save_checkpoint, set_aside_later_checkpoints, sound_resume_point)
-from pipeline.data.loader import LoaderError, LoaderSettings, check_shards, merge_loader_states
-from pipeline.layout import SAMPLES_DIR, checkpoints_dir, is_checkpoint
+from pipeline.checkpoint import (latest_checkpoint, load_checkpoint, read_trainer_state, remove_partial,
+                                 restore_rng_state, rng_state, save_checkpoint, set_aside_later_checkpoints)
+from pipeline.data.loader import LoaderError, check_shards, merge_loader_states
+from pipeline.layout import SAMPLES_DIR, checkpoints_dir
 from pipeline.metrics import MetricsLog
-from pipeline.preference import answer_mask
-from pipeline.recipe import Recipe, RecipeError, TrainingSection, differences
+from pipeline.recipe import TrainingSection
 from pipeline.runner import StageContext, StageFailed, StoppedForRequeue
+from pipeline.training.resume import check_same_training, report_layout_change, resume_point, set_peak_lr
+from pipeline.training.settings import micro_batch_normaliser
 
 logger = logging.getLogger(__name__)
-
-# Keys that do not change what is trained: never part of the fingerprint, free to change on resume
-# (recomputing activations gives the same gradients, so it may be switched on after an OOM).
-RUNTIME_KEYS = ("log_every", "save_every", "keep_last", "verify_checkpoints", "max_nonfinite_in_a_row",
-                "record_samples")
-RUNTIME_MODEL_KEYS = ("gradient_checkpointing",)
-# Keys a resumed run may change: the schedule continues from the checkpoint's step with the new values.
-SCHEDULE_KEYS = ("lr", "max_steps", "epochs")
-# How the global batch is split and the state sharded: not what is trained (the data order is the
-# step's and the loss is normalised over the global batch, whatever the split), so not part of the
-# fingerprint, and free to change on resume, with the world size (a run moving to another cluster).
-LAYOUT_KEYS = ("micro_batch_size", "gradient_accumulation_steps", "zero_stage", "offload_optimizer")
-
-
-def answer_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """Per row, the number of tokens a causal LM loss is taken on (``answer_mask``)."""
-    return answer_mask(labels).sum(dim=-1)
-
-
-def micro_batch_normaliser(global_count: float, world: int, accumulation: int) -> float:
-    """The divisor of one micro-batch's summed loss that makes DeepSpeed's step (backward / accumulation,
-    gradients averaged over ranks) minimise the global batch's sum / ``global_count``."""
-    return max(global_count, 1.0) / (world * accumulation)
-
-
-def stage_inputs(recipe: Recipe, stage: str, world_size: int) -> dict:
-    """What a training stage's result depends on: not the world size or the batch layout (see
-    LAYOUT_KEYS), so a finished stage is not trained again on another cluster."""
-    section, model = asdict(getattr(recipe, stage)), asdict(recipe.model)
-    for key in RUNTIME_KEYS + LAYOUT_KEYS:
-        section.pop(key)
-    for key in RUNTIME_MODEL_KEYS:
-        model.pop(key)
-    data = asdict(recipe.data)
-    for key in ("cards", "variables"):  # reach training through the shard stage's fingerprint
-        data.pop(key)
-    data.pop("verify_shards")  # how they are checked, not what is trained
-    data.pop("num_workers")  # who decodes, not what: the data order is the step's (pipeline/data/loader.py)
-    found = {"seed": recipe.seed, "model": model, "data": data, stage: section}
-    if recipe.shard is None:  # shards made elsewhere: their manifest is this stage's data input
-        found["manifest_sha256"] = sha256_of(Path(recipe.data.manifest))
-    return found
-
-
-def schedule_length(recipe: Recipe, stage: str, samples: int) -> int:
-    """Optimizer steps: ceil(epochs x samples / global batch), capped by max_steps."""
-    section = getattr(recipe, stage)
-    per_epoch = samples // section.global_batch_size
-    if per_epoch == 0:
-        raise RecipeError(f"{recipe.source}: {stage}.global_batch_size={section.global_batch_size} exceeds the "
-                          f"{samples} training samples in {recipe.manifest_path}: not one optimizer step per epoch")
-    total = math.ceil(section.epochs * per_epoch)
-    return min(total, section.max_steps) if section.max_steps else total
-
-
-def engine_settings(section: TrainingSection, micro: int, accumulation: int, total_steps: int) -> EngineSettings:
-    return EngineSettings(zero_stage=section.zero_stage, precision=section.precision, micro_batch_size=micro,
-                          gradient_accumulation_steps=accumulation, gradient_clipping=section.gradient_clipping,
-                          lr=section.lr, weight_decay=section.weight_decay, warmup_ratio=section.warmup_ratio,
-                          min_lr_ratio=section.min_lr_ratio, lr_schedule=section.lr_schedule,
-                          total_steps=total_steps, optimizer=section.optimizer,
-                          offload_optimizer=section.offload_optimizer)
-
-
-def loader_settings(recipe: Recipe, micro: int, accumulation: int, weights: dict[str, float],
-                    interleave: bool = True) -> LoaderSettings:
-    """The streaming loader's settings from the recipe's data section and seed."""
-    data = recipe.data
-    return LoaderSettings(micro_batch_size=micro, accumulation=accumulation, virtual_streams=data.virtual_streams,
-                          weights=weights, interleave=interleave,
-                          shuffle_buffer=data.shuffle_buffer, seed=recipe.seed, num_workers=data.num_workers,
-                          max_bad_fraction=data.max_bad_fraction, every_modality_first=data.every_modality_first)
-
 
 @dataclass
 class LogInterval:
@@ -179,16 +88,19 @@ class TrainingRun:
             remove_partial(self.checkpoints)
         context.barrier()
         start = 0
-        resume_from = self._resume_point()
+        checkpoint_hashes = self.section.verify_checkpoints == "hash"
+        resume_from = resume_point(context.resume, self.checkpoints, context.directory, checkpoint_hashes)
         if resume_from is not None:
             trainer_state = read_trainer_state(resume_from)
-            self._check_same_training(trainer_state["inputs"], resume_from)  # before minutes of loading
-            same_ranks = self._report_layout_change(trainer_state["layout"], resume_from)
+            # before minutes of loading
+            check_same_training(context.stage, trainer_state["inputs"], context.inputs, resume_from)
+            same_ranks = report_layout_change(trainer_state["layout"], self.layout(), resume_from,
+                                              self.section.global_batch_size, ranks.is_main)
             if ranks.is_main:
                 set_aside_later_checkpoints(self.checkpoints, resume_from)
             context.barrier()
             rank_state = load_checkpoint(self.engine, self.scheduler, resume_from, ranks.rank, same_ranks)
-            self._set_peak_lr(self.section.lr)  # the recipe's (a resumed run may change it)
+            set_peak_lr(self.scheduler, self.section.lr)  # the recipe's (a resumed run may change it)
             self.loader.load_state_dict(trainer_state["loader"])
             if rank_state is not None:
                 restore_rng_state(rank_state["rng"], context.backend.device_module())
@@ -202,80 +114,12 @@ class TrainingRun:
         self.interval = LogInterval()
         return start
 
-    def _resume_point(self) -> Path | None:
-        resume, checkpoints = self.context.resume, self.checkpoints
-        if resume is None:
-            found = latest_checkpoint(checkpoints)
-            if found is not None:
-                raise CheckpointError(f"{self.context.directory} holds checkpoints of an unfinished run (latest: "
-                                      f"{found.name}); pass --resume auto to continue it, or move the directory away "
-                                      f"to start over")
-            return None
-        hashes = self.section.verify_checkpoints == "hash"
-        if resume == "auto":
-            found = decided_on_rank0(lambda: sound_resume_point(checkpoints, hashes), (CheckpointError,))
-            if found is None:
-                logger.info("--resume auto: no checkpoint in %s yet; starting from step 0", checkpoints)
-            return found
-        path = Path(resume)
-        if not is_checkpoint(path):
-            raise CheckpointError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
-        decided_on_rank0(lambda: check_resume_path(path, hashes), (CheckpointError,))
-        return path
-
-    def _check_same_training(self, saved_inputs: dict, path: Path) -> None:
-        """The checkpoint's stage inputs (upstream fingerprint included) against this run's."""
-        stage = self.context.stage
-        allowed = tuple(f"{stage}.{key}" for key in SCHEDULE_KEYS)
-        changed = differences(saved_inputs, self.context.inputs)
-        refused = [key for key in changed if key not in allowed]
-        if "upstream" in refused:
-            raise CheckpointError(f"{path} was trained on the output of an earlier stage that has changed since (the "
-                                  f"shards were rebuilt, or another manifest is named): it cannot continue on other "
-                                  f"data. Move {path.parent.parent} away to train from scratch")
-        if refused:
-            free = (allowed + tuple(f"{stage}.{key}" for key in RUNTIME_KEYS + LAYOUT_KEYS)
-                    + ("model.gradient_checkpointing", "the cluster section"))
-            raise CheckpointError(f"{path} was written by a run with different settings: {', '.join(refused)}. Revert "
-                                  f"them to resume, or start a new run_dir (keys that may change on resume: "
-                                  f"{', '.join(free)})")
-        if changed:
-            logger.warning("resuming with changed %s: the schedule continues from the checkpoint's step with the new "
-                           "values", ", ".join(changed))
-
     def layout(self) -> dict:
         """How this run splits the global batch and shards its state (free to change on resume)."""
         settings = self.loader.settings
         return {"world_size": self.world, "micro_batch_size": settings.micro_batch_size,
                 "accumulation": settings.accumulation, "zero_stage": self.section.zero_stage,
                 "offload_optimizer": self.section.offload_optimizer, "device": self.context.backend.name}
-
-    def _report_layout_change(self, saved: dict, path: Path) -> bool:
-        """Say what differs between the checkpoint's layout and this run's (one line on rank 0);
-        whether each rank can take its own RNG state from the checkpoint (same world size and
-        device type)."""
-        here = self.layout()
-        changed = {key: (saved.get(key), value) for key, value in here.items() if saved.get(key) != value}
-        same_ranks = "world_size" not in changed and "device" not in changed
-        if changed and self.context.ranks.is_main:
-            described = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
-            logger.warning("resuming %s on another layout: %s. The global batch (%d), the data order and the "
-                           "optimizer state carry over; the state is re-partitioned for this layout%s", path.name,
-                           described, self.section.global_batch_size,
-                           "" if same_ranks else "; RNG states restart from the seed (dropout masks differ from "
-                           "an uninterrupted run)")
-        return same_ranks
-
-    def _set_peak_lr(self, lr: float) -> None:
-        """Rescale the restored schedule to peak ``lr`` from the current step on."""
-        scheduler = self.scheduler
-        if all(base == lr for base in scheduler.base_lrs):
-            return
-        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
-        scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
-        for group in scheduler.optimizer.param_groups:
-            group["lr"] = lr * factor
-        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
     # -- inside the loop ---------------------------------------------------------------------------
     def step_window(self, batches, accumulation: int) -> list:
