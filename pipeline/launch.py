@@ -58,7 +58,7 @@ def check_job(recipe: Recipe, backend: str, stages: list[str] | None = None) -> 
     if backend not in ("cuda", "npu", "cpu"):
         raise RecipeError(f"{src}: backend: {backend!r}; a cluster job needs a named backend (cuda or npu): set "
                           f"`backend` in the recipe or pass --backend")
-    recipe.cluster.validate(recipe, backend)
+    recipe.cluster.validate(recipe.source, recipe.backend, backend)
     limit = None if recipe.cluster.time is None else slurm_seconds(recipe.cluster.time, "--time / cluster.time")
     if limit is not None and limit <= recipe.cluster.signal_seconds:
         raise RecipeError(f"{src}: --time / cluster.time {recipe.cluster.time} ({limit} s) is not longer than "

@@ -6,7 +6,9 @@ alone fill the context is refused by every stage that reads it. `validate` print
 for each stage and stops a recipe whose videos or largest images cannot fit; `run` checks the
 same before any device work. Only configs are read (config.json files), never weights; where a
 model directory does not exist yet (a DPO recipe's init is the SFT run's future export, or the
-cluster's storage is not mounted here) the PPLLaVA defaults stand in, and the line says so.
+cluster's storage is not mounted here) the PPLLaVA defaults stand in, and the line says so. A
+budget the defaults fail says nothing of a pretrained PPLLaVA directory's model: when
+model.pretrained_path is not there and no stage of the recipe writes it, that is the error, first.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class StageBudget:
     largest_image: int         # visual tokens of the largest any-resolution image
     per_extra_image: int       # visual tokens of each image of a multi-image sample
     llm_context: int | None    # the LLM's own max_position_embeddings, when the config is known
+    unreadable: str | None = None  # model.pretrained_path when no stage writes it and it is not there
 
     def lines(self) -> list[str]:
         room = self.context - self.video
@@ -118,6 +121,22 @@ def stage_model_config(recipe: Recipe, stage: str) -> tuple[PPLLaVAConfig, str, 
     return stage_model_config(recipe, recipe.export_source)
 
 
+def missing_pretrained_model(recipe: Recipe, stage: str) -> str | None:
+    """"model.pretrained_path: /x does not exist ..." when the stage's config would come from
+    model.pretrained_path, which no stage of the recipe writes and which is not there; else None.
+    (The other stand-ins are deliberate: a DPO init that is an SFT run's future export, LLaVA-NeXT
+    checkpoints on storage this host does not mount, are PPLLaVA-7B shaped like the defaults; a
+    pretrained PPLLaVA directory may be any size, the demo's tiny model included.)"""
+    if stage == "dpo" and recipe.dpo.init not in ("sft", "model"):
+        return None
+    if stage == "eval":
+        return None if recipe.eval.model_path is not None else missing_pretrained_model(recipe, recipe.export_source)
+    path = recipe.model.pretrained_path
+    if recipe.model.source != "pretrained" or not path or written_by_synth(path, recipe.synth_dir) or Path(path).exists():
+        return None
+    return f"model.pretrained_path: {path} does not exist, and no stage of the recipe writes it"
+
+
 def stage_budget(recipe: Recipe, stage: str) -> StageBudget:
     config, where, known = stage_model_config(recipe, stage)
     llm_context = getattr(config.text_config, "max_position_embeddings", None) if known else None
@@ -134,7 +153,7 @@ def stage_budget(recipe: Recipe, stage: str) -> StageBudget:
     largest = max(image_token_count(config, (int(h), int(w))) for h, w in config.image_grid_pinpoints)
     per_image = visual_token_count(config, MULTI_IMAGE, 1)
     return StageBudget(stage, context, context_key, where, frames, kernel, config.vision_config.image_size, video,
-                       largest, per_image, llm_context)
+                       largest, per_image, llm_context, None if known else missing_pretrained_model(recipe, stage))
 
 
 def recipe_budgets(recipe: Recipe) -> list[StageBudget]:
@@ -143,8 +162,14 @@ def recipe_budgets(recipe: Recipe) -> list[StageBudget]:
 
 
 def check_budgets(recipe: Recipe, budgets: list[StageBudget] | None = None) -> None:
-    """RecipeError naming each stage whose videos or largest images cannot fit its context."""
+    """RecipeError naming each stage whose videos or largest images cannot fit its context; first,
+    a model.pretrained_path whose absence made a stage's budget fail on the PPLLaVA defaults."""
     budgets = recipe_budgets(recipe) if budgets is None else budgets
-    problems = [f"{b.stage}: {problem}" for b in budgets for problem in b.problems()]
+    unreadable = list(dict.fromkeys(b.unreadable for b in budgets if b.unreadable and b.problems()))
+    problems = [f"{b.stage}: {problem}" for b in budgets if not b.unreadable for problem in b.problems()]
+    if unreadable:
+        raise RecipeError(f"{recipe.source}: " + "; ".join(unreadable) + ": the token budget is judged from the "
+                          "model's config.json, and the PPLLaVA defaults standing in for it do not fit"
+                          + (f" (also: {'; '.join(problems)})" if problems else ""))
     if problems:
         raise RecipeError(f"{recipe.source}: " + "; ".join(problems))

@@ -47,7 +47,7 @@ def _changed(recipe: Recipe, stage: str, change: str) -> Recipe:
     elif change == f"{stage}.offload_optimizer=true":
         edited = dataclasses.replace(section, zero_stage=max(section.zero_stage, 2), offload_optimizer=True)
     else:  # LoRA on the LLM
-        from pipeline.recipe.sections import LoraSection
+        from pipeline.recipe.training_sections import LoraSection
 
         edited = dataclasses.replace(section, lora=LoraSection())
         if stage == "sft":

@@ -26,7 +26,7 @@ from pipeline.data.media import decoder
 from pipeline.layout import CLIP_TOKENIZER_DIR, PROCESSOR_CONFIG
 from pipeline.model.tiny import tiny_config_for, tiny_tokenizer
 from pipeline.recipe import Recipe
-from pipeline.recipe.sections import LoraSection
+from pipeline.recipe.training_sections import LoraSection
 from ppllava import PPLLaVAForConditionalGeneration
 from ppllava.lora import add_lora, lora_config, train_lora
 

@@ -27,8 +27,9 @@ from pipeline.data.sharding import ShardSettings
 from pipeline.data.synthetic import SynthSettings
 from pipeline.layout import MANIFEST
 from pipeline.recipe.checks import positive
-from pipeline.recipe.sections import (ClusterSection, DataSection, DPOSection, EvalSection, ExportSection,
-                                      ModelSection, SFTSection)
+from pipeline.recipe.eval_sections import EvalSection
+from pipeline.recipe.sections import ClusterSection, DataSection, ModelSection
+from pipeline.recipe.training_sections import DPOSection, ExportSection, SFTSection
 from pipeline.recipe.typed_yaml import RecipeError
 
 STAGE_ORDER = ("synth", "shard", "sft", "dpo", "export", "eval")
@@ -78,19 +79,7 @@ class Recipe:
 
     def batch_layout(self, world_size: int, stage: str = "sft") -> tuple[int, int, int]:
         """(micro batch, accumulation, world) whose product is <stage>.global_batch_size, or RecipeError."""
-        section = getattr(self, stage)
-        micro, accumulation, target = section.micro_batch_size, section.gradient_accumulation_steps, section.global_batch_size
-        if accumulation is None:
-            if target % (micro * world_size):
-                raise RecipeError(f"{self.source}: {stage}.global_batch_size={target} is not divisible by "
-                                  f"{stage}.micro_batch_size x world size = {micro} x {world_size}; change one of "
-                                  f"them or set {stage}.gradient_accumulation_steps")
-            accumulation = target // (micro * world_size)
-        if micro * accumulation * world_size != target:
-            raise RecipeError(f"{self.source}: {stage}.micro_batch_size x {stage}.gradient_accumulation_steps x world "
-                              f"size = {micro} x {accumulation} x {world_size} = {micro * accumulation * world_size}, "
-                              f"but {stage}.global_batch_size={target}")
-        return micro, accumulation, world_size
+        return getattr(self, stage).batch_layout(self.source, stage, world_size)
 
     def batch_layout_line(self, stage: str) -> str:
         """The layout line `validate` and `launch` print for a training stage of this recipe's cluster."""
@@ -144,7 +133,8 @@ class Recipe:
 
 def validate(recipe: Recipe, missing_paths: list[str] | None = None) -> None:
     """Every check that needs no device, model or data: sizes, paths, batch arithmetic; each
-    section checks its own keys (``sections.py``), in pipeline order.
+    section checks its own keys (``sections.py``), given what it needs of the others, in
+    pipeline order.
 
     Paths that do not exist raise, unless ``missing_paths`` is given: then they are collected
     there (a recipe for a cluster can be checked on a machine without the cluster's storage).
@@ -158,14 +148,29 @@ def validate(recipe: Recipe, missing_paths: list[str] | None = None) -> None:
         raise RecipeError(f"{src}: run_dir: required, expected a directory path")
     if "${" in recipe.run_dir:
         raise RecipeError(f"{src}: run_dir: {recipe.run_dir} uses a variable that is not set in the environment")
-    recipe.cluster.validate(recipe)
+    world, synth_dir, shard_stage = recipe.cluster.world_size, recipe.synth_dir, recipe.shard is not None
+    recipe.cluster.validate(src, recipe.backend)
     if recipe.synth is not None:
         positive(src, "synth.clip_pretrain_steps", recipe.synth.clip_pretrain_steps, allow_zero=True)
-    recipe.data.validate(recipe, missing_paths)
+    recipe.data.validate(src, world, shard_stage, synth_dir, missing_paths)
     if recipe.shard is not None:
         for key, what in recipe.shard.problems():
             raise RecipeError(f"{src}: shard.{key}: {what}")
-    for stage in ("sft", "dpo", "eval", "export"):
-        section = getattr(recipe, stage)
-        if section is not None:
-            section.validate(recipe, missing_paths)
+    synth_model_steps = recipe.synth.clip_pretrain_steps if recipe.synth is not None else 0
+    # The stages that build the model from the model section check its checkpoints: SFT, and DPO
+    # when it starts from that model (dpo.init: model).
+    if recipe.sft is not None:
+        recipe.data.require_manifest(src, shard_stage, "manifest.json from a shard stage (no shard section here)",
+                                     missing_paths)
+        recipe.model.validate(src, synth_dir, synth_model_steps, missing_paths)
+        recipe.sft.validate(src, world)
+    if recipe.dpo is not None:
+        recipe.data.require_manifest(src, shard_stage, "manifest.json with dpo shards", missing_paths)
+        if recipe.dpo.init == "model":
+            recipe.model.validate(src, synth_dir, synth_model_steps, missing_paths)
+        recipe.dpo.validate(src, world, recipe.sft is not None, missing_paths)
+    if recipe.eval is not None:
+        recipe.eval.validate(src, synth_dir, recipe.export is not None, recipe.stage_dir("export"), missing_paths)
+    if recipe.export is not None:
+        source = recipe.export_source
+        recipe.export.validate(src, source, getattr(recipe, source))

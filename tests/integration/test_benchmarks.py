@@ -20,7 +20,7 @@ from pipeline.benchmarks.scoring import question_of
 from pipeline.model.inference import load_model_dir
 from pipeline.model.relevance_map import picture_size
 from pipeline.recipe import RecipeError, parse_recipe, validate
-from pipeline.recipe.sections import BenchmarkSection
+from pipeline.recipe.eval_sections import BenchmarkSection
 from pipeline.runner import StageContext
 from stages import eval as eval_stage
 

@@ -85,3 +85,17 @@ def test_a_llava_next_source_is_read_from_its_config_files(tmp_path):
     budget = budgets_of(data)["sft"]
     assert budget.model == str(llava) and budget.llm_context == 4096 and (budget.num_frames, budget.video) == (16, 512)
     assert json.loads((llava / "config.json").read_text())["model_type"] == "llava_next"
+
+
+def test_a_missing_pretrained_path_is_the_error_not_a_budget_from_default_shapes(capsys, tmp_path):
+    """validate on a recipe whose model.pretrained_path no stage writes and is not there: the path
+    is reported, first and alone, not the budget the PPLLaVA defaults fail (the demo's 512 context)."""
+    missing = tmp_path / "no_model"
+    code = main(["validate", str(REPO_ROOT / "recipes/demo_cpu.yaml"), f"model.pretrained_path={missing}"])
+    err = capsys.readouterr().err
+    assert code == ExitCode.BAD_INPUT
+    assert err.startswith(f"error: {REPO_ROOT / 'recipes/demo_cpu.yaml'}: model.pretrained_path: {missing} does not "
+                          f"exist, and no stage of the recipe writes it")
+    assert "a video of 32 frames" not in err
+    # the synth stage's own model (not there yet, written by this recipe) is judged as the tiny model
+    assert main(["validate", str(REPO_ROOT / "recipes/demo_cpu.yaml")]) == ExitCode.OK

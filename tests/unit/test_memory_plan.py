@@ -14,7 +14,7 @@ from pipeline.model.memory_fit import plan_report, smallest_change, verdict
 from pipeline.model.meta_forward import meta_forward, meta_model
 from pipeline.model.setup import set_trained_parts
 from pipeline.recipe import RecipeError, load_recipe, parse_recipe
-from pipeline.recipe.sections import LoraSection
+from pipeline.recipe.training_sections import LoraSection
 from ppllava import VIDEO, PPLLaVAConfig, PPLLaVAForConditionalGeneration
 
 GIB = 2**30
