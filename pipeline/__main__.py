@@ -127,7 +127,7 @@ def _run_here(recipe, only: list[str] | None, args: argparse.Namespace) -> NoRet
     import backends
     from backends import BackendUnavailable
     from pipeline.checkpoint import CheckpointError, CheckpointWriteFailed
-    from pipeline.data.loader import LoaderError
+    from pipeline.data.shard_files import LoaderError
     from pipeline.runner import StageFailed, StoppedForRequeue, run_recipe
 
     try:

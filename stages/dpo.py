@@ -36,7 +36,8 @@ from backends.distributed import broadcast_from_rank0, gather_objects, max_acros
 from pipeline.atomic import publish_directory, temporary_directory, write_text_atomically
 from pipeline.checkpoint import latest_checkpoint
 from pipeline.data.collate import SampleProcessor, SampleTooLong
-from pipeline.data.loader import OnePass, StreamingLoader, manifest_samples, media_members
+from pipeline.data.loader import StreamingLoader, media_members
+from pipeline.data.shard_files import OnePass, manifest_samples
 from pipeline.data.media import MediaError, decoder
 from pipeline.data.pairs import PairProcessor
 from pipeline.layout import DPO_INIT, MODEL_DIR, REFERENCE_LOGPS, checkpoints_dir

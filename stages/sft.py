@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 
 from backends.deepspeed_engine import build_engine, model_init_context
-from pipeline.data.loader import StreamingLoader, manifest_samples, natural_weights
+from pipeline.data.loader import StreamingLoader
+from pipeline.data.shard_files import manifest_samples, natural_weights
 from pipeline.data.records import MODALITIES
 from pipeline.layout import MODEL_DIR
 from pipeline.model.setup import (build_model, build_processor, count_parameters, load_tokenizers,

@@ -13,7 +13,8 @@ its micro-batches; DataLoader workers share a rank's streams and hand back one p
 So the samples of a step are the same on 1, 2, 16 or 32 ranks, with any micro-batch size and any
 number of workers. Resuming replays the record streams without decoding media up to that point;
 samples that failed to decode before are remembered by key in the state, so the replay skips
-exactly what the original run skipped. Workers decode on CPU only.
+exactly what the original run skipped. Workers decode on CPU only. The manifest and the tars
+are read through ``shard_files``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import json
 import logging
 import random
 import signal
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -30,20 +30,12 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.atomic import file_problems
 from pipeline.data.collate import Batch, SampleProcessor, SampleTooLong
 from pipeline.data.media import MediaError
-from pipeline.data.records import VISUAL_MODALITIES, Sample
+from pipeline.data.records import Sample
+from pipeline.data.shard_files import STREAMS, LoaderError, read_tar, repeated_shards, stream_sizes
 
 logger = logging.getLogger(__name__)
-
-# Shard streams a loader can draw from: the SFT modalities, and DPO's preference pairs.
-STREAMS = VISUAL_MODALITIES + ("text", "dpo")
-
-
-class LoaderError(RuntimeError):
-    """The data cannot be loaded as configured (bad fraction exceeded, empty streams...)."""
-
 
 @dataclass
 class LoaderSettings:
@@ -59,51 +51,6 @@ class LoaderSettings:
     max_bad_fraction: float = 0.01   # undecodable samples tolerated before the run stops...
     bad_fraction_grace: int = 100    # ...checked once this many samples were seen (one early bad
                                      # sample is not yet a fraction worth stopping for)
-
-
-def read_tar(path: Path, wanted=None) -> Iterator[dict[str, bytes]]:
-    """Samples of one tar: members grouped by key (the name up to the first dot), as bytes.
-    ``wanted(i)``: whether to read the i-th sample of the tar; the others' bytes are never read
-    (the archive seeks past them) and they are not yielded."""
-    current: dict[str, bytes] = {}
-    key, index = None, -1
-    with tarfile.open(path) as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            name_key, _, suffix = member.name.partition(".")
-            if name_key != key:
-                if current:
-                    yield current
-                current, key, index = {}, name_key, index + 1
-            if wanted is None or wanted(index):
-                current[suffix] = archive.extractfile(member).read()  # bytes only, never written to disk
-    if current:
-        yield current
-
-
-@dataclass
-class OnePass:
-    """Every record of one stream exactly once, for one rank: whole shards, rank r reading the
-    r-th, (r + world)-th, ... in path order; no shuffle, no repetition (a pass over the data, e.g.
-    DPO's reference log-probs). A rank may have no shard when there are fewer shards than ranks."""
-
-    root: Path
-    shards: list[dict]   # this rank's
-
-    @classmethod
-    def of(cls, manifest_path: str | Path, stream: str, rank: int = 0, world_size: int = 1) -> "OnePass":
-        manifest = json.loads(Path(manifest_path).read_text())
-        shards = sorted((s for s in manifest["shards"] if s["modality"] == stream), key=lambda s: s["path"])
-        return cls(Path(manifest_path).parent, shards[rank::world_size])
-
-    @property
-    def samples(self) -> int:
-        return sum(shard["samples"] for shard in self.shards)
-
-    def __iter__(self) -> Iterator[dict[str, bytes]]:
-        for shard in self.shards:
-            yield from read_tar(self.root / shard["path"])
 
 
 class _ModalityStream:
@@ -277,32 +224,6 @@ def _leave_stop_signals_to_the_rank(_worker_id: int) -> None:
         signal.signal(stop, signal.SIG_IGN)
 
 
-def repeated_shards(manifest: dict, stream: str) -> list[dict]:
-    """A stream's shards, each as many times as its dataset card's ``repeat`` says (one epoch's list)."""
-    repeats = manifest.get("repeats", {})
-    return [shard for shard in manifest["shards"] if shard["modality"] == stream
-            for _ in range(repeats.get(shard.get("dataset"), 1))]
-
-
-def stream_sizes(manifest_path: str | Path) -> dict[str, int]:
-    """Samples per stream in one epoch, repeats counted."""
-    manifest = json.loads(Path(manifest_path).read_text())
-    return {stream: sum(s["samples"] for s in repeated_shards(manifest, stream)) for stream in STREAMS}
-
-
-def check_shards(manifest_path: str | Path, hashes: bool = False) -> None:
-    """Every tar a shard manifest lists is there at the size it records (and, with ``hashes``, its
-    sha256): shards made elsewhere are checked before training reads them. LoaderError names
-    each missing, truncated or corrupted tar."""
-    manifest_path = Path(manifest_path)
-    shards = json.loads(manifest_path.read_text())["shards"]
-    recorded = [(shard["path"], shard.get("bytes"), shard.get("sha256")) for shard in shards]
-    problems = file_problems(manifest_path.parent, recorded, hashes, "the manifest")
-    if problems:
-        raise LoaderError(f"{manifest_path}: {'; '.join(problems[:10])}" + (f" (and {len(problems) - 10} more)"
-                          if len(problems) > 10 else "") + ": copy the shards again, or run the shard stage")
-
-
 def merge_loader_states(states: list[dict]) -> dict:
     """Every rank's loader state (taken at the same step) as one: the refused keys of all ranks,
     the samples all ranks used. Any layout loads it (``StreamingLoader.load_state_dict``)."""
@@ -313,19 +234,6 @@ def merge_loader_states(states: list[dict]) -> dict:
     merged["bad"] = list(dict.fromkeys(key for state in states for key in state["bad"]))
     merged["used"] = states[0]["carried_used"] + sum(state["used"] for state in states)
     return merged
-
-
-def manifest_samples(manifest_path: str | Path, weights: dict[str, float]) -> int:
-    """Samples the streams with a positive mixture weight hold in a shard manifest (an epoch's worth)."""
-    sizes = stream_sizes(manifest_path)
-    return sum(sizes.get(stream, 0) for stream, weight in weights.items() if weight > 0)
-
-
-def natural_weights(manifest_path: str | Path) -> dict[str, float]:
-    """Mixture weights proportional to each SFT stream's size (repeats counted): every sample as
-    likely as any other, as one list of all datasets concatenated (the authors' mixture)."""
-    sizes = stream_sizes(manifest_path)
-    return {stream: float(sizes[stream]) for stream in STREAMS if stream != "dpo" and sizes[stream] > 0}
 
 
 class StreamingLoader:

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from backends.distributed import decided_on_rank0, gather_objects, sum_across_ranks
 from pipeline.checkpoint import (latest_checkpoint, load_checkpoint, read_trainer_state, remove_partial,
                                  restore_rng_state, rng_state, save_checkpoint, set_aside_later_checkpoints)
-from pipeline.data.loader import LoaderError, check_shards, merge_loader_states
+from pipeline.data.loader import merge_loader_states
+from pipeline.data.shard_files import LoaderError, check_shards
 from pipeline.layout import SAMPLES_DIR, checkpoints_dir
 from pipeline.metrics import MetricsLog
 from pipeline.recipe import TrainingSection

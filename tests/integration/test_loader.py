@@ -12,7 +12,8 @@ import webdataset
 
 from conftest import tiny_config_for, tiny_tokenizer
 from pipeline.data.collate import ProcessorSettings, SampleProcessor
-from pipeline.data.loader import LoaderError, LoaderSettings, StreamingLoader, merge_loader_states
+from pipeline.data.loader import LoaderSettings, StreamingLoader, merge_loader_states
+from pipeline.data.shard_files import LoaderError
 from pipeline.data.synthetic import SynthSettings, generate
 from pipeline.data.sharding import ShardSettings, run_shard
 
@@ -250,7 +251,7 @@ def test_the_samples_of_every_step_do_not_depend_on_ranks_micro_batches_or_worke
 def test_card_repeats_and_the_natural_mixture(tmp_path):
     from collections import Counter
 
-    from pipeline.data.loader import natural_weights, stream_sizes
+    from pipeline.data.shard_files import natural_weights, stream_sizes
 
     generate(tmp_path / "synth", SynthSettings(seed=5, videos=6, images=4, multi_images=0, eval_questions=0,
                                                dpo_pairs=0, size=48, frames=8))

@@ -143,7 +143,8 @@ def test_frame_folders_and_gifs_become_frames_the_loader_samples(tmp_path):
 
     from conftest import tiny_config_for, tiny_tokenizer
     from pipeline.data.collate import SampleProcessor
-    from pipeline.data.loader import media_members, read_tar
+    from pipeline.data.loader import media_members
+    from pipeline.data.shard_files import read_tar
     from pipeline.data.records import Sample
     from pipeline.data.synthetic import encode_jpeg
 

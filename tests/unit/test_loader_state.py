@@ -2,7 +2,8 @@
 
 import pytest
 
-from pipeline.data.loader import LoaderError, merge_loader_states
+from pipeline.data.loader import merge_loader_states
+from pipeline.data.shard_files import LoaderError
 
 
 def rank_state(used: int, bad: list[str], step: int = 5) -> dict:

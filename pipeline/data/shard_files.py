@@ -1,0 +1,108 @@
+"""The shard stage's output as the training stages read it: the manifest (which tars hold which
+stream, how often each dataset repeats, how many samples an epoch holds), the tars themselves
+(samples as bytes, members grouped by key), a one-pass reader, and the check that shards made
+elsewhere are all there at their recorded sizes or hashes. The streaming loader (``loader.py``)
+builds its data order on these.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.atomic import file_problems
+from pipeline.data.records import VISUAL_MODALITIES
+
+# Shard streams a loader can draw from: the SFT modalities, and DPO's preference pairs.
+STREAMS = VISUAL_MODALITIES + ("text", "dpo")
+
+
+class LoaderError(RuntimeError):
+    """The data cannot be loaded as configured (bad fraction exceeded, empty streams...)."""
+
+
+def read_tar(path: Path, wanted=None) -> Iterator[dict[str, bytes]]:
+    """Samples of one tar: members grouped by key (the name up to the first dot), as bytes.
+    ``wanted(i)``: whether to read the i-th sample of the tar; the others' bytes are never read
+    (the archive seeks past them) and they are not yielded."""
+    current: dict[str, bytes] = {}
+    key, index = None, -1
+    with tarfile.open(path) as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            name_key, _, suffix = member.name.partition(".")
+            if name_key != key:
+                if current:
+                    yield current
+                current, key, index = {}, name_key, index + 1
+            if wanted is None or wanted(index):
+                current[suffix] = archive.extractfile(member).read()  # bytes only, never written to disk
+    if current:
+        yield current
+
+
+@dataclass
+class OnePass:
+    """Every record of one stream exactly once, for one rank: whole shards, rank r reading the
+    r-th, (r + world)-th, ... in path order; no shuffle, no repetition (a pass over the data, e.g.
+    DPO's reference log-probs). A rank may have no shard when there are fewer shards than ranks."""
+
+    root: Path
+    shards: list[dict]   # this rank's
+
+    @classmethod
+    def of(cls, manifest_path: str | Path, stream: str, rank: int = 0, world_size: int = 1) -> "OnePass":
+        manifest = json.loads(Path(manifest_path).read_text())
+        shards = sorted((s for s in manifest["shards"] if s["modality"] == stream), key=lambda s: s["path"])
+        return cls(Path(manifest_path).parent, shards[rank::world_size])
+
+    @property
+    def samples(self) -> int:
+        return sum(shard["samples"] for shard in self.shards)
+
+    def __iter__(self) -> Iterator[dict[str, bytes]]:
+        for shard in self.shards:
+            yield from read_tar(self.root / shard["path"])
+
+
+def repeated_shards(manifest: dict, stream: str) -> list[dict]:
+    """A stream's shards, each as many times as its dataset card's ``repeat`` says (one epoch's list)."""
+    repeats = manifest.get("repeats", {})
+    return [shard for shard in manifest["shards"] if shard["modality"] == stream
+            for _ in range(repeats.get(shard.get("dataset"), 1))]
+
+
+def stream_sizes(manifest_path: str | Path) -> dict[str, int]:
+    """Samples per stream in one epoch, repeats counted."""
+    manifest = json.loads(Path(manifest_path).read_text())
+    return {stream: sum(s["samples"] for s in repeated_shards(manifest, stream)) for stream in STREAMS}
+
+
+def check_shards(manifest_path: str | Path, hashes: bool = False) -> None:
+    """Every tar a shard manifest lists is there at the size it records (and, with ``hashes``, its
+    sha256): shards made elsewhere are checked before training reads them. LoaderError names
+    each missing, truncated or corrupted tar."""
+    manifest_path = Path(manifest_path)
+    shards = json.loads(manifest_path.read_text())["shards"]
+    recorded = [(shard["path"], shard.get("bytes"), shard.get("sha256")) for shard in shards]
+    problems = file_problems(manifest_path.parent, recorded, hashes, "the manifest")
+    if problems:
+        raise LoaderError(f"{manifest_path}: {'; '.join(problems[:10])}" + (f" (and {len(problems) - 10} more)"
+                          if len(problems) > 10 else "") + ": copy the shards again, or run the shard stage")
+
+
+def manifest_samples(manifest_path: str | Path, weights: dict[str, float]) -> int:
+    """Samples the streams with a positive mixture weight hold in a shard manifest (an epoch's worth)."""
+    sizes = stream_sizes(manifest_path)
+    return sum(sizes.get(stream, 0) for stream, weight in weights.items() if weight > 0)
+
+
+def natural_weights(manifest_path: str | Path) -> dict[str, float]:
+    """Mixture weights proportional to each SFT stream's size (repeats counted): every sample as
+    likely as any other, as one list of all datasets concatenated (the authors' mixture)."""
+    sizes = stream_sizes(manifest_path)
+    return {stream: float(sizes[stream]) for stream in STREAMS if stream != "dpo" and sizes[stream] > 0}
