@@ -16,7 +16,6 @@ anything else a failure.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -160,111 +159,21 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from pipeline.checkpoint import CheckpointError, checkpoint_state, complete_checkpoints, latest_checkpoint
-    from pipeline.layout import METRICS, RECIPE_FILE, checkpoints_dir
-    from pipeline.metrics import read_metrics
-    from pipeline.recipe import STAGE_ORDER, RecipeError, load_recipe
-    from pipeline.runner import read_complete
+    from pipeline.status import print_status
 
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        print(f"error: {run_dir} is not a run directory", file=sys.stderr)
-        return ExitCode.BAD_INPUT
-    try:  # the run's resolved recipe says whether its checkpoints record sha256 (else: check them all)
-        recipe = load_recipe(run_dir / RECIPE_FILE)
-    except (OSError, RecipeError):
-        recipe = None
-    print(f"run directory {run_dir}" + (f" (recipe: {RECIPE_FILE})" if (run_dir / RECIPE_FILE).exists() else ""))
-    for stage in STAGE_ORDER:
-        directory = run_dir / stage
-        if not directory.is_dir():
-            continue
-        try:
-            done = read_complete(directory)
-        except ValueError as error:  # json.JSONDecodeError
-            print(f"  {stage:<7}COMPLETE marker unreadable: {error}")
-            continue
-        state = f"complete ({done['finished']}, {done['wall_seconds']}s)" if done else "not complete"
-        print(f"  {stage:<7}{state}")
-        checkpoints = checkpoints_dir(directory)
-        if checkpoints.is_dir():
-            try:
-                latest = latest_checkpoint(checkpoints)
-            except CheckpointError as error:
-                print(f"         {error}")
-                latest = None
-            kept = complete_checkpoints(checkpoints)
-            print(f"         latest checkpoint: {latest.name if latest else 'none'} "
-                  f"(kept: {', '.join(p.name for p in kept) or 'none'})")
-            hashes = getattr(getattr(recipe, stage, None), "verify_checkpoints", "hash") == "hash"
-            for path in kept:  # sizes (and sha256, as the run records them) against each one's files.json
-                print(f"           {path.name}: {checkpoint_state(path, hashes)}")
-            for path in sorted(checkpoints.glob("step_*.tmp")):
-                print(f"           {path.name}: partial (its writer was interrupted; removed at the next start)")
-        history = read_metrics(directory / METRICS)
-        if history:
-            print(f"         last metrics: {json.dumps(history[-1])}")
-    return ExitCode.OK
+    return print_status(Path(args.run_dir))
 
 
 def _chat(args: argparse.Namespace) -> int:
-    """One question about a video, an image or several images, answered token by token on stdout
-    (loading and the visual token count go to stderr)."""
-    import backends
-    from backends import BackendUnavailable
-    from pipeline.data.media import MediaError
-    from pipeline.model.check import ModelFilesError
-    from pipeline.model.inference import InferenceError, Question, load_for_inference
+    from pipeline.model_commands import chat
 
-    try:
-        if not args.question.strip():
-            raise InferenceError("the question is empty")
-        question = Question.from_media(args.question, videos=args.video or (), images=args.image or ())
-        missing = [str(p) for p in question.media if not p.exists()]  # a video may be a frame folder
-        if missing:  # before the model loads
-            raise InferenceError(f"media file not found: {', '.join(missing)}")
-        backend = backends.select(args.backend)
-        model = load_for_inference(args.model_dir, backend, 0, args.frames, args.video_kernel)
-        inputs = model.prompt_inputs(question)
-        visual = int((inputs["input_ids"] == model.image_token).sum())
-        shape = f", video kernel {'x'.join(map(str, model.config.video_kernel))}" if question.modality == "video" else ""
-        print(f"{question.modality}: {inputs['pixel_values'].shape[0]} frames{shape} -> {visual} visual tokens",
-              file=sys.stderr, flush=True)
-        from transformers import TextStreamer
-
-        streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        model.generate(question, args.max_new_tokens, streamer=streamer, inputs=inputs)
-    except (InferenceError, MediaError, BackendUnavailable, ModelFilesError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return ExitCode.BAD_INPUT
-    return ExitCode.OK
+    return chat(args)
 
 
 def _explain(args: argparse.Namespace) -> int:
-    """The question's eq.1 relevance over the video's frames and the pooled grid, as one PNG."""
-    import backends
-    from backends import BackendUnavailable
-    from pipeline.data.media import MediaError
-    from pipeline.model.check import ModelFilesError
-    from pipeline.model.inference import InferenceError, Question, load_for_inference
-    from pipeline.model.relevance_map import draw, relevance_map
+    from pipeline.model_commands import explain
 
-    try:
-        if not args.question.strip():
-            raise InferenceError("the question is empty")
-        if not Path(args.video).exists():
-            raise InferenceError(f"video not found: {args.video}")
-        backend = backends.select(args.backend)
-        model = load_for_inference(args.model_dir, backend, 0, args.frames, args.video_kernel)
-        result = relevance_map(model, Question.from_media(args.question, videos=[args.video]))
-        out = draw(result, args.out or f"{Path(args.video).stem}.relevance.png")
-    except (InferenceError, MediaError, BackendUnavailable, ModelFilesError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return ExitCode.BAD_INPUT
-    frame, row, column = result.hottest
-    print(f"{out}: {len(result.frames)} frames, {result.pooled.size} pooled tokens; most relevant patch: frame "
-          f"{frame}, row {row}, column {column} ({100 * result.scores.max():.1f} % of the video's relevance)")
-    return ExitCode.OK
+    return explain(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
