@@ -16,7 +16,7 @@
            for external GPT-based scoring), <benchmark>.answers.jsonl and gpt/ (the files the
            benchmarks' GPT-assisted scoring reads); print the tables
 
-Question files: see pipeline/data/questions.py (MVBench-style multiple choice, open-ended).
+Question files: see pipeline/benchmarks/question_files.py (MVBench-style multiple choice, open-ended).
 
 Scoring by the mean rather than the sum: every answer token adds a negative log-prob, so the sum
 prefers short options whatever they say (MVBench mixes "Not sure" with long phrases); the mean
@@ -40,7 +40,7 @@ from pipeline.benchmarks.scoring import (MULTIPLE_CHOICE, answered, benchmark_qu
                                          frames_of, gpt_scoring_files, prepared, question_of, result_line,
                                          summarise, video_kernel)
 from pipeline.data.media import MediaError
-from pipeline.data.questions import KINDS, LETTERS, Task, multiple_choice_prompt, read_task
+from pipeline.benchmarks.question_files import KINDS, LETTERS, Task, multiple_choice_prompt, read_task
 from pipeline.data.records import RecordError
 from pipeline.model.check import ModelFilesError, directory_fingerprint
 from pipeline.model.inference import InferenceError, InferenceModel, load_for_inference

@@ -95,7 +95,7 @@ def test_eval_stage_scores_every_question_by_likelihood(world, tmp_path, capsys)
 
 
 def test_the_mvbench_prompt_scores_lettered_options_after_best_option(world, tmp_path):
-    from pipeline.data.questions import multiple_choice_prompt, read_task
+    from pipeline.benchmarks.question_files import multiple_choice_prompt, read_task
 
     context = eval_context(world, tmp_path / "run", multiple_choice=[str(world["mc"])], limit=2)
     eval_stage.run(context)
@@ -185,7 +185,7 @@ def test_eval_runs_from_a_recipe_and_is_skipped_when_unchanged(world, tmp_path):
 def test_questions_on_frame_folders_and_bounded_clips(world, tmp_path):
     """MVBench's layouts: a video as a folder of {:0>5}.jpg frames, and start/end seconds of a clip."""
     from pipeline.data.media import read_video
-    from pipeline.data.questions import read_task
+    from pipeline.benchmarks.question_files import read_task
     from pipeline.data.synthetic import encode_jpeg
 
     video = world["media"] / world["questions"][0]["video"]

@@ -16,7 +16,7 @@ from clip_vocabulary import END_OF_TEXT, START_OF_TEXT, write_clip_tokenizer
 from conftest import tiny_config_for, tiny_tokenizer
 from pipeline.data.collate import ProcessorSettings, SampleProcessor
 from pipeline.data.pairs import PairProcessor
-from pipeline.data.questions import Item, multiple_choice_prompt
+from pipeline.benchmarks.question_files import Item, multiple_choice_prompt
 from pipeline.data.records import PreferencePair
 from pipeline.data.sources import read_videochat2, strict
 from pipeline.data.templates import IGNORE_INDEX, VICUNA_SYSTEM, encode_prefixed_answer

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.benchmarks.prompts import (mvbench_letter, mvbench_prompt, prompt_string, qa_prompt, vcg_prompt,
                                  videomme_letter, videomme_prompt, videomme_subtitles)
-from pipeline.data.questions import Item, multiple_choice_prompt
+from pipeline.benchmarks.question_files import Item, multiple_choice_prompt
 from pipeline.model.inference import Question
 
 OPTIONS = ["The man is running.", "The man is sitting.", "The man is jumping.", "The man is swimming."]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipeline.data.questions import read_task
+from pipeline.benchmarks.question_files import read_task
 from pipeline.data.records import RecordError
 from pipeline.recipe import RecipeError, parse_recipe, validate
 from stages.eval import inputs
