@@ -7,7 +7,7 @@ answer's text}; open-ended records: {"video" | "image": path, "question": str, "
 seconds (MVBench's bounded tasks; on a folder of frames also "fps", their rate). Media paths are
 relative to a media root (default: the file's folder) and may not leave it. ``read_task`` checks
 every record before any model loads, and names the file, the record index and the reason of the
-first bad one (RecordError). The paper's benchmarks in their own layouts: pipeline/benchmarks/.
+first bad one (RecordError). The paper's benchmarks in their own layouts: readers.py beside it.
 """
 
 from __future__ import annotations

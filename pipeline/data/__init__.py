@@ -5,10 +5,10 @@
     sources.py     annotation readers: LLaVA conversations, VideoChat2 QA, DPO pairs JSONL
     media.py       decoding images and videos (frame sampling; PyAV or decord)
     sharding.py    cards -> validated webdataset tars + manifest.json (the shard stage's work)
-    loader.py      the streaming, interleaved, exactly resumable loader over the tars; OnePass
+    shard_files.py the manifest and its tars as training reads them; OnePass; the shard check
+    loader.py      the streaming, interleaved, exactly resumable loader over the tars
     templates.py   conversations -> token ids and labels (Vicuna v1 or the tokenizer's template)
     collate.py     one sample -> model inputs (SampleProcessor); samples -> an interleaved batch
     pairs.py       DPO pairs -> chosen and rejected model inputs
-    questions.py   eval question files (multiple choice, open-ended)
     synthetic.py   synthetic videos, images, questions and pairs with something to learn
 """
