@@ -152,8 +152,9 @@ def rehearsal_report(recipe: Recipe) -> str:
                          f"(accuracy of a random-weight model: {scores.get('accuracy')})")
         for name, scores in results.get("benchmarks", {}).items():
             overall = scores["overall"]
-            lines.append(f"  eval    {name}: {overall['questions']} questions asked, {overall['failed']} failed "
-                         f"(missing or undecodable videos)")
+            reasons = ", ".join(f"{count} {reason}" for reason, count in overall.get("failure_reasons", {}).items())
+            lines.append(f"  eval    {name}: {overall['questions']} questions, {overall['asked']} answered, "
+                         f"{overall['failed']} failed" + (f" ({reasons})" if reasons else ""))
     return "\n".join(lines)
 
 

@@ -11,6 +11,8 @@
     for each benchmark (eval.benchmarks: MVBench, VideoMME, MSVD/MSRVTT/ActivityNet-QA, VCG):
         for each question: the authors' prompt, a greedy generation, the answer read from it
                            (pipeline/benchmarks/); a video missing or undecodable is counted
+                           with its reason, never fatal; answers are logged as they come
+                           (pipeline/benchmarks/answer_log.py), so a re-run asks only the rest
     write  run_dir/eval/results.json, results.md, <stem>.choices.jsonl (every multiple-choice
            prediction with its scores), <stem>.jsonl (open-ended: question, prediction, reference,
            for external GPT-based scoring), <benchmark>.answers.jsonl and gpt/ (the files the
@@ -35,12 +37,13 @@ from tqdm import tqdm
 
 from backends.distributed import gather_objects, sum_across_ranks
 from pipeline.atomic import sha256_of, write_text_atomically
-from pipeline.benchmarks.readers import BenchmarkError, annotation_files
-from pipeline.benchmarks.scoring import (MULTIPLE_CHOICE, answered, benchmark_questions, benchmark_table, failed,
-                                         frames_of, gpt_scoring_files, prepared, question_of, result_line,
-                                         summarise, video_kernel)
-from pipeline.data.media import MediaError
+from pipeline.benchmarks import answer_log
 from pipeline.benchmarks.question_files import KINDS, LETTERS, Task, multiple_choice_prompt, read_task
+from pipeline.benchmarks.readers import BenchmarkError, annotation_files
+from pipeline.benchmarks.scoring import (answered, benchmark_questions, benchmark_table, failed,
+                                         frames_of, gpt_scoring_files, headline, prepared, question_of,
+                                         result_line, summarise, video_kernel)
+from pipeline.data.media import MediaError
 from pipeline.data.records import RecordError
 from pipeline.model.check import ModelFilesError, directory_fingerprint
 from pipeline.model.inference import InferenceError, InferenceModel, load_for_inference
@@ -115,12 +118,23 @@ def run(context: StageContext) -> dict:
     ranks = context.ranks
     progress = tqdm(total=sum(len(task.items) for task in tasks) + sum(len(q) for _, q in benchmarks), desc="eval",
                     unit="question", dynamic_ncols=True, disable=not ranks.is_main)
-    # Benchmarks: every rank asks its share (question i on rank i mod world); rank 0 gathers them.
+    # Benchmarks: every rank asks its share of the questions not answered yet (question i on rank
+    # i mod world); rank 0 gathers them.
+    if benchmarks:
+        answer_log.start(out, context.fingerprint, ranks.is_main)
     for entry, questions in benchmarks:
-        rounds = -(-len(questions) // (ranks.world_size * section.batch_size))
-        mine = _ask(model, entry, questions[ranks.rank::ranks.world_size], rounds, context, progress)
+        done = answer_log.logged_answers(out, entry.label, ranks.is_main)
+        todo = [item for item in questions if item.key not in done]
+        if done and ranks.is_main:
+            logger.info("eval %s: %d answers logged by an earlier run; asking the other %d", entry.label,
+                        len(questions) - len(todo), len(todo))
+        progress.update(len(questions) - len(todo))
+        rounds = -(-len(todo) // (ranks.world_size * section.batch_size))
+        log = answer_log.AnswerLog(out, entry.label, ranks.rank)
+        mine = _ask(model, entry, todo[ranks.rank::ranks.world_size], rounds, context, progress, log)
         shares = gather_objects(mine)
-        lines = [shares[index % ranks.world_size][index // ranks.world_size] for index in range(len(questions))]
+        new = {item.key: shares[index % ranks.world_size][index // ranks.world_size] for index, item in enumerate(todo)}
+        lines = [done.get(item.key) or new[item.key] for item in questions]
         if ranks.is_main:
             results["benchmarks"][entry.label] = _write_benchmark(model, entry, questions, lines, context)
     if not ranks.is_main:  # the question files and the result files are rank 0's
@@ -156,6 +170,7 @@ def run(context: StageContext) -> dict:
         benchmark_table(name, entry) for name, entry in results["benchmarks"].items()])
     write_text_atomically(out / "results.json", json.dumps(results, indent=1))
     write_text_atomically(out / "results.md", table + "\n")
+    answer_log.finish(out)
     print(f"\neval of {model.directory} ({model.num_frames} frames, video kernel "
           f"{'x'.join(map(str, model.config.video_kernel))})\n{table}\n", flush=True)
     summary = {"results": str(out / "results.json")}
@@ -166,23 +181,24 @@ def run(context: StageContext) -> dict:
     if results["open_ended"]:
         summary["open-ended answers"] = sum(t["questions"] for t in results["open_ended"].values())
     for label, entry in results["benchmarks"].items():
-        overall, name = entry["overall"], entry["benchmark"]
-        summary[label] = (f"{100 * overall['mean_group_accuracy' if name == 'mvbench' else 'accuracy']:.1f} %"
-                          if name in MULTIPLE_CHOICE else f"{overall['questions']} answers")
+        overall, figure = entry["overall"], headline(entry)
+        asked = f"{overall['asked']} of {overall['questions']} answered"
+        summary[label] = f"{100 * figure:.1f} % ({asked})" if figure is not None else asked
     return summary
 
 
-def _ask(model: InferenceModel, entry, questions: list, rounds: int, context: StageContext, progress) -> list[dict]:
+def _ask(model: InferenceModel, entry, questions: list, rounds: int, context: StageContext, progress,
+         log: answer_log.AnswerLog) -> list[dict]:
     """This rank's share of a benchmark, asked by greedy generation eval.batch_size at a time
     (pipeline/benchmarks/), in ``rounds`` rounds on every rank (a stop signal is voted on each
-    round, so all ranks leave together). A question whose video is missing or cannot be decoded
-    gets a ``failed`` line: counted, not fatal."""
+    round, so all ranks leave together), each round's answers appended to ``log``. A question
+    whose video is missing or cannot be decoded gets a ``failed`` line: counted, not fatal."""
     lines, size = [], context.recipe.eval.batch_size
     with video_kernel(model, entry.video_kernel):
         for round_ in range(rounds):
             if sum_across_ranks([float(context.stop.received is not None)], model.device)[0]:
                 raise StoppedForRequeue(f"{context.stop.received or 'a stop signal'} received during eval (on some rank); "
-                                        f"the stage starts over next run")
+                                        f"the answers so far are kept, the next run asks the rest")
             chunk, waiting, samples = questions[round_ * size:(round_ + 1) * size], [], []
             for item in chunk:
                 try:
@@ -199,6 +215,7 @@ def _ask(model: InferenceModel, entry, questions: list, rounds: int, context: St
             for index, item, count in waiting:
                 lines[index] = answered(item, lines[index], generated[:count])
                 generated = generated[count:]
+            log.append(lines[len(lines) - len(chunk):])
             progress.set_postfix_str(entry.name)
             progress.update(len(chunk) * context.ranks.world_size)
     return lines

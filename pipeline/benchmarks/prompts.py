@@ -23,12 +23,20 @@ which is ``templates.render`` of one user turn in ``plain_v1`` followed by the p
                 the prefix, for GPT-assisted scoring.
     vcg         Video-ChatGPT's benchmark: the question alone, no prefix; CLIP reads it.
 
-Reading answers: ``mvbench_letter`` takes the option letter a generation opens with, or names
-("(B) The man...", "B.", "Answer: C", "The best option is D"); ``videomme_letter`` is the
-authors' rule (strip answer phrases, nothing from a long answer without a letter, else the first
-of A-D). Where theirs count wrongly we do not follow: an empty MVBench answer is wrong here (their
-substring test scores "(" as right), and VideoMME accuracy is over every question (theirs over
-the answered ones; both are reported).
+Reading answers, the authors' way first (the headline figures) and a second reading each, named
+apart (docs/eval.md, "Differences from the authors"):
+
+    mvbench     ``mvbench_check_ans``: their ``check_ans`` on "(" + the generation: its first
+                space-separated word, lower-cased, "." removed, and the right option's "(x)"
+                must hold one another. "b" and "B) The man" count as B; "Answer: C" and "The
+                correct option is A." as no letter; an empty generation as right (their "(" is in
+                every "(x)"; how many there were is counted). ``lenient_mvbench_letter``: the
+                letter a generation opens with or names ("Answer: C", "The best option is D").
+    videomme    ``videomme_letter``: their ``extract_characters_regex`` exactly, its answer
+                phrases as written, where two missing commas glue four of them into two that
+                never match (so "Best option: (C)" reads as B, the B of "Best"); accuracy over
+                the answered questions. ``repaired_videomme_letter``: the phrases as meant;
+                accuracy over every question.
 """
 
 from __future__ import annotations
@@ -105,7 +113,17 @@ def vcg_prompt(question: str) -> Prompt:
 
 # -- reading answers ----------------------------------------------------------------------------
 
-def mvbench_letter(generated: str, options: int) -> str | None:
+def mvbench_check_ans(generated: str, answer: str, option: str) -> bool:
+    """The authors' MVBench reading: their prediction is "(" + the generation after "Best option:("
+    (stripped; a generation that repeats the prefix is cut there, as their split does), the truth
+    "(X) option". The first space-separated word of each, lower-cased, the prediction's "." removed:
+    right when either holds the other."""
+    predicted = ("(" + generated.split(MVBENCH_ANSWER_PREFIX)[0].strip()).lower().split(" ")[0].replace(".", "")
+    truth = f"({answer}) {option}".lower().split(" ")[0]
+    return predicted in truth or truth in predicted
+
+
+def lenient_mvbench_letter(generated: str, options: int) -> str | None:
     """The option letter a generation after "Best option:(" gives: its first character when that
     is a letter of an option followed by ")", ".", ":", a space or the end ("B) The man", "B."),
     else a letter named as the answer ("Answer: C", "option (D)"); None when there is none."""
@@ -118,23 +136,38 @@ def mvbench_letter(generated: str, options: int) -> str | None:
     return named.group(1) if named else None
 
 
-# The phrases the authors' VideoMME scorer strips before looking for a letter (their list lost two
-# commas, which glued four of them into two that never match; these are the phrases it meant).
-VIDEOMME_PHRASES = ("The best answer is", "The correct answer is", "The answer is", "The answer", "The best option is",
-                    "The correct option is", "Best answer:", "Best option:", "Answer:", "Option:",
-                    "The correct answer", "The correct option")
+# The phrases the authors' VideoMME scorer strips before looking for a letter, as their list is
+# written: two missing commas glue four phrases into two ("The best option isThe correct option
+# is", "Best answer:Best option:") that never match.
+AUTHORS_VIDEOMME_PHRASES = ("The best answer is", "The correct answer is", "The answer is", "The answer",
+                            "The best option is" "The correct option is", "Best answer:" "Best option:", "Answer:",
+                            "Option:", "The correct answer", "The correct option")
+# The same list with the commas put back: the phrases it meant.
+REPAIRED_VIDEOMME_PHRASES = ("The best answer is", "The correct answer is", "The answer is", "The answer",
+                             "The best option is", "The correct option is", "Best answer:", "Best option:", "Answer:",
+                             "Option:", "The correct answer", "The correct option")
 
 
-def videomme_letter(generated: str) -> str | None:
-    """The authors' VideoMME rule: strip the answer phrases; a long answer (over 10 words) without
-    any of A-D gives nothing; else the first of A-D in the text, or None."""
+def _first_letter_after(generated: str, phrases: tuple[str, ...]) -> str | None:
+    """Strip the answer phrases; a long answer (over 10 words) without any of A-D gives nothing;
+    else the first of A-D in the text, or None."""
     text = generated.strip()
-    for phrase in VIDEOMME_PHRASES:
+    for phrase in phrases:
         text = text.replace(phrase, "")
     if len(text.split()) > 10 and not re.search("[ABCD]", text):
         return None
     found = re.search("[ABCD]", text)
     return found.group(0) if found else None
+
+
+def videomme_letter(generated: str) -> str | None:
+    """The authors' VideoMME reading (``extract_characters_regex``), None where theirs gives ""."""
+    return _first_letter_after(generated, AUTHORS_VIDEOMME_PHRASES)
+
+
+def repaired_videomme_letter(generated: str) -> str | None:
+    """The authors' rule with their phrase list as it was meant (the commas put back)."""
+    return _first_letter_after(generated, REPAIRED_VIDEOMME_PHRASES)
 
 
 def after_prefix(generated: str) -> str:

@@ -236,10 +236,10 @@ def read_qa(benchmark: str, annotations: str | Path, videos: str | Path, answers
         name = _first_of(record, ("video_name", "video", "video_id"), file, index)
         if benchmark == "activitynet_qa" and not name.startswith("v_"):
             name = f"v_{name}"
-        key = _first_of(record, ("question_id", "id"), file, index) if any(
-            record.get(k) not in (None, "") for k in ("question_id", "id")) else str(index)
-        found.append(BenchmarkQuestion(benchmark, benchmark, key, resolve_video(videos, name), question, answer,
-                                       fields={"id": key, "video": name}))
+        # the id as the file has it (MSVD's and MSRVTT's are integers): the judge files carry it so
+        identity = next((record[k] for k in ("question_id", "id") if record.get(k) not in (None, "")), index)
+        found.append(BenchmarkQuestion(benchmark, benchmark, str(identity), resolve_video(videos, name), question,
+                                       answer, fields={"id": identity, "video": name}))
     return found
 
 

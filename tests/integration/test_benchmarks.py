@@ -14,7 +14,8 @@ from PIL import Image
 import backends
 from backends import DistributedContext
 from benchmark_layout import write_benchmarks
-from pipeline.benchmarks.prompts import mvbench_prompt, qa_prompt, vcg_prompt, videomme_prompt
+from pipeline.benchmarks.prompts import (LETTERS, lenient_mvbench_letter, mvbench_check_ans, mvbench_prompt, qa_prompt,
+                                         vcg_prompt, videomme_letter, videomme_prompt)
 from pipeline.benchmarks.readers import MVBENCH_TASKS, read_mvbench, read_videomme
 from pipeline.benchmarks.scoring import question_of
 from pipeline.model.inference import load_model_dir
@@ -57,11 +58,17 @@ def test_every_benchmark_end_to_end_on_smoke_data(world, tmp_path):
     for line in mvbench:
         assert "failed" not in line, line
         assert line["prompt"] == mvbench_prompt(line["question"], line["options"]).text
-        assert line["correct"] == (line["prediction"] == line["answer"]) and line["frames"] == 8
+        option = line["options"][LETTERS.index(line["answer"])]
+        assert line["correct"] == mvbench_check_ans(line["generated"], line["answer"], option) and line["frames"] == 8
+        assert line["prediction"] == "(" + line["generated"]  # the authors' prediction string
+        assert line["lenient_letter"] == lenient_mvbench_letter(line["generated"], len(line["options"]))
     assert len(results["mvbench"]["groups"]) == 20 and results["mvbench"]["overall"]["questions"] == 20
     correct = sum(line["correct"] for line in mvbench)
-    assert results["mvbench"]["overall"]["mean_group_accuracy"] == pytest.approx(correct / 20)
-    assert summary["mvbench"] == f"{100 * correct / 20:.1f} %"
+    overall = results["mvbench"]["overall"]
+    assert overall["mean_group_accuracy"] == pytest.approx(correct / 20)
+    assert overall["empty"] == sum(not line["generated"] for line in mvbench)
+    assert overall["lenient_mean_group_accuracy"] == pytest.approx(sum(line["lenient_correct"] for line in mvbench) / 20)
+    assert summary["mvbench"] == f"{100 * correct / 20:.1f} % (20 of 20 answered)"
 
     # VideoMME: 32 frames for short videos, 64 for medium and long; subtitles at the sampled frames
     # first; the missing video counted as failed, not dropped
@@ -74,9 +81,14 @@ def test_every_benchmark_end_to_end_on_smoke_data(world, tmp_path):
     without = {line["videoID"]: line for line in answers(out, "videomme")}  # the paper's "w/o subs" column
     assert without["vid0"]["prompt"] == videomme_prompt(row["question"], row["options"]).text
     assert videomme["vid3"]["failed"].startswith("video not found") and not videomme["vid3"]["correct"]
+    for line in (videomme[f"vid{i}"] for i in range(3)):
+        assert line["prediction"] == videomme_letter(line["generated"])
     for label in ("videomme", "videomme_subtitles"):
         overall = results[label]["overall"]
         assert overall["questions"] == 4 and overall["failed"] == 1 and results[label]["frames"] == [32, 64]
+        assert overall["failure_reasons"] == {"video not found": 1} and overall["asked"] == 3
+        assert overall["accuracy"] == pytest.approx(overall["correct"] / overall["with_letter"]
+                                                    if overall["with_letter"] else 0.0)
         assert set(results[label]["groups"]) == {"short", "medium", "long"}
 
     # Open-ended QA: the authors' prompt, answers for GPT scoring in their fields, scorer-free figures
@@ -84,6 +96,7 @@ def test_every_benchmark_end_to_end_on_smoke_data(world, tmp_path):
     assert [line["prompt"] for line in msvd] == [qa_prompt("what is moving?").text] * 3
     gpt = json.loads((out / "gpt" / "msvd_qa.json").read_text())
     assert [sorted(record) for record in gpt] == [["answer", "id", "pred", "question"]] * 3
+    assert [record["id"] for record in gpt] == [0, 1, 2]  # integers, as the file has them (the authors' records)
     assert {"exact_match_accuracy", "contains_accuracy"} <= set(results["msvd_qa"]["overall"])
     anet = json.loads((out / "gpt" / "activitynet_qa.json").read_text())
     assert anet[0]["answer"] == "the red circle" and anet[0]["id"] == "v_abc_1"
@@ -95,7 +108,7 @@ def test_every_benchmark_end_to_end_on_smoke_data(world, tmp_path):
     assert consist[0]["Q1"] == "What moves?" and consist[0]["Q2"] == "Which object is moving?"
     assert {"pred1", "pred2", "A", "video_name"} <= set(consist[0])
     assert [len(json.loads((out / "gpt" / name).read_text())) for name in ("general.json", "temporal.json")] == [1, 1]
-    assert results["vcg"]["overall"] == {"questions": 3, "failed": 0}
+    assert results["vcg"]["overall"] == {"questions": 3, "asked": 3, "failed": 0, "failure_reasons": {}}
 
     # the first question of each benchmark: its relevance map
     for name in ("mvbench", "videomme", "videomme_subtitles", "msvd_qa", "activitynet_qa", "vcg"):
@@ -105,6 +118,57 @@ def test_every_benchmark_end_to_end_on_smoke_data(world, tmp_path):
 
     table = (out / "results.md").read_text()
     assert "**mean of tasks**" in table and "| long |" in table and "gpt/msvd_qa.json" in table
+    assert "accuracy (authors') | lenient |" in table
+    assert not (out / "partial").exists()  # the answers logged as they came are gone once results.json is
+
+
+def test_a_benchmark_with_no_videos_does_not_stop_the_others_and_a_rerun_asks_only_the_rest(world, tmp_path):
+    """MSVD-QA whose every video is missing beside MVBench: the stage writes both results, the QA
+    benchmark with 0 answered and its failures by reason. A run stopped after MVBench's first
+    answers are logged asks only the others the next time."""
+    empty = tmp_path / "no_videos"
+    empty.mkdir()
+    msvd = {**world["benchmarks"][3], "videos": str(empty)}
+    mvbench = world["benchmarks"][0]
+    context = context_for(world, tmp_path / "run", [mvbench, msvd])
+    summary = eval_stage.run(context)
+    results = json.loads((context.directory / "results.json").read_text())["benchmarks"]
+    assert results["msvd_qa"]["overall"]["asked"] == 0 and results["msvd_qa"]["overall"]["failed"] == 3
+    assert results["msvd_qa"]["overall"]["failure_reasons"] == {"video not found": 3}
+    assert summary["msvd_qa"] == "0 of 3 answered" and summary["mvbench"].endswith("(20 of 20 answered)")
+    assert "| answers | 3 | 0 |" in (context.directory / "results.md").read_text()
+    full = answers(context.directory, "mvbench")
+
+    # the same stage stopped after 5 answers were logged: the next run asks the other 15 only
+    resumed = context_for(world, tmp_path / "resumed", [mvbench])
+    folder = resumed.directory / "partial"
+    folder.mkdir()
+    (folder / "FINGERPRINT").write_text(resumed.fingerprint)
+    logged = [{**line, "generated": "logged earlier"} for line in full[:5]]
+    (folder / "mvbench.rank_00000.jsonl").write_text("".join(json.dumps(line) + "\n" for line in logged) + '{"cut')
+    asked = []
+    generate_batch = eval_stage.InferenceModel.generate_batch
+
+    def counting(self, questions, max_new_tokens=64):
+        asked.extend(questions)
+        return generate_batch(self, questions, max_new_tokens)
+
+    eval_stage.InferenceModel.generate_batch = counting
+    try:
+        eval_stage.run(resumed)
+    finally:
+        eval_stage.InferenceModel.generate_batch = generate_batch
+    again = answers(resumed.directory, "mvbench")
+    assert len(asked) == 15 and [line["key"] for line in again] == [line["key"] for line in full]
+    assert [line["generated"] for line in again[:5]] == ["logged earlier"] * 5 and again[5:] == full[5:]
+
+    # answers logged under another fingerprint (other settings) are not used
+    other = context_for(world, tmp_path / "other", [mvbench])
+    (other.directory / "partial").mkdir()
+    (other.directory / "partial" / "FINGERPRINT").write_text("not this one")
+    (other.directory / "partial" / "mvbench.rank_00000.jsonl").write_text(json.dumps(logged[0]) + "\n")
+    eval_stage.run(other)
+    assert answers(other.directory, "mvbench") == full
 
 
 def test_a_malformed_record_names_its_file_and_index_before_the_model_loads(world, tmp_path):

@@ -4,8 +4,9 @@ their test scripts' templates), and answers read from real-looking generations
 
 import pytest
 
-from pipeline.benchmarks.prompts import (mvbench_letter, mvbench_prompt, prompt_string, qa_prompt, vcg_prompt,
-                                 videomme_letter, videomme_prompt, videomme_subtitles)
+from pipeline.benchmarks.prompts import (lenient_mvbench_letter, mvbench_check_ans, mvbench_prompt, prompt_string,
+                                         qa_prompt, repaired_videomme_letter, vcg_prompt, videomme_letter,
+                                         videomme_prompt, videomme_subtitles)
 from pipeline.benchmarks.question_files import Item, multiple_choice_prompt
 from pipeline.model.inference import Question
 
@@ -68,8 +69,21 @@ def test_open_ended_qa_and_vcg():
     ("Answer: C", "C"), ("The best option is D.", "D"), ("option (B)", "B"),
     ("", None), ("I am not sure.", None), ("E) out of range", None), ("Because the man", None),
 ])
-def test_mvbench_letters_from_generations(generated, letter):
-    assert mvbench_letter(generated, 4) == letter
+def test_lenient_mvbench_letters_from_generations(generated, letter):
+    assert lenient_mvbench_letter(generated, 4) == letter
+
+
+@pytest.mark.parametrize("generated, answer, right", [
+    # the authors' check_ans on "(" + the generation: its first word must hold "(x)" or be in it
+    ("b", "B", True), ("B) The man is sitting.", "B", True), ("B", "C", False), ("(C)", "C", True),
+    ("b.", "B", True), ("B\nThe best answer is: C", "C", False), ("B\nThe best answer is: C", "B", False),
+    ("Answer: C", "C", False), ("The best answer is D", "D", False), ("Best option: (C)", "C", False),
+    ("The correct option is A.", "A", False),
+    ("", "A", True), ("", "D", True),          # their "(" is in every "(x)": an empty answer counts right
+    (" D) swimming", "D", True), ("D) x Best option:(A", "D", True),  # stripped; cut at a repeated prefix
+])
+def test_mvbench_answers_read_by_the_authors_check(generated, answer, right):
+    assert mvbench_check_ans(generated, answer, "the man is sitting.") is right
 
 
 @pytest.mark.parametrize("generated, letter", [
@@ -78,7 +92,16 @@ def test_mvbench_letters_from_generations(generated, letter):
     ("", None),
 ])
 def test_videomme_letters_from_generations(generated, letter):
-    assert videomme_letter(generated) == letter
+    assert videomme_letter(generated) == letter == repaired_videomme_letter(generated)
+
+
+@pytest.mark.parametrize("generated, authors, repaired", [
+    # their prefix list lost two commas: "Best option:" and "The best option is" are never stripped
+    ("Best option: (C)", "B", "C"), ("Best option: C", "B", "C"), ("Best answer: D", "B", "D"),
+    ("The correct option is A", "A", "A"), ("Option: D", "D", "D"),
+])
+def test_videomme_extraction_is_the_authors_regex_as_written(generated, authors, repaired):
+    assert videomme_letter(generated) == authors and repaired_videomme_letter(generated) == repaired
 
 
 def test_videomme_subtitles_at_the_sampled_frames_in_time_order():
