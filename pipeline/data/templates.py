@@ -19,6 +19,11 @@ is tokenized: plain_v1 keeps it with the prompt ("ASSISTANT: " | "Red."), as the
 splits the text after "ASSISTANT: " and tokenizes each piece alone, and their inference prompt
 ends with that space; vicuna_v1 gives it to the answer ("ASSISTANT:" | " Red."), as LLaVA's
 preprocessing counts it. Each piece is tokenized on its own, so label boundaries are exact.
+
+An assistant answer prefix (eval's "Best option:(") is tokenized with the prompt it ends, as one
+string, as the authors' benchmark scripts tokenize the whole prompt: with a Llama / Vicuna
+SentencePiece vocabulary "ASSISTANT: " and "Best option:(" tokenized apart give ":" "▁" "▁Best",
+together ":" "▁Best" (tests/unit/test_prompt_token_ids.py checks the ids with Llama-2's vocabulary).
 """
 
 from __future__ import annotations
@@ -100,10 +105,19 @@ def render(turns: list[Turn], template: str = "plain_v1", system: str | None = N
 
 
 def encode_roles(turns: list[Turn], tokenizer, image_token_index: int, template: str = "plain_v1",
-                 system: str | None = None) -> Encoded:
-    """plain_v1 / vicuna_v1: BOS, then each piece tokenized on its own; answers and their </s> labelled."""
+                 system: str | None = None, answer_prefix: str = "") -> Encoded:
+    """plain_v1 / vicuna_v1: BOS, then each piece tokenized on its own; answers and their </s>
+    labelled. ``answer_prefix``: a conversation ending with a user turn ends with the assistant's
+    prefix, in the same piece as the generation prompt before it (vicuna_v1: after its space)."""
     ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
-    for text, answer in role_pieces(turns, template, system):
+    pieces = role_pieces(turns, template, system)
+    if answer_prefix:
+        text, answer = pieces[-1]
+        if answer:
+            raise ValueError("an answer prefix follows a generation prompt: the conversation must end with a user turn")
+        space = " " if ROLE_TEMPLATES[template].space_with_answer else ""
+        pieces[-1] = (text + space + answer_prefix, False)
+    for text, answer in pieces:
         piece = _tokens(tokenizer, text, image_token_index)
         if answer:
             piece += [tokenizer.eos_token_id]
@@ -159,12 +173,18 @@ def encode_prefixed_answer(turns: list[Turn], prefix: str, answer: str | None, t
                            template: str = "plain_v1", system: str | None = None) -> Encoded:
     """A conversation ending with a user turn: its generation prompt, the assistant's ``prefix``
     (not labelled; the eval's "Best option:("), then ``answer`` and the end token (labelled). With
-    ``answer`` None the prompt for generation ends with the prefix. Prefix and answer are tokenized
-    apart, so the answer's tokens are the same whatever precedes them."""
-    prompt = encode(turns, tokenizer, image_token_index, template, add_generation_prompt=True, system=system)
+    ``answer`` None the prompt for generation ends with the prefix. In the role templates the
+    prefix is tokenized with the prompt's last piece, as one string (the authors' way, see the
+    module docstring); the tokenizer's own template tokenizes it apart. The answer is tokenized
+    apart, so its tokens are the same whatever precedes them."""
     space = " " if template in ROLE_TEMPLATES and ROLE_TEMPLATES[template].space_with_answer else ""
-    head = _tokens(tokenizer, space + prefix, image_token_index) if prefix else []
-    ids, labels = prompt.input_ids + head, prompt.labels + [IGNORE_INDEX] * len(head)
+    if template in ROLE_TEMPLATES:
+        prompt = encode_roles(turns, tokenizer, image_token_index, template, system, answer_prefix=prefix)
+        ids, labels = prompt.input_ids, prompt.labels
+    else:
+        prompt = encode(turns, tokenizer, image_token_index, template, add_generation_prompt=True, system=system)
+        head = _tokens(tokenizer, prefix, image_token_index) if prefix else []
+        ids, labels = prompt.input_ids + head, prompt.labels + [IGNORE_INDEX] * len(head)
     if answer is not None:
         tail = _tokens(tokenizer, ("" if prefix else space) + answer, image_token_index) + [tokenizer.eos_token_id]
         ids, labels = ids + tail, labels + tail
