@@ -39,7 +39,7 @@ from backends.distributed import gather_objects, sum_across_ranks
 from pipeline.atomic import sha256_of, write_text_atomically
 from pipeline.benchmarks import answer_log
 from pipeline.benchmarks.question_files import KINDS, LETTERS, Task, multiple_choice_prompt, read_task
-from pipeline.benchmarks.readers import BenchmarkError, annotation_files
+from pipeline.benchmarks.readers import BenchmarkError, absent_mvbench_tasks, annotation_files
 from pipeline.benchmarks.scoring import (answered, benchmark_questions, benchmark_table, failed,
                                          frames_of, gpt_scoring_files, headline, prepared, question_of,
                                          result_line, summarise, video_kernel)
@@ -99,6 +99,10 @@ def run(context: StageContext) -> dict:
             benchmarks.append((entry, benchmark_questions(entry)))
         except (RecordError, BenchmarkError) as error:
             raise RecipeError(f"{recipe.source}: eval.benchmarks[{index}] ({entry.name}): {error}") from None
+        absent = absent_mvbench_tasks(entry.root) if entry.name == "mvbench" else []
+        if absent and context.ranks.is_main:
+            logger.warning("eval.benchmarks[%d] (mvbench): %s holds %d of the 20 task files; not asked: %s", index,
+                           entry.root, 20 - len(absent), ", ".join(absent))
     for kind in KINDS:
         stems = [task.name for task in tasks if task.kind == kind]
         if len(set(stems)) != len(stems):
@@ -238,7 +242,8 @@ def _write_benchmark(model: InferenceModel, entry, questions: list, lines: list[
         (out / "gpt").mkdir(exist_ok=True)
         write_text_atomically(out / "gpt" / filename, json.dumps(records, indent=1))
     frames = sorted({line["frames"] for line in lines})
-    return {"benchmark": entry.name, **summarise(entry.name, lines), "frames": frames, "video_kernel": kernel,
+    absent = {"absent_tasks": absent_mvbench_tasks(entry.root)} if entry.name == "mvbench" else {}
+    return {"benchmark": entry.name, **summarise(entry.name, lines), **absent, "frames": frames, "video_kernel": kernel,
             "batch_size": section.batch_size, "ranks": context.ranks.world_size, "answers": f"{entry.label}.answers.jsonl",
             "gpt_scoring": [f"gpt/{name}" for name in scoring]}
 

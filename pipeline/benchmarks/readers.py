@@ -1,13 +1,17 @@
 """Each benchmark's published layout -> ``BenchmarkQuestion``s (docs/eval.md says where each comes
 from; nothing is downloaded).
 
-    mvbench         ROOT/json/<task>.json (20 tasks: MVBENCH_TASKS), videos under
+    mvbench         ROOT/json/<task>.json (20 tasks: MVBENCH_TASKS; a folder with some of them
+                    runs those, ``absent_mvbench_tasks`` names the others), videos under
                     ROOT/video/<task's folder>/; bounded tasks carry start/end seconds; Episodic
                     Reasoning's videos are folders of frames at 3 fps
     videomme        ROOT/videomme/*.parquet (as published; or the same rows as .json / .jsonl),
                     videos ROOT/data/<videoID>.mp4, subtitles ROOT/subtitle/<videoID>.srt
     msvd_qa,        one JSON list of {question, answer, video_name | video | video_id,
-    msrvtt_qa       question_id | id} and a folder of videos
+    msrvtt_qa       question_id | id} and a folder of videos. The official releases name videos by
+                    an integer video_id: MSVD-QA's maps vid<N> to a YouTube clip through
+                    youtube_mapping.txt (beside the questions or the videos) -> YouTubeClips/<clip>.avi;
+                    MSR-VTT-QA's are video<N>.mp4 (the authors' own files: <N>.mp4, also found)
     activitynet_qa  Video-ChatGPT's test_q.json and test_a.json (matched by position), videos or
                     frame folders named v_<video_name>
     vcg             Video-ChatGPT's generic_qa.json, temporal_qa.json, consistency_qa.json
@@ -135,7 +139,7 @@ def annotation_files(entry) -> list[Path]:
     """The files holding an ``eval.benchmarks`` entry's questions and answers (not its videos): what
     the eval stage's fingerprint hashes, so edited questions re-run it."""
     if entry.name == "mvbench":
-        return [Path(entry.root) / "json" / filename for _, filename, *_ in MVBENCH_TASKS]
+        return [Path(entry.root) / "json" / filename for _, filename, *_ in _present_mvbench_tasks(Path(entry.root))]
     if entry.name == "videomme":
         return [_videomme_rows(Path(entry.root), read=False)[0]]
     if entry.name == "vcg":
@@ -143,9 +147,23 @@ def annotation_files(entry) -> list[Path]:
     return [Path(entry.annotations)] + ([Path(entry.answers)] if entry.answers else [])
 
 
+def _present_mvbench_tasks(root: Path) -> list[tuple]:
+    present = [task for task in MVBENCH_TASKS if (root / "json" / task[1]).is_file()]
+    if not present:
+        raise BenchmarkError(f"{root / 'json'} holds none of MVBench's {len(MVBENCH_TASKS)} task files "
+                             f"({MVBENCH_TASKS[0][1]}, ...): expected MVBench's json folder")
+    return present
+
+
+def absent_mvbench_tasks(root: str | Path) -> list[str]:
+    """The MVBench tasks whose annotation file is not in ``root``/json (their questions are not asked)."""
+    return [task for task, filename, *_ in MVBENCH_TASKS if not (Path(root) / "json" / filename).is_file()]
+
+
 def read_mvbench(root: str | Path, limit: int | None = None) -> list[BenchmarkQuestion]:
+    """The questions of the tasks whose annotation file is there (``absent_mvbench_tasks``: the others)."""
     root, found = Path(root), []
-    for task, filename, folder, kind, bounded in MVBENCH_TASKS:
+    for task, filename, folder, kind, bounded in _present_mvbench_tasks(root):
         file = root / "json" / filename
         for index, record in enumerate(_records(file)[:limit]):
             question = _text(record, "question", file, index)
@@ -228,12 +246,18 @@ def read_qa(benchmark: str, annotations: str | Path, videos: str | Path, answers
     if references is not None and len(references) != len(records):
         raise RecordError(str(answers), "top level", f"{len(references)} answers for the {len(records)} questions of "
                                                      f"{file}: they are matched by position")
-    found = []
+    found, mapping = [], None
     for index, record in enumerate(records[:limit]):
         question = _text(record, "question", file, index)
         answer = (_text(references[index], "answer", Path(answers), index) if references is not None
                   else _text(record, "answer", file, index))
-        name = _first_of(record, ("video_name", "video", "video_id"), file, index)
+        if any(record.get(k) not in (None, "") for k in ("video_name", "video")):
+            name = _first_of(record, ("video_name", "video"), file, index)
+        else:
+            if benchmark == "msvd_qa" and mapping is None:
+                mapping = _youtube_mapping(file, videos)
+            name = _numbered_video(benchmark, _first_of(record, ("video_id",), file, index), file, index, videos,
+                                   mapping)
         if benchmark == "activitynet_qa" and not name.startswith("v_"):
             name = f"v_{name}"
         # the id as the file has it (MSVD's and MSRVTT's are integers): the judge files carry it so
@@ -241,6 +265,43 @@ def read_qa(benchmark: str, annotations: str | Path, videos: str | Path, answers
         found.append(BenchmarkQuestion(benchmark, benchmark, str(identity), resolve_video(videos, name), question,
                                        answer, fields={"id": identity, "video": name}))
     return found
+
+
+MSVD_MAPPING = "youtube_mapping.txt"
+
+
+def _youtube_mapping(annotations: Path, videos: Path) -> dict[str, str]:
+    """MSVD-QA's youtube_mapping.txt ("<clip> vid<N>" per line) as {"vid<N>": clip}, found beside the
+    questions file, in the videos folder or in a folder above either."""
+    places = [annotations.parent, annotations.parent.parent, videos, videos.parent]
+    for folder in places:
+        path = folder / MSVD_MAPPING
+        if path.is_file():
+            mapping = {}
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if line.strip():
+                    parts = line.split()
+                    if len(parts) != 2:
+                        raise RecordError(str(path), f"line {number}", f"expected '<clip> vid<N>', got {line!r}")
+                    mapping[parts[1]] = parts[0]
+            return mapping
+    raise BenchmarkError(f"{annotations} names its videos by an integer video_id (MSVD-QA's release); the "
+                         f"{MSVD_MAPPING} that maps them to YouTube clips is in none of "
+                         f"{', '.join(str(folder) for folder in dict.fromkeys(places))}")
+
+
+def _numbered_video(benchmark: str, video_id: str, file: Path, index: int, videos: Path,
+                    mapping: dict[str, str] | None) -> str:
+    """The video an integer video_id names in the official releases (``mapping``: MSVD's)."""
+    if benchmark == "msvd_qa":
+        clip = mapping.get(f"vid{video_id}")
+        if clip is None:
+            raise RecordError(str(file), f"record {index}", f"video_id {video_id}: no vid{video_id} in {MSVD_MAPPING}")
+        return clip
+    if benchmark == "msrvtt_qa":  # the release's video<N>.mp4; the authors' own copies are <N>.mp4
+        names = [f"video{video_id}", str(video_id)]
+        return next((name for name in names if resolve_video(videos, name).exists()), names[0])
+    return str(video_id)
 
 
 def read_vcg(root: str | Path, videos: str | Path, limit: int | None = None) -> list[BenchmarkQuestion]:

@@ -269,6 +269,9 @@ def benchmark_table(label: str, summary: dict) -> str:
         if name == "mvbench":
             rows.append(row("**mean of tasks**", overall, overall["mean_group_accuracy"],
                             overall["lenient_mean_group_accuracy"]))
+            if summary.get("absent_tasks"):
+                rows.append(f"\n{len(summary['absent_tasks'])} of the 20 tasks not asked (no annotation file): "
+                            f"{', '.join(summary['absent_tasks'])}; the mean is over the {len(groups)} asked")
         else:
             rows.append(row("**overall**", overall, overall["accuracy"], overall["repaired_accuracy"]))
         return "\n".join(rows)

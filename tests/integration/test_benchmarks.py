@@ -197,3 +197,17 @@ def test_batched_generation_answers_as_one_question_at_a_time(world):
     assert {q.frames for q in questions} == {8, 32, 64}
     one_by_one = [model.generate(question, 12) for question in questions]
     assert model.generate_batch(questions, 12) == one_by_one
+
+
+def test_an_mvbench_folder_with_some_tasks_asks_those_and_names_the_others(world, tmp_path):
+    partial = tmp_path / "MVBench"
+    shutil.copytree(world["benchmarks"][0]["root"], partial)
+    for _, filename, *_ in MVBENCH_TASKS[2:]:
+        (partial / "json" / filename).unlink()
+    context = context_for(world, tmp_path / "run", [{"name": "mvbench", "root": str(partial)}])
+    summary = eval_stage.run(context)
+    results = json.loads((context.directory / "results.json").read_text())["benchmarks"]["mvbench"]
+    assert list(results["groups"]) == [task for task, *_ in MVBENCH_TASKS[:2]]
+    assert results["absent_tasks"] == [task for task, *_ in MVBENCH_TASKS[2:]]
+    assert summary["mvbench"].endswith("(2 of 2 answered)")
+    assert "18 of the 20 tasks not asked" in (context.directory / "results.md").read_text()
