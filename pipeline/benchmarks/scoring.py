@@ -59,13 +59,13 @@ def video_kernel(model: InferenceModel, kernel: list[int] | None):
         config.video_kernel, config.video_stride = saved
 
 
-def _subtitles(model: InferenceModel, item: BenchmarkQuestion, frames: int) -> str:
+def _subtitles(model: InferenceModel, item: BenchmarkQuestion, frames: int, scheme: str) -> str:
     """The subtitle lines shown at the frames the model sees of this video."""
     if item.subtitles is None:
         return ""
     data, decoder = item.media.read_bytes(), model.processor.video_decoder
     positions = frame_positions(data, frames, False, str(item.media), video_decoder=decoder,
-                                scheme=model.processor.settings.frame_scheme)
+                                scheme=scheme)
     return videomme_subtitles(item.subtitles.read_text(encoding="utf-8", errors="replace"), positions,
                               decoder.frame_rate(data, str(item.media)))
 
@@ -74,7 +74,7 @@ def prompt_of(model: InferenceModel, item: BenchmarkQuestion, entry, frames: int
     if item.benchmark == "mvbench":
         return mvbench_prompt(item.question, item.options, entry.system)
     if item.benchmark == "videomme":
-        return videomme_prompt(item.question, item.options, _subtitles(model, item, frames))
+        return videomme_prompt(item.question, item.options, _subtitles(model, item, frames, entry.frame_sampling))
     if item.benchmark in QA_BENCHMARKS:
         return qa_prompt(item.question)
     return vcg_prompt(item.question)
@@ -88,12 +88,12 @@ def frames_of(model: InferenceModel, item: BenchmarkQuestion, entry) -> int:
 def question_of(model: InferenceModel, item: BenchmarkQuestion, entry) -> Question:
     """The question as the model is asked it (media, the authors' prompt, pooling text, frames)."""
     frames = frames_of(model, item, entry)
-    return _question(item, prompt_of(model, item, entry, frames), frames)
+    return _question(item, prompt_of(model, item, entry, frames), frames, entry.frame_sampling)
 
 
-def _question(item: BenchmarkQuestion, prompt: Prompt, frames: int) -> Question:
+def _question(item: BenchmarkQuestion, prompt: Prompt, frames: int, scheme: str) -> Question:
     return Question(prompt.text, "video", (item.media,), answer_prefix=prompt.answer_prefix, guide=prompt.guide,
-                    bounds=item.bounds, frames=frames, folder_fps=item.folder_fps)
+                    bounds=item.bounds, frames=frames, folder_fps=item.folder_fps, frame_scheme=scheme)
 
 
 def result_line(item: BenchmarkQuestion, frames: int) -> dict:
@@ -115,9 +115,9 @@ def prepared(model: InferenceModel, item: BenchmarkQuestion, entry) -> tuple[dic
     if item.missing:
         return failed(line, f"video not found: {item.media}"), []
     prompt = prompt_of(model, item, entry, frames)
-    asked = [_question(item, prompt, frames)]
+    asked = [_question(item, prompt, frames, entry.frame_sampling)]
     if item.second_question is not None:
-        asked.append(_question(item, vcg_prompt(item.second_question), frames))
+        asked.append(_question(item, vcg_prompt(item.second_question), frames, entry.frame_sampling))
     return {**line, "prompt": prompt.text}, asked
 
 

@@ -80,19 +80,21 @@ class SampleProcessor:
             raise ValueError(f"the CLIP tokenizer has {len(self.clip_tokenizer)} tokens but the CLIP text tower's "
                              f"vocabulary has {vocabulary}: use the tokenizer of the CLIP checkpoint the model came from")
 
-    def pixels(self, sample: Sample, media: list[bytes], epoch: int,
-               frames: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    def pixels(self, sample: Sample, media: list[bytes], epoch: int, frames: int | None = None,
+               scheme: str | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         """CLIP-normalised frames [T, 3, S, S], and the image's (height, width) for image samples;
-        ``frames``: how many to sample from a video (default: the settings', else the model's)."""
+        ``frames``: how many to sample from a video (default: the settings', else the model's);
+        ``scheme``: which (default: the settings' frame_scheme)."""
+        scheme = scheme or self.settings.frame_scheme
         size = self.config.vision_config.image_size
         count = frames or self.settings.num_frames or self.config.num_frames
         randomly = self.settings.training if self.settings.frames is None else self.settings.frames == "random"
         if sample.modality == "video" and len(media) > 1:  # frames pre-extracted by the shard stage
-            chosen = sample_indices(len(media), count, randomly, sample_seed(sample.key, epoch), self.settings.frame_scheme)
+            chosen = sample_indices(len(media), count, randomly, sample_seed(sample.key, epoch), scheme)
             return frames_to_pixels([read_image(media[i], f"{sample.key}[frame {i}]") for i in chosen], size), (0, 0)
         if sample.modality == "video":
             frames = read_video(media[0], count, randomly, sample.key, epoch, video_decoder=self.video_decoder,
-                                bounds=sample.bounds, scheme=self.settings.frame_scheme)
+                                bounds=sample.bounds, scheme=scheme)
             return frames_to_pixels(list(frames), size), (0, 0)
         if sample.modality == "image":
             image = read_image(media[0], sample.key)

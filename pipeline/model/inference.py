@@ -63,6 +63,7 @@ class Question:
     bounds: list[float] | None = None   # a video's (start, end) in seconds: frames from that part only
     frames: int | None = None           # frames sampled from the video (None: the model's)
     folder_fps: float | None = None     # a video given as a folder of frames: their rate (for bounds)
+    frame_scheme: str | None = None     # which frames (pipeline.data.media.FRAME_SCHEMES; None: the model's)
 
     @classmethod
     def from_media(cls, text: str, videos: Sequence[str | Path] = (), images: Sequence[str | Path] = ()) -> "Question":
@@ -140,7 +141,8 @@ class InferenceModel:
         """Frames [T, 3, S, S] as the model sees them (eval sampling) and an image's (height, width)."""
         sample = Sample(question.key, question.modality, [str(p) for p in question.media], [question.user_turn()],
                         bounds=None if question.folder_fps else question.bounds)  # a folder's: read_media
-        pixel_values, image_size = self.processor.pixels(sample, read_media(question), epoch=0, frames=question.frames)
+        pixel_values, image_size = self.processor.pixels(sample, read_media(question), epoch=0, frames=question.frames,
+                                                         scheme=question.frame_scheme)
         return pixel_values, tuple(int(v) for v in image_size)
 
     def encode(self, question: Question, answer: str | None, pixel_values: torch.Tensor,

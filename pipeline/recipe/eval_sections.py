@@ -32,6 +32,8 @@ class BenchmarkSection:
     subtitles: bool = False             # videomme: the subtitles shown at the sampled frames go first
     system: bool = False                # mvbench: the authors' system text first (their released script omits it)
     num_frames: int | None = None       # default: videomme 32 short / 64 medium and long; else the model's
+    frame_sampling: Literal["authors", "segments"] = "authors"  # which frames: the authors' eval arithmetic
+                                        # (their EvalDataset.get_index), or segment middles; not the model's
     video_kernel: list[int] | None = None  # default the model's (the authors keep (2,3,3) for 64 frames)
     limit: int | None = None            # the first N questions of each task / duration / file
     max_new_tokens: int = 200           # the authors' generation length

@@ -211,3 +211,25 @@ def test_an_mvbench_folder_with_some_tasks_asks_those_and_names_the_others(world
     assert results["absent_tasks"] == [task for task, *_ in MVBENCH_TASKS[2:]]
     assert summary["mvbench"].endswith("(2 of 2 answered)")
     assert "18 of the 20 tasks not asked" in (context.directory / "results.md").read_text()
+
+
+def test_benchmark_frames_are_the_authors_whatever_the_model_directory_says(world):
+    """The model directory samples segment middles; a benchmark question reads the frames of the
+    authors' eval arithmetic unless its entry says segments."""
+    import torch
+
+    from pipeline.data.media import frame_positions, read_video
+    from ppllava.processing import frames_to_pixels
+
+    model = load_model_dir(world["model"])
+    assert model.processor.settings.frame_scheme == "segments"
+    item = next(item for item in read_videomme(world["benchmarks"][1]["root"]) if not item.missing)
+    data, key, decoder = item.media.read_bytes(), str(item.media), model.processor.video_decoder
+    size = model.config.vision_config.image_size
+    for scheme in ("authors", "segments"):
+        entry = BenchmarkSection("videomme", root=world["benchmarks"][1]["root"], num_frames=8, frame_sampling=scheme)
+        pixels, _ = model.pixels(question_of(model, item, entry))
+        expected = frames_to_pixels(list(read_video(data, 8, False, key, video_decoder=decoder, scheme=scheme)), size)
+        assert torch.equal(pixels, expected), scheme
+    assert frame_positions(data, 8, False, key, video_decoder=decoder, scheme="authors") != \
+        frame_positions(data, 8, False, key, video_decoder=decoder, scheme="segments")
