@@ -46,7 +46,7 @@ from pipeline.benchmarks.scoring import (answered, benchmark_questions, benchmar
 from pipeline.data.media import MediaError
 from pipeline.data.records import RecordError
 from pipeline.model.check import ModelFilesError, directory_fingerprint
-from pipeline.model.inference import InferenceError, InferenceModel, load_for_inference
+from pipeline.model.inference import InferenceError, InferenceModel, load_for_inference, round_rotary_frequencies
 from pipeline.model.relevance_map import draw, relevance_map
 from pipeline.model.setup import build_model
 from pipeline.recipe import Recipe, RecipeError
@@ -116,7 +116,11 @@ def run(context: StageContext) -> dict:
                                    section.num_frames, section.video_kernel, recipe.data.decoder)
     except ModelFilesError as error:
         raise RecipeError(f"{recipe.source}: eval: {error}") from None
+    if section.authors_rope_rounding and not round_rotary_frequencies(model.model.language_model):
+        raise RecipeError(f"{recipe.source}: eval.authors_rope_rounding: the model's LLM has no rotary embedding "
+                          f"(inv_freq) to round")
     results = {"model": str(model.directory), "num_frames": model.num_frames,
+               "authors_rope_rounding": section.authors_rope_rounding,
                "video_kernel": list(model.config.video_kernel), "scoring": "mean log-prob per answer token",
                "multiple_choice": {}, "open_ended": {}, "benchmarks": {}}
     ranks = context.ranks

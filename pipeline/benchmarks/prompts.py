@@ -186,18 +186,30 @@ def _seconds(stamp: str) -> float:
     return hours * 3600 + minutes * 60 + seconds + millis / 1000
 
 
+def _srt_blocks(srt: str) -> dict[tuple[float, float], str]:
+    """The authors' SRT reading: blocks split at blank lines, each with at least three lines, keyed
+    by (start, end) seconds (a repeated time range keeps its first place and its last text)."""
+    blocks: dict[tuple[float, float], str] = {}
+    for section in srt.split("\n\n"):
+        lines = section.split("\n")
+        if section.strip() and len(lines) >= 3 and " --> " in lines[1]:
+            start, end = (_seconds(stamp) for stamp in lines[1].split(" --> "))
+            blocks[(start, end)] = " ".join(lines[2:])
+    return blocks
+
+
 def videomme_subtitles(srt: str, frame_indices: list[int], fps: float) -> str:
-    """The subtitle lines shown at the sampled frames, in time order, joined by spaces: each SRT
-    block whose [start, end) frame range holds a sampled frame, its text inside VideoMME's
-    ``<font color="white" size=".72c">`` tag (blocks without it are skipped, as the authors')."""
-    shown = []
-    for block in srt.strip().split("\n\n"):
-        lines = block.strip().splitlines()
-        if len(lines) < 3 or " --> " not in lines[1]:
-            continue
-        start, end = (int(_seconds(stamp) * fps) for stamp in lines[1].split(" --> "))
-        if any(start <= index < end for index in frame_indices):
-            text = _WHITE_FONT.findall(" ".join(lines[2:]))
-            if text:
-                shown.append((start, text[0]))
-    return " ".join(text for _, text in sorted(shown, key=lambda item: item[0]))
+    """The subtitle lines shown at the sampled frames, as the authors join them: every block whose
+    [start, end) frame range holds a sampled frame (frames in the order given, blocks in file
+    order), the block numbers deduplicated through a Python set (their ``list(set(...))``: an
+    order CPython fixes for the same numbers, not always time order: blocks 1 and 8 come 8
+    first), each block's text inside VideoMME's ``<font color="white" size=".72c">`` tag (blocks
+    without it skipped), joined by spaces."""
+    blocks = [(int(start * fps), int(end * fps), text) for (start, end), text in _srt_blocks(srt).items()]
+    shown = [number for frame in frame_indices for number, (start, end, _) in enumerate(blocks) if start <= frame < end]
+    texts = []
+    for number in list(set(shown)):  # noqa: C403 - the authors' order, reproduced on purpose
+        found = _WHITE_FONT.findall(blocks[number][2])
+        if found:
+            texts.append(found[0])
+    return " ".join(texts)

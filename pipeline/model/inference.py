@@ -261,6 +261,22 @@ class InferenceModel:
         return [self.tokenizer.decode(row[start:], skip_special_tokens=True).strip() for row in output]
 
 
+def round_rotary_frequencies(module: torch.nn.Module, dtype: torch.dtype = torch.float16) -> int:
+    """Round every rotary embedding's inverse frequencies in ``module`` to ``dtype``, kept in their
+    own dtype; returns how many embeddings it rounded. The authors' benchmark scripts build the
+    model with ``from_config`` and cast it to fp16 before loading the weights, which leaves RoPE's
+    frequencies (a buffer, computed at build time, never loaded) in fp16: ``eval.authors_rope_rounding``
+    reproduces their logits from a converted release. Their demo keeps fp32; so does ours by default."""
+    rounded = 0
+    for child in module.modules():
+        for name in ("inv_freq", "original_inv_freq"):
+            frequencies = getattr(child, name, None)
+            if isinstance(frequencies, torch.Tensor):
+                setattr(child, name, frequencies.to(dtype).to(frequencies.dtype))
+                rounded += name == "inv_freq"
+    return rounded
+
+
 def load_for_inference(directory: str | Path, backend, local_rank: int = 0, num_frames: int | None = None,
                        video_kernel: Sequence[int] | None = None, video_decoder: str = "pyav") -> InferenceModel:
     """``load_model_dir`` as eval and chat both need it: on ``backend``'s device for ``local_rank``,

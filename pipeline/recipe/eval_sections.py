@@ -81,6 +81,8 @@ class EvalSection:
     benchmarks: list[BenchmarkSection] = field(default_factory=list)  # the paper's, the authors' way
     relevance_maps: int = 0                  # the first N questions of each benchmark: a relevance-map PNG
     batch_size: int = 8                      # benchmark questions per batched generation
+    authors_rope_rounding: bool = False      # the LLM's RoPE frequencies rounded to fp16, as the authors'
+                                             # benchmark scripts leave them (docs/eval.md)
 
     def validate(self, src: str, synth_dir: str | None, export_stage: bool, export_dir: Path,
                  missing: list[str] | None) -> None:

@@ -104,7 +104,7 @@ def test_videomme_extraction_is_the_authors_regex_as_written(generated, authors,
     assert videomme_letter(generated) == authors and repaired_videomme_letter(generated) == repaired
 
 
-def test_videomme_subtitles_at_the_sampled_frames_in_time_order():
+def test_videomme_subtitles_at_the_sampled_frames():
     srt = ('1\n00:00:00,000 --> 00:00:02,000\n<font color="white" size=".72c">First line.</font>\n\n'
            '2\n00:00:02,000 --> 00:00:04,000\n<font color="white" size=".72c">Second line.</font>\n\n'
            '3\n00:00:04,000 --> 00:00:06,000\nno font tag here\n\n'
@@ -112,6 +112,16 @@ def test_videomme_subtitles_at_the_sampled_frames_in_time_order():
     # 10 fps: frames 5 (block 1), 45 (block 3: no tag), 70 (block 4); block 2 (frames 20-39) unsampled
     assert videomme_subtitles(srt, [70, 5, 45], fps=10) == "First line. Fourth line."
     assert videomme_subtitles(srt, [95], fps=10) == ""
+
+
+def test_videomme_subtitles_come_in_the_authors_set_order():
+    """Their block numbers pass through list(set(...)): blocks 1 and 8 come 8 first (CPython puts 8
+    in the first slot of a small set), as their prompt has them."""
+    words = ["Zero.", "One.", "Two.", "Three.", "Four.", "Five.", "Six.", "Seven.", "Eight."]
+    srt = "\n\n".join(f'{i + 1}\n00:00:0{i},000 --> 00:00:0{i + 1},000\n<font color="white" size=".72c">{word}</font>'
+                       for i, word in enumerate(words))
+    assert videomme_subtitles(srt, [15, 85], fps=10) == "Eight. One."
+    assert videomme_subtitles(srt, [15, 35], fps=10) == "One. Three."
 
 
 def test_mvbench_counting_tasks_may_write_numbers(tmp_path):
