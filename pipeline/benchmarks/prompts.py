@@ -170,9 +170,11 @@ def repaired_videomme_letter(generated: str) -> str | None:
     return _first_letter_after(generated, REPAIRED_VIDEOMME_PHRASES)
 
 
-def after_prefix(generated: str) -> str:
-    """An open-ended answer as scored: the generation (which continues the prefix), stripped."""
-    return generated.strip()
+def after_prefix(generated: str, prefix: str = "") -> str:
+    """An answer as the authors read it: they decode the whole sequence and take what follows the
+    answer prefix up to its next occurrence (``split(prefix)[1]``), stripped; the generation
+    continues the prefix, so that is the generation cut where it repeats the prefix."""
+    return (generated.split(prefix)[0] if prefix else generated).strip()
 
 
 # -- VideoMME subtitles -------------------------------------------------------------------------

@@ -24,9 +24,10 @@ from __future__ import annotations
 import contextlib
 import re
 
-from pipeline.benchmarks.prompts import (LETTERS, Prompt, after_prefix, lenient_mvbench_letter, mvbench_check_ans,
-                                         mvbench_prompt, qa_prompt, repaired_videomme_letter, vcg_prompt,
-                                         videomme_letter, videomme_prompt, videomme_subtitles)
+from pipeline.benchmarks.prompts import (LETTERS, QA_ANSWER_PREFIX, VIDEOMME_ANSWER_PREFIX, Prompt, after_prefix,
+                                         lenient_mvbench_letter, mvbench_check_ans, mvbench_prompt, qa_prompt,
+                                         repaired_videomme_letter, vcg_prompt, videomme_letter, videomme_prompt,
+                                         videomme_subtitles)
 from pipeline.benchmarks.readers import (QA_BENCHMARKS, BenchmarkQuestion, read_mvbench, read_qa, read_vcg,
                                          read_videomme)
 from pipeline.data.media import frame_positions
@@ -132,13 +133,15 @@ def answered(item: BenchmarkQuestion, line: dict, generated: list[str]) -> dict:
                 "correct": mvbench_check_ans(generated[0], item.answer, option), "empty": not generated[0].strip(),
                 "lenient_letter": lenient, "lenient_correct": lenient == item.answer}
     if item.benchmark == "videomme":
-        letter, repaired = videomme_letter(generated[0]), repaired_videomme_letter(generated[0])
+        response = after_prefix(generated[0], VIDEOMME_ANSWER_PREFIX)
+        letter, repaired = videomme_letter(response), repaired_videomme_letter(response)
         return {**line, "options": item.options, "prediction": letter, "correct": letter == item.answer,
                 "repaired_letter": repaired, "repaired_correct": repaired == item.answer}
     if item.second_question is not None:
         return {**line, "question2": item.second_question, "prediction": after_prefix(generated[0]),
                 "prediction2": after_prefix(generated[1])}
-    return {**line, "prediction": after_prefix(generated[0])}
+    prefix = QA_ANSWER_PREFIX if item.benchmark in QA_BENCHMARKS else ""
+    return {**line, "prediction": after_prefix(generated[0], prefix)}
 
 
 # -- results ------------------------------------------------------------------------------------

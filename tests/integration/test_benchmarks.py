@@ -14,6 +14,7 @@ from PIL import Image
 import backends
 from backends import DistributedContext
 from benchmark_layout import write_benchmarks
+from conftest import run_pipeline, write_recipe
 from pipeline.benchmarks.prompts import (LETTERS, lenient_mvbench_letter, mvbench_check_ans, mvbench_prompt, qa_prompt,
                                          vcg_prompt, videomme_letter, videomme_prompt)
 from pipeline.benchmarks.readers import MVBENCH_TASKS, read_mvbench, read_videomme
@@ -131,7 +132,11 @@ def test_a_benchmark_with_no_videos_does_not_stop_the_others_and_a_rerun_asks_on
     msvd = {**world["benchmarks"][3], "videos": str(empty)}
     mvbench = world["benchmarks"][0]
     context = context_for(world, tmp_path / "run", [mvbench, msvd])
-    summary = eval_stage.run(context)
+    recipe = {"name": "b", "run_dir": str(tmp_path / "run"), "backend": "cpu",
+              "eval": {"model_path": str(world["model"]), "benchmarks": [mvbench, msvd], "relevance_maps": 1}}
+    result = run_pipeline("run", str(write_recipe(tmp_path / "eval.yaml", recipe)), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((context.directory / "COMPLETE").read_text())["summary"]
     results = json.loads((context.directory / "results.json").read_text())["benchmarks"]
     assert results["msvd_qa"]["overall"]["asked"] == 0 and results["msvd_qa"]["overall"]["failed"] == 3
     assert results["msvd_qa"]["overall"]["failure_reasons"] == {"video not found": 3}

@@ -4,9 +4,9 @@ their test scripts' templates), and answers read from real-looking generations
 
 import pytest
 
-from pipeline.benchmarks.prompts import (lenient_mvbench_letter, mvbench_check_ans, mvbench_prompt, prompt_string,
-                                         qa_prompt, repaired_videomme_letter, vcg_prompt, videomme_letter,
-                                         videomme_prompt, videomme_subtitles)
+from pipeline.benchmarks.prompts import (after_prefix, lenient_mvbench_letter, mvbench_check_ans, mvbench_prompt,
+                                         prompt_string, qa_prompt, repaired_videomme_letter, vcg_prompt,
+                                         videomme_letter, videomme_prompt, videomme_subtitles)
 from pipeline.benchmarks.question_files import Item, multiple_choice_prompt
 from pipeline.model.inference import Question
 
@@ -143,3 +143,12 @@ def test_mvbench_counting_tasks_may_write_numbers(tmp_path):
                                                                        "candidates": ["2"], "answer": "2"}]))
     with pytest.raises(RecordError, match=r"action_count.json, record 0: 'candidates' must be a list of 2"):
         read_mvbench(tmp_path)
+
+
+def test_an_answer_is_cut_where_the_generation_repeats_its_prefix():
+    """The authors decode the whole sequence and keep what lies between the prompt's prefix and its
+    next occurrence: a generation that says the prefix again is cut there."""
+    assert after_prefix(" I think The best answer is: D", "The best answer is:") == "I think"
+    assert videomme_letter(after_prefix("I think The best answer is: D", "The best answer is:")) is None
+    assert after_prefix(" a dog. Answer: In the video, a cat", "Answer: In the video,") == "a dog."
+    assert after_prefix("  the man runs  ") == "the man runs"
