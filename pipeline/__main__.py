@@ -62,6 +62,9 @@ def _validate(args: argparse.Namespace) -> int:
     validate(recipe, missing_paths=missing)
     for note in missing:
         print(f"note: {note}; `run` needs it")
+    undrawn = _never_drawn(recipe)
+    if undrawn:
+        print(f"warning: {recipe.manifest_path}: {undrawn}")
     budgets = recipe_budgets(recipe)
     for budget in budgets:  # printed before the verdict, so a failing budget shows its numbers
         print("\n".join(budget.lines()))
@@ -79,6 +82,16 @@ def _validate(args: argparse.Namespace) -> int:
         if getattr(recipe, stage) is not None:
             print(recipe.batch_layout_line(stage))
     return ExitCode.OK
+
+
+def _never_drawn(recipe) -> str | None:
+    """What SFT would never draw of shards already made (the shard stage's, or data.manifest)."""
+    if recipe.sft is None or recipe.data.mixture != "weights" or not recipe.manifest_path.is_file():
+        return None
+    from pipeline.data.shard_files import never_drawn, never_drawn_warning
+
+    undrawn = never_drawn(recipe.manifest_path, recipe.data.weights)
+    return never_drawn_warning(undrawn) if undrawn else None
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -142,6 +142,8 @@ def rehearsal_report(recipe: Recipe) -> str:
                      f"refused {history[-1].get('loader_skipped', 0)}; visual tokens per sample (last step) {visual}")
         for key, reason in (summary.get("refused") or {}).items():
             lines.append(f"            refused {key}: {reason}")
+        for stream, count in (summary.get("sharded, never drawn") or {}).items():
+            lines.append(f"            sharded, never drawn: {count} {stream} sample(s) (no data.weights.{stream})")
     if (root / "export" / COMPLETE).is_file():
         lines.append(f"  export  {root / 'export'}: {_summary(root / 'export')}")
     results_path = root / "eval" / "results.json"

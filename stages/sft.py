@@ -24,7 +24,7 @@ import logging
 
 from backends.deepspeed_engine import build_engine, model_init_context
 from pipeline.data.loader import StreamingLoader
-from pipeline.data.shard_files import manifest_samples, natural_weights
+from pipeline.data.shard_files import manifest_samples, natural_weights, never_drawn, never_drawn_warning
 from pipeline.data.records import MODALITIES
 from pipeline.layout import MODEL_DIR
 from pipeline.model.setup import (build_model, build_processor, count_parameters, load_tokenizers,
@@ -57,6 +57,9 @@ def run(context: StageContext) -> dict:
                else {m: w for m, w in recipe.data.weights.items() if m in MODALITIES})
     samples = manifest_samples(recipe.manifest_path, weights)
     total_steps = schedule_length(recipe, "sft", samples)
+    undrawn = never_drawn(recipe.manifest_path, weights)
+    if undrawn and ranks.is_main:
+        logger.warning("sft: %s", never_drawn_warning(undrawn))
 
     # Build: tokenizers, model, engine, loader.
     tokenizer, clip_tokenizer = load_tokenizers(recipe)
@@ -117,4 +120,7 @@ def run(context: StageContext) -> dict:
             step_loss += float(loss.detach()) / accumulation
             training.interval.add(batch)
         training.end_step(step + 1, step_loss, lr)
-    return training.finish()
+    summary = training.finish()
+    if undrawn:
+        summary["sharded, never drawn"] = undrawn
+    return summary

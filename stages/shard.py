@@ -10,9 +10,14 @@ The work itself lives in pipeline/data/sharding.py, which tests and benchmarks c
 
 from __future__ import annotations
 
+import logging
+
 from pipeline.data.cards import load_card
+from pipeline.data.shard_files import never_drawn, never_drawn_warning
 from pipeline.data.sharding import run_shard, settings_fingerprint, source_fingerprint
 from pipeline.layout import MANIFEST
+
+logger = logging.getLogger(__name__)
 
 DISTRIBUTED = True  # units of work are spread over ranks
 
@@ -34,5 +39,11 @@ def run(context) -> dict:
                          context.ranks.rank, context.ranks.world_size, barrier=context.barrier)
     if not context.ranks.is_main:
         return {}
-    return {"samples": manifest["counts"], "rejected": len(manifest["rejected"]),
-            "manifest": str(context.directory / MANIFEST)}
+    summary = {"samples": manifest["counts"], "rejected": len(manifest["rejected"]),
+               "manifest": str(context.directory / MANIFEST)}
+    if recipe.sft is not None and recipe.data.mixture == "weights":  # what SFT's weights will never draw
+        undrawn = never_drawn(context.directory / MANIFEST, recipe.data.weights)
+        if undrawn:
+            logger.warning("shard: %s", never_drawn_warning(undrawn))
+            summary["sharded, never drawn"] = undrawn
+    return summary

@@ -101,6 +101,22 @@ def manifest_samples(manifest_path: str | Path, weights: dict[str, float]) -> in
     return sum(sizes.get(stream, 0) for stream, weight in weights.items() if weight > 0)
 
 
+def never_drawn(manifest_path: str | Path, weights: dict[str, float]) -> dict[str, int]:
+    """The SFT streams a manifest holds samples of that the mixture ``weights`` never draw (no
+    weight, or 0), with their sample counts: sharded and counted, but no training step reads them
+    (LLaVA-665k's text-only records under weights without ``text``)."""
+    sizes = stream_sizes(manifest_path)
+    return {stream: count for stream, count in sizes.items()
+            if stream != "dpo" and count > 0 and weights.get(stream, 0) <= 0}
+
+
+def never_drawn_warning(undrawn: dict[str, int]) -> str:
+    counts = ", ".join(f"{count} {stream}" for stream, count in undrawn.items())
+    keys = ", ".join(f"data.weights.{stream}" for stream in undrawn)
+    return (f"sharded, never drawn: {counts} sample(s) that no training step reads (data.weights gives them no "
+            f"weight); give them one ({keys}) or draw every sample alike (data.mixture: natural, the authors')")
+
+
 def natural_weights(manifest_path: str | Path) -> dict[str, float]:
     """Mixture weights proportional to each SFT stream's size (repeats counted): every sample as
     likely as any other, as one list of all datasets concatenated (the authors' mixture)."""
