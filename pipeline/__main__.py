@@ -112,15 +112,20 @@ def _plan(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     """`run`: start one process per device of this node (returns the job's exit code), or, when a
     launcher (torchrun, srun, ours) started this process, run here and exit."""
-    recipe = _load(args)  # before any device, model or data work
     only = [s.strip() for s in args.stages.split(",")] if args.stages else None
     if args.rehearse:
         from pipeline.model.budget import check_budgets
         from pipeline.rehearsal import rehearsal_recipe
 
+        # The model directories a rehearsal replaces by shrunk copies (dpo.init, eval.model_path) may
+        # not exist yet: the rehearsal says where to point them; every other path is checked after it.
+        recipe = load_recipe(args.recipe, args.overrides)
+        validate(recipe, missing_paths=[])
         recipe = rehearsal_recipe(recipe, args.rehearse_samples, args.rehearse_steps)
         validate(recipe)
         check_budgets(recipe)
+    else:
+        recipe = _load(args)  # before any device, model or data work
     from pipeline.local_launch import launch_local, launched_by_a_launcher
     from pipeline.runner import check_stage_selection
 

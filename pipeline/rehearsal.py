@@ -129,6 +129,9 @@ def rehearsal_report(recipe: Recipe) -> str:
         lines.append(f"  shard   {manifest['records']} records read: accepted {counts}; "
                      f"refused {len(manifest['rejected'])}")
         lines += [f"            refused {item['key']}: {item['reason']}" for item in manifest["rejected"][:20]]
+        if len(manifest["rejected"]) > 20:
+            lines.append(f"            ... and {len(manifest['rejected']) - 20} more: every refusal with its reason is "
+                         f"in {manifest_path} (\"rejected\")")
     for stage in ("sft", "dpo"):
         metrics_path = root / stage / METRICS
         if not metrics_path.is_file():
@@ -142,6 +145,8 @@ def rehearsal_report(recipe: Recipe) -> str:
                      f"refused {history[-1].get('loader_skipped', 0)}; visual tokens per sample (last step) {visual}")
         for key, reason in (summary.get("refused") or {}).items():
             lines.append(f"            refused {key}: {reason}")
+        if summary.get("refused, not listed"):
+            lines.append(f"            ... {summary['refused, not listed']}")
         for stream, count in (summary.get("sharded, never drawn") or {}).items():
             lines.append(f"            sharded, never drawn: {count} {stream} sample(s) (no data.weights.{stream})")
     if (root / "export" / COMPLETE).is_file():

@@ -217,11 +217,13 @@ def write_data_root(root: Path) -> Path:
 
     write_authors_sets(root, clips, answer)
 
-    mvbench = root / "mvbench"  # recipes/eval_gpu.yaml: MVBench's json/<task>.json beside video/<source>/
+    # recipes/eval_gpu.yaml: MVBench as published, json/<task>.json with bare video names, each task's
+    # videos in its own folder under video/ (both tasks here: star/Charades_v1_480)
+    mvbench = root / "mvbench"
     for name in ("long_0.mp4", "long_1.mp4"):
-        _write(mvbench / "video" / "star" / name, clips[name])
+        _write(mvbench / "video" / "star" / "Charades_v1_480" / name, clips[name])
     for task in ("action_sequence", "object_interaction"):
-        questions = [{"video": f"star/{name}", "question": "What did the person do after opening the door?",
+        questions = [{"video": name, "question": "What did the person do after opening the door?",
                       "candidates": ["Looked outside.", "Sat down.", "Closed the window."], "answer": "Looked outside."}
                      for name in ("long_0.mp4", "long_1.mp4")]
         _write(mvbench / "json" / f"{task}.json", json.dumps(questions))

@@ -5,7 +5,10 @@ paths, "question": str, "options" | "candidates": [str, ...], "answer": a letter
 answer's text}; open-ended records: {"video" | "image": path, "question": str, "answer": str
 (optional)}. A video may be a file, a GIF or a folder of frames, and may carry "start" / "end"
 seconds (MVBench's bounded tasks; on a folder of frames also "fps", their rate). Media paths are
-relative to a media root (default: the file's folder) and may not leave it. ``read_task`` checks
+relative to a media root (default: the file's folder) and may not leave it; one of MVBench's own
+task files (``<MVBench>/json/<task>.json``) reads its media from its task's folder as MVBench
+publishes it (``<media root or MVBench/video>/<task folder>``, its frame folders at 3 fps), so
+one media root serves all 20 tasks. ``read_task`` checks
 every record before any model loads, and names the file, the record index and the reason of the
 first bad one (RecordError). The paper's benchmarks in their own layouts: readers.py beside it.
 """
@@ -17,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.benchmarks.prompts import LETTERS, mvbench_prompt
+from pipeline.benchmarks.readers import MVBENCH_FRAME_FPS, MVBENCH_TASKS
 from pipeline.data.cards import media_under_root
 from pipeline.data.media import FRAME_SUFFIXES, frame_files
 from pipeline.data.records import RecordError
@@ -24,6 +28,8 @@ from pipeline.data.sources import read_bounds
 from pipeline.model.inference import Question
 
 KINDS = ("multiple_choice", "open_ended")
+# MVBench's task files by name: (task, video folder under its video/, media kind)
+MVBENCH_FILES = {filename: (task, folder, kind) for task, filename, folder, kind, _ in MVBENCH_TASKS}
 
 
 @dataclass
@@ -54,7 +60,7 @@ def _text(record: dict, key: str, file: str, where: str) -> str:
     return value
 
 
-def _media(record: dict, root: Path, file: str, where: str) -> Question:
+def _media(record: dict, root: Path, file: str, where: str, folder_fps: float | None = None) -> Question:
     present = [key for key in ("video", "image") if key in record]
     if len(present) != 1:
         raise RecordError(file, where, "exactly one of 'video' or 'image' must be set")
@@ -81,7 +87,7 @@ def _media(record: dict, root: Path, file: str, where: str) -> Question:
     if present[0] != "video":
         return asked
     bounds = read_bounds(record, file, where)
-    fps = record.get("fps")
+    fps = record.get("fps", folder_fps)
     if bounds is not None and paths[0].is_dir():  # frames of a folder are placed by their rate
         if not isinstance(fps, (int, float)) or isinstance(fps, bool) or fps <= 0:
             raise RecordError(file, where, f"'start' / 'end' on a folder of frames need its frame rate: 'fps' > 0, "
@@ -104,11 +110,11 @@ def _answer_index(record: dict, options: list[str], file: str, where: str) -> in
     return found[0]
 
 
-def _item(record, index: int, kind: str, root: Path, file: str) -> Item:
+def _item(record, index: int, kind: str, root: Path, file: str, folder_fps: float | None = None) -> Item:
     where = f"record {index}"
     if not isinstance(record, dict):
         raise RecordError(file, where, f"expected an object, got {type(record).__name__}")
-    question = _media(record, root, file, where)
+    question = _media(record, root, file, where, folder_fps)
     if kind == "open_ended":
         reference = record.get("answer")
         if reference is not None and not isinstance(reference, str):
@@ -154,6 +160,20 @@ def read_task(path: str | Path, kind: str, media_root: str | None = None, limit:
         raise RecordError(str(path), f"line {error.lineno}", f"not valid JSON: {error.msg}") from None
     if not isinstance(records, list) or not records:
         raise RecordError(str(path), "top level", "expected a non-empty JSON list of question records")
-    root = Path(media_root) if media_root else path.parent
+    root, folder_fps = media_folder(path, media_root)
     chosen = records[:limit] if limit else records
-    return Task(kind, path, [_item(record, index, kind, root, str(path)) for index, record in enumerate(chosen)])
+    return Task(kind, path, [_item(record, index, kind, root, str(path), folder_fps)
+                             for index, record in enumerate(chosen)])
+
+
+def media_folder(path: Path, media_root: str | None) -> tuple[Path, float | None]:
+    """Where a question file's media names are looked up, and its frame folders' rate when known.
+    An MVBench task file (its own name, in a folder named json) reads from its task's video folder
+    under the media root, or under the MVBench folder's video/ when no media root is given."""
+    task = MVBENCH_FILES.get(path.name) if path.parent.name == "json" else None
+    if task is not None:
+        _, folder, kind = task
+        base = Path(media_root) if media_root else path.parent.parent / "video"
+        if (base / folder).is_dir():
+            return base / folder, MVBENCH_FRAME_FPS if kind == "frames" else None
+    return (Path(media_root) if media_root else path.parent), None

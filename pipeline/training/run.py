@@ -266,4 +266,8 @@ class TrainingRun:
                    "metrics": str(self.metrics.path)}
         if self.loader.reasons:  # this rank's refused samples and why (the counts of all ranks are in the metrics)
             summary["refused"] = dict(list(self.loader.reasons.items())[:20])
+            if len(self.loader.reasons) > 20:
+                summary["refused, not listed"] = (f"{len(self.loader.reasons) - 20} more on this rank; every refused "
+                                                  f"key is in the last checkpoint's trainer_state.json (loader.bad), "
+                                                  f"their count in metrics.jsonl (loader_skipped)")
         return summary

@@ -98,6 +98,7 @@ def test_a_rehearsal_without_the_model_it_starts_from_says_what_to_do(roots):
     result = run_pipeline("run", "recipes/dpo_gpu.yaml", f"run_dir={roots['root'] / 'nothing'}", "--rehearse",
                           env=roots["env"], timeout=300)
     assert result.returncode == 2 and "dpo.init" in result.stderr
+    assert "point dpo.init at that rehearsal's export" in result.stderr  # not a bare "does not exist"
 
 
 def test_the_authors_sft_recipe_rehearses_over_their_layout(roots):

@@ -73,3 +73,35 @@ def test_an_mvbench_folder_with_some_task_files_runs_those(tmp_path):
     assert absent_mvbench_tasks(tmp_path) == [task for task, *_ in MVBENCH_TASKS[3:]]
     with pytest.raises(BenchmarkError, match="holds none of MVBench's 20 task files"):
         read_mvbench(tmp_path / "elsewhere")
+
+
+def test_mvbench_task_files_as_question_files_read_each_tasks_own_folder(tmp_path):
+    """eval.multiple_choice over MVBench's json/*.json: bare names under each task's folder, one
+    media root (MVBench/video) for all tasks, Episodic Reasoning's frame folders at 3 fps."""
+    from PIL import Image
+
+    from pipeline.benchmarks.question_files import read_task
+
+    mvbench = tmp_path / "mvbench"
+    clip = mvbench / "video" / "star" / "Charades_v1_480" / "56551.mp4"
+    clip.parent.mkdir(parents=True)
+    clip.write_bytes(b"x")
+    frames = mvbench / "video" / "tvqa" / "frames_fps3_hq" / "castle_s01e01_seg02_clip_00"
+    frames.mkdir(parents=True)
+    for number in range(1, 10):
+        Image.new("RGB", (4, 4)).save(frames / f"{number:05d}.jpg")
+    sequence = write(mvbench / "json" / "action_sequence.json", [
+        {"video": "56551.mp4", "question": "What did the person do first?", "candidates": ["Sat.", "Ran."],
+         "answer": "Ran.", "start": 1.0, "end": 2.5}])
+    episodic = write(mvbench / "json" / "episodic_reasoning.json", [
+        {"video": "castle_s01e01_seg02_clip_00", "question": "Why?", "candidates": ["A", "B"], "answer": "A",
+         "start": 0.5, "end": 2.0}])
+    for media_root in (str(mvbench / "video"), None):
+        (item,) = read_task(sequence, "multiple_choice", media_root).items
+        assert item.question.media == (clip,) and item.question.bounds == [1.0, 2.5]
+        (item,) = read_task(episodic, "multiple_choice", media_root).items
+        assert item.question.media == (frames,) and item.question.folder_fps == 3.0
+    other = write(tmp_path / "mine" / "questions.json", [
+        {"video": "56551.mp4", "question": "q?", "candidates": ["a", "b"], "answer": "a"}])
+    with pytest.raises(RecordError, match="media file '56551.mp4' not found under"):
+        read_task(other, "multiple_choice")  # not MVBench's: the file's folder, as before
