@@ -142,10 +142,22 @@ class PyAVDecoder:
             container.streams.video[0].thread_type = "AUTO"  # frame + slice threads inside FFmpeg
             for position, frame in enumerate(self._frames(container, key)):
                 if position in wanted:
-                    frames[position] = frame.to_ndarray(format="rgb24")
+                    frames[position] = displayed(frame)
                 if position >= last_wanted:
                     break
         return _assemble(frames, indices, key)
+
+
+def displayed(frame) -> np.ndarray:
+    """A PyAV frame as RGB, turned as the stream's display matrix says (a phone clip stored
+    320x136 with a 90-degree rotation is shown, and read by decord, as 136x320): FFmpeg's own
+    autorotate rule (its angle is counter-clockwise, the turn undoes it). PyAV builds without
+    ``VideoFrame.rotation`` (before 13) read the frame as stored."""
+    pixels = frame.to_ndarray(format="rgb24")
+    turn = (-int(getattr(frame, "rotation", 0) or 0)) % 360
+    if turn not in (0, 90, 180, 270):
+        return pixels  # a display matrix that is not a quarter turn (a skew): left as stored
+    return np.ascontiguousarray(np.rot90(pixels, -turn // 90)) if turn else pixels
 
 
 class DecordDecoder:
