@@ -214,6 +214,16 @@ def decoder(name: str = "pyav") -> VideoDecoder:
     return DECODERS[name]()
 
 
+def validation_decoders(name: str) -> list[str]:
+    """The decoders a shard stage proves each video with, for a recipe whose training reads videos
+    with ``data.decoder`` = ``name``: that one; for "auto", every one a node may take (decord on
+    GPU nodes where its wheels exist, PyAV on aarch64 Ascend nodes), of those installed here."""
+    if name == "auto":
+        return ["pyav"] + (["decord"] if importlib.util.find_spec("decord") is not None else [])
+    decoder(name)  # installed, or a clear error
+    return [name]
+
+
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 

@@ -28,14 +28,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Literal, Mapping
+from typing import Callable, Literal, Mapping, Sequence
 
 from tqdm import tqdm
 
 from pipeline.atomic import fsync_rename, sha256_of, write_text_atomically
 from pipeline.data.cards import CardError, DatasetCard, load_card
-from pipeline.data.media import (FRAME_SUFFIXES, MediaError, PyAVDecoder, frame_files, read_image, read_video,
-                                 sample_indices)
+from pipeline.data.media import (FRAME_SUFFIXES, MediaError, PyAVDecoder, decoder, frame_files, read_image,
+                                 read_video, sample_indices)
 from pipeline.data.records import PreferencePair, RecordError, Sample
 from pipeline.data.sources import READERS
 from pipeline.data.synthetic import encode_jpeg
@@ -77,6 +77,7 @@ class _Job:
     output: Path
     settings: ShardSettings
     variables: dict
+    decoders: tuple[str, ...] = ("pyav",)   # every video must decode with each (media.validation_decoders)
 
 
 def _limited_media(card: DatasetCard, limit: int) -> list[Path]:
@@ -120,8 +121,10 @@ def _write_json_atomically(path: Path, data: dict) -> None:
     write_text_atomically(path, json.dumps(data, indent=1, sort_keys=True))
 
 
-def _checked_media(card: DatasetCard, record: Sample | PreferencePair, settings: ShardSettings) -> dict[str, bytes]:
-    """Tar members holding the record's media, after proving each one decodes."""
+def _checked_media(card: DatasetCard, record: Sample | PreferencePair, settings: ShardSettings,
+                   decoders: tuple[str, ...] = ("pyav",)) -> dict[str, bytes]:
+    """Tar members holding the record's media, after proving each one decodes (a video with every
+    decoder training may read it with, to frames of the same size)."""
     paths = [record.video] if isinstance(record, PreferencePair) else record.media
     modality = "video" if isinstance(record, PreferencePair) else record.modality
     members: dict[str, bytes] = {}
@@ -133,8 +136,7 @@ def _checked_media(card: DatasetCard, record: Sample | PreferencePair, settings:
             raise MediaError(record.key, f"media file {relative} not found under {card.media_root}")
         data = path.read_bytes()
         if modality == "video":
-            frames = read_video(data, settings.num_frames, training=False, key=record.key, video_decoder=PyAVDecoder(),
-                                bounds=getattr(record, "bounds", None))
+            frames = _decoded_by_all(data, record, settings, decoders)
             if settings.media == "frames":
                 members.update({f"f{i:05d}.jpg": encode_jpeg(frame) for i, frame in enumerate(frames)})
             else:
@@ -144,6 +146,24 @@ def _checked_media(card: DatasetCard, record: Sample | PreferencePair, settings:
             suffix = Path(relative).suffix.lstrip(".").lower() or "jpg"
             members[f"{position}.{suffix}" if modality == "multi_image" else suffix] = data
     return members
+
+
+def _decoded_by_all(data: bytes, record, settings: ShardSettings, decoders: tuple[str, ...]):
+    """The eval-sampled frames of a video as the first decoder reads them, after every decoder
+    read them, to frames of one size: a file one of them refuses (a JPEG saved as .mp4: PyAV
+    reads one frame, decord refuses it) is refused here with that decoder's reason, not mid-training."""
+    frames = None
+    for name in decoders:
+        try:
+            read = read_video(data, settings.num_frames, training=False, key=record.key, video_decoder=decoder(name),
+                              bounds=getattr(record, "bounds", None))
+        except MediaError as error:
+            raise MediaError(record.key, f"{name}: {error.reason}" if len(decoders) > 1 else error.reason) from None
+        if frames is not None and read.shape[1:] != frames.shape[1:]:
+            raise MediaError(record.key, f"the decoders disagree: {decoders[0]} reads {frames.shape[2]}x"
+                                         f"{frames.shape[1]} frames, {name} {read.shape[2]}x{read.shape[1]}")
+        frames = read if frames is None else frames
+    return frames
 
 
 def _video_frames(key: str, path: Path, settings: ShardSettings) -> dict[str, bytes]:
@@ -211,7 +231,7 @@ def _shard_unit(job: _Job, card_path: str, unit: int, fingerprint: str) -> dict:
             rejected.append({"key": f"{card.name}/record-{start + offset}", "dataset": card.name, "reason": str(record)})
             continue
         try:
-            members = _checked_media(card, record, settings)
+            members = _checked_media(card, record, settings, job.decoders)
         except (MediaError, CardError) as error:
             rejected.append({"key": record.key, "dataset": card.name, "reason": str(error)})
             continue
@@ -235,16 +255,17 @@ def _shard_unit(job: _Job, card_path: str, unit: int, fingerprint: str) -> dict:
 
 def run_shard(cards: list[str], output: str | Path, settings: ShardSettings | None = None,
               variables: Mapping[str, str] | None = None, rank: int = 0, world_size: int = 1,
-              barrier: Callable[[], None] = lambda: None) -> dict:
+              barrier: Callable[[], None] = lambda: None, decoders: Sequence[str] = ("pyav",)) -> dict:
     """Shard every dataset card (``variables`` fill their ``${name}``s) into ``output``; rank 0
-    writes and returns manifest.json (the other ranks return {})."""
+    writes and returns manifest.json (the other ranks return {}). ``decoders``: every video must
+    decode with each (the shard stage passes those the recipe's training may use)."""
     settings = settings or ShardSettings()
     problems = settings.problems()
     if problems:
         raise ValueError("; ".join(f"shard.{key}: {what}" for key, what in problems))
     if not cards:
         raise ValueError("no dataset cards to shard: name at least one")
-    job = _Job(Path(output), settings, dict(variables or {}))
+    job = _Job(Path(output), settings, dict(variables or {}), tuple(decoders))
     output = job.output
     output.mkdir(parents=True, exist_ok=True)
     loaded = [load_card(path, job.variables) for path in cards]
@@ -255,7 +276,9 @@ def run_shard(cards: list[str], output: str | Path, settings: ShardSettings | No
         card.check_paths()
     sources = {card.name: source_fingerprint(card, settings.limit_per_card) for card in loaded}
     described = settings_fingerprint(cards, str(output), settings, job.variables)
-    fingerprint = hashlib.sha256(json.dumps({"sources": sources, "version": MANIFEST_VERSION,
+    # what proved the videos decodable (PyAV alone, the default, leaves earlier fingerprints as they were)
+    checked = {} if job.decoders == ("pyav",) else {"decoders": list(job.decoders)}
+    fingerprint = hashlib.sha256(json.dumps({"sources": sources, "version": MANIFEST_VERSION, **checked,
                                              "settings": {k: v for k, v in described.items() if k != "variables"}},
                                             sort_keys=True).encode()).hexdigest()
     manifest_path = output / MANIFEST

@@ -195,3 +195,31 @@ def test_a_limited_shard_fingerprints_only_the_media_it_reads(synth, tmp_path):
         assert source_fingerprint(card, limit=2) == before_two
     finally:
         unread.write_bytes(original)
+
+
+def test_videos_are_checked_with_every_decoder_training_may_use(tmp_path):
+    """A JPEG saved as .mp4: PyAV reads it as a one-frame video, decord refuses it. Checked with
+    the decoders a recipe with data.decoder auto trains with (PyAV and decord), the shard stage
+    refuses it with decord's reason instead of leaving it to fail mid-training."""
+    import numpy as np
+
+    from pipeline.data.media import validation_decoders
+    from pipeline.data.synthetic import encode_jpeg, encode_mp4
+
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "photo.mp4").write_bytes(encode_jpeg(np.full((64, 64, 3), 90, np.uint8)))
+    frames = np.zeros((12, 64, 64, 3), np.uint8)
+    (media / "clip.mp4").write_bytes(encode_mp4(frames, fps=10))
+    records = [{"video": name, "QA": [{"q": "What happens?", "a": "Things."}]} for name in ("clip.mp4", "photo.mp4")]
+    (tmp_path / "qa.json").write_text(json.dumps(records))
+    card = tmp_path / "card.yaml"
+    card.write_text(f"name: clips\nformat: videochat2\nannotation: {tmp_path / 'qa.json'}\nmedia_root: {media}\n"
+                    "modality: video\n")
+    assert validation_decoders("auto") == ["pyav", "decord"] and validation_decoders("pyav") == ["pyav"]
+    pyav_only = run_shard([str(card)], tmp_path / "pyav", ShardSettings(num_frames=8))
+    assert pyav_only["counts"] == {"video": 2} and pyav_only["rejected"] == []  # what was accepted before
+    both = run_shard([str(card)], tmp_path / "both", ShardSettings(num_frames=8), decoders=validation_decoders("auto"))
+    assert both["counts"] == {"video": 1}
+    (refused,) = both["rejected"]
+    assert refused["key"] == "clips/1" and "decord: cannot open video" in refused["reason"]
