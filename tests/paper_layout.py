@@ -19,6 +19,7 @@ VideoChat2 QA with instructions, multi-image sets, LLaVA-Hound DPO pairs on fram
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -101,6 +102,26 @@ def _clip(seconds: float, fps: int, size: int, seed: int) -> bytes:
     return encode_mp4(frames, fps)
 
 
+def _portrait_clip(seconds: float, fps: int, width: int, height: int) -> bytes:
+    """A phone clip: stored landscape (width x height), its display matrix turning it 90 degrees,
+    so a player (and both decoders) shows it portrait."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.set_display_rotation(90)
+        for index in range(int(seconds * fps)):
+            pixels = np.full((height, width, 3), 40, np.uint8)
+            pixels[:, : width // 4] = 200 + index % 50
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buffer.getvalue()
+
+
 def _gif(frames: int, size: int, seed: int) -> bytes:
     """A TGIF-style animated GIF."""
     import io
@@ -174,8 +195,13 @@ def write_data_root(root: Path) -> Path:
     for name, data in clips.items():
         _write(videochat2 / "videos" / "clevrer" / name, data)
     _write(videochat2 / "videos" / "tgif" / "tumblr_0.gif", _gif(20, 240, 3))
+    # what users' data holds: a rotation-tagged phone clip (both decoders read it portrait) and a
+    # JPEG saved as .mp4 (PyAV reads one frame, decord refuses it: the shard stage must refuse it)
+    _write(videochat2 / "videos" / "phone" / "portrait.mp4", _portrait_clip(2, 30, 480, 272))
+    _write(videochat2 / "videos" / "phone" / "photo.mp4", _image(336, 336, 7))
     qa = []
-    names = ["clevrer/long_0.mp4", "clevrer/long_1.mp4", "clevrer/short.mp4", "tgif/tumblr_0.gif"] * 3
+    names = ["clevrer/long_0.mp4", "clevrer/long_1.mp4", "clevrer/short.mp4", "tgif/tumblr_0.gif",
+             "phone/portrait.mp4", "phone/photo.mp4"] * 2
     for index, name in enumerate(names):  # 12: more than a rehearsal reads
         rounds = [{"i": "Carefully watch the video and pay attention to the cause and sequence of events.",
                    "q": "What is the man doing?", "a": answer}]

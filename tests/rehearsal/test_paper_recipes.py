@@ -42,16 +42,24 @@ def sft(roots):
     return rehearse(roots, "sft_gpu.yaml")
 
 
-def test_sft_recipe_rehearses_with_nothing_refused_and_every_modality_trained(sft):
+def test_sft_recipe_rehearses_refusing_exactly_what_the_cluster_run_would_and_every_modality_trained(sft):
+    """Refused: the JPEG saved as .mp4, which decord (the GPU nodes' decoder, data.decoder auto)
+    cannot open, though PyAV reads it. Accepted: the rotation-tagged phone clip (both decoders
+    read it portrait). Said: LLaVA-665k's text-only record, sharded but never drawn by weights
+    without text."""
     rehearsal, report = sft
     manifest = json.loads((rehearsal / "shard/manifest.json").read_text())
-    assert manifest["rejected"] == [] and manifest["records"] == 8 + 6 + 3  # the first 8 records of each card
+    assert manifest["records"] == 8 + 6 + 3  # the first 8 records of each card
+    (refused,) = manifest["rejected"]
+    assert refused["key"] == "videochat2_it/5" and "decord: cannot open video" in refused["reason"]
+    assert "refused 1" in report and "refused videochat2_it/5: " in report
+    assert "sharded, never drawn: 1 text sample(s)" in report
     history = read_metrics(rehearsal / "sft/metrics.jsonl")
     assert len(history) == 3 and all(m["loader_skipped"] == 0 and m["truncated"] == 0 for m in history)
     seen = {key for m in history for key in m if key.startswith("visual_tokens/")}
     assert seen == {"visual_tokens/video", "visual_tokens/image", "visual_tokens/multi_image"}
     assert all(m["visual_tokens/video"] == 1024 for m in history if "visual_tokens/video" in m)
-    assert "refused 0" in report and "shard   17 records read" in report
+    assert "shard   17 records read" in report
     config = json.loads((rehearsal / "export/config.json").read_text())
     assert (config["text_config"]["vocab_size"], config["image_token_index"]) == (VICUNA_VOCAB, IMAGE_TOKEN)
     assert (config["clip_text_config"]["eos_token_id"], config["clip_text_config"]["max_position_embeddings"]) == (2, 248)
