@@ -86,11 +86,12 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _never_drawn(recipe) -> str | None:
     """What SFT would never draw of shards already made (the shard stage's, or data.manifest)."""
-    if recipe.sft is None or recipe.data.mixture != "weights" or not recipe.manifest_path.is_file():
+    if recipe.sft is None or not recipe.manifest_path.is_file():
         return None
-    from pipeline.data.shard_files import never_drawn, never_drawn_warning
+    from pipeline.data.shard_files import mixture_weights, never_drawn, never_drawn_warning
 
-    undrawn = never_drawn(recipe.manifest_path, recipe.data.weights)
+    undrawn = never_drawn(recipe.manifest_path, mixture_weights(recipe.manifest_path, recipe.data.mixture,
+                                                                 recipe.data.weights))
     return never_drawn_warning(undrawn) if undrawn else None
 
 

@@ -24,8 +24,7 @@ import logging
 
 from backends.deepspeed_engine import build_engine, model_init_context
 from pipeline.data.loader import StreamingLoader
-from pipeline.data.shard_files import manifest_samples, natural_weights, never_drawn, never_drawn_warning
-from pipeline.data.records import MODALITIES
+from pipeline.data.shard_files import manifest_samples, mixture_weights, never_drawn, never_drawn_warning
 from pipeline.layout import MODEL_DIR
 from pipeline.model.setup import (build_model, build_processor, count_parameters, load_tokenizers,
                                   loads_partitioned, save_processor_config, save_tokenizers, set_trained_parts,
@@ -53,8 +52,7 @@ def run(context: StageContext) -> dict:
         logger.warning("the recipe's cluster section describes %d processes but %d were launched; gradient "
                        "accumulation adapts so the global batch stays %d", recipe.cluster.world_size, world,
                        sft.global_batch_size)
-    weights = (natural_weights(recipe.manifest_path) if recipe.data.mixture == "natural"
-               else {m: w for m, w in recipe.data.weights.items() if m in MODALITIES})
+    weights = mixture_weights(recipe.manifest_path, recipe.data.mixture, recipe.data.weights)
     samples = manifest_samples(recipe.manifest_path, weights)
     total_steps = schedule_length(recipe, "sft", samples)
     undrawn = never_drawn(recipe.manifest_path, weights)

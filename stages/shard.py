@@ -16,7 +16,7 @@ import logging
 
 from pipeline.data.cards import load_card
 from pipeline.data.media import validation_decoders
-from pipeline.data.shard_files import never_drawn, never_drawn_warning
+from pipeline.data.shard_files import mixture_weights, never_drawn, never_drawn_warning
 from pipeline.data.sharding import run_shard, settings_fingerprint, source_fingerprint
 from pipeline.layout import MANIFEST
 from pipeline.recipe import RecipeError
@@ -56,8 +56,9 @@ def run(context) -> dict:
         return {}
     summary = {"samples": manifest["counts"], "rejected": len(manifest["rejected"]),
                "manifest": str(context.directory / MANIFEST)}
-    if recipe.sft is not None and recipe.data.mixture == "weights":  # what SFT's weights will never draw
-        undrawn = never_drawn(context.directory / MANIFEST, recipe.data.weights)
+    if recipe.sft is not None:  # what SFT's mixture will never draw
+        manifest_path = context.directory / MANIFEST
+        undrawn = never_drawn(manifest_path, mixture_weights(manifest_path, recipe.data.mixture, recipe.data.weights))
         if undrawn:
             logger.warning("shard: %s", never_drawn_warning(undrawn))
             summary["sharded, never drawn"] = undrawn

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.atomic import file_problems
-from pipeline.data.records import VISUAL_MODALITIES
+from pipeline.data.records import MODALITIES, VISUAL_MODALITIES
 
 # Shard streams a loader can draw from: the SFT modalities, and DPO's preference pairs.
 STREAMS = VISUAL_MODALITIES + ("text", "dpo")
@@ -115,6 +115,14 @@ def never_drawn_warning(undrawn: dict[str, int]) -> str:
     keys = ", ".join(f"data.weights.{stream}" for stream in undrawn)
     return (f"sharded, never drawn: {counts} sample(s) that no training step reads (data.weights gives them no "
             f"weight); give them one ({keys}) or draw every sample alike (data.mixture: natural, the authors')")
+
+
+def mixture_weights(manifest_path: str | Path, mixture: str, weights: dict[str, float]) -> dict[str, float]:
+    """The weights SFT draws modalities by: the recipe's (``data.weights``, SFT modalities only), or
+    with ``mixture`` "natural" each stream's size (``natural_weights``)."""
+    if mixture == "natural":
+        return natural_weights(manifest_path)
+    return {modality: weight for modality, weight in weights.items() if modality in MODALITIES}
 
 
 def natural_weights(manifest_path: str | Path) -> dict[str, float]:
