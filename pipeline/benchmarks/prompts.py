@@ -118,7 +118,7 @@ def mvbench_check_ans(generated: str, answer: str, option: str) -> bool:
     (stripped; a generation that repeats the prefix is cut there, as their split does), the truth
     "(X) option". The first space-separated word of each, lower-cased, the prediction's "." removed:
     right when either holds the other."""
-    predicted = ("(" + generated.split(MVBENCH_ANSWER_PREFIX)[0].strip()).lower().split(" ")[0].replace(".", "")
+    predicted = ("(" + after_prefix(generated, MVBENCH_ANSWER_PREFIX)).lower().split(" ")[0].replace(".", "")
     truth = f"({answer}) {option}".lower().split(" ")[0]
     return predicted in truth or truth in predicted
 

@@ -144,7 +144,8 @@ def annotation_files(entry) -> list[Path]:
         return [_videomme_rows(Path(entry.root), read=False)[0]]
     if entry.name == "vcg":
         return [Path(entry.root) / filename for _, filename in VCG_TASKS]
-    return [Path(entry.annotations)] + ([Path(entry.answers)] if entry.answers else [])
+    mapping = _mapping_file(Path(entry.annotations), Path(entry.videos)) if entry.name == "msvd_qa" else None
+    return [Path(entry.annotations)] + ([Path(entry.answers)] if entry.answers else []) + ([mapping] if mapping else [])
 
 
 def _present_mvbench_tasks(root: Path) -> list[tuple]:
@@ -270,24 +271,32 @@ def read_qa(benchmark: str, annotations: str | Path, videos: str | Path, answers
 MSVD_MAPPING = "youtube_mapping.txt"
 
 
+def _mapping_places(annotations: Path, videos: Path) -> list[Path]:
+    """Where MSVD-QA's youtube_mapping.txt may lie: beside the questions file, in the videos
+    folder, or in a folder above either."""
+    return list(dict.fromkeys([annotations.parent, annotations.parent.parent, videos, videos.parent]))
+
+
+def _mapping_file(annotations: Path, videos: Path) -> Path | None:
+    return next((folder / MSVD_MAPPING for folder in _mapping_places(annotations, videos)
+                 if (folder / MSVD_MAPPING).is_file()), None)
+
+
 def _youtube_mapping(annotations: Path, videos: Path) -> dict[str, str]:
-    """MSVD-QA's youtube_mapping.txt ("<clip> vid<N>" per line) as {"vid<N>": clip}, found beside the
-    questions file, in the videos folder or in a folder above either."""
-    places = [annotations.parent, annotations.parent.parent, videos, videos.parent]
-    for folder in places:
-        path = folder / MSVD_MAPPING
-        if path.is_file():
-            mapping = {}
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if line.strip():
-                    parts = line.split()
-                    if len(parts) != 2:
-                        raise RecordError(str(path), f"line {number}", f"expected '<clip> vid<N>', got {line!r}")
-                    mapping[parts[1]] = parts[0]
-            return mapping
-    raise BenchmarkError(f"{annotations} names its videos by an integer video_id (MSVD-QA's release); the "
-                         f"{MSVD_MAPPING} that maps them to YouTube clips is in none of "
-                         f"{', '.join(str(folder) for folder in dict.fromkeys(places))}")
+    """MSVD-QA's youtube_mapping.txt ("<clip> vid<N>" per line) as {"vid<N>": clip}."""
+    path = _mapping_file(annotations, videos)
+    if path is None:
+        raise BenchmarkError(f"{annotations} names its videos by an integer video_id (MSVD-QA's release); the "
+                             f"{MSVD_MAPPING} that maps them to YouTube clips is in none of "
+                             f"{', '.join(str(folder) for folder in _mapping_places(annotations, videos))}")
+    mapping = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            parts = line.split()
+            if len(parts) != 2:
+                raise RecordError(str(path), f"line {number}", f"expected '<clip> vid<N>', got {line!r}")
+            mapping[parts[1]] = parts[0]
+    return mapping
 
 
 def _numbered_video(benchmark: str, video_id: str, file: Path, index: int, videos: Path,

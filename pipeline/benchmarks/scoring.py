@@ -24,7 +24,8 @@ from __future__ import annotations
 import contextlib
 import re
 
-from pipeline.benchmarks.prompts import (LETTERS, QA_ANSWER_PREFIX, VIDEOMME_ANSWER_PREFIX, Prompt, after_prefix,
+from pipeline.benchmarks.prompts import (LETTERS, MVBENCH_ANSWER_PREFIX, QA_ANSWER_PREFIX, VIDEOMME_ANSWER_PREFIX,
+                                         Prompt, after_prefix,
                                          lenient_mvbench_letter, mvbench_check_ans, mvbench_prompt, qa_prompt,
                                          repaired_videomme_letter, vcg_prompt, videomme_letter, videomme_prompt,
                                          videomme_subtitles)
@@ -127,10 +128,10 @@ def answered(item: BenchmarkQuestion, line: dict, generated: list[str]) -> dict:
     whether it is right)."""
     line = {**line, "generated": generated[0]}
     if item.benchmark == "mvbench":
-        option = item.options[LETTERS.index(item.answer)]
+        option, response = item.options[LETTERS.index(item.answer)], after_prefix(generated[0], MVBENCH_ANSWER_PREFIX)
         lenient = lenient_mvbench_letter(generated[0], len(item.options))
-        return {**line, "options": item.options, "prediction": "(" + generated[0].strip(),
-                "correct": mvbench_check_ans(generated[0], item.answer, option), "empty": not generated[0].strip(),
+        return {**line, "options": item.options, "prediction": "(" + response,  # the authors' prediction string
+                "correct": mvbench_check_ans(generated[0], item.answer, option), "empty": not response,
                 "lenient_letter": lenient, "lenient_correct": lenient == item.answer}
     if item.benchmark == "videomme":
         response = after_prefix(generated[0], VIDEOMME_ANSWER_PREFIX)

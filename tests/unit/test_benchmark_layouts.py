@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from pipeline.benchmarks.readers import MVBENCH_TASKS, BenchmarkError, absent_mvbench_tasks, read_mvbench, read_qa
+from pipeline.benchmarks.readers import (MVBENCH_TASKS, BenchmarkError, absent_mvbench_tasks, annotation_files,
+                                         read_mvbench, read_qa)
 from pipeline.data.records import RecordError
+from pipeline.recipe.eval_sections import BenchmarkSection
 
 pytestmark = pytest.mark.unit
 
@@ -30,6 +32,8 @@ def test_msvd_qa_official_release_maps_video_ids_to_youtube_clips(tmp_path):
     assert first.media == clips / "-4wsuPCjDBc_5_15.avi" and not first.missing
     assert second.media == clips / "-7KMZQEsJW4_205_208" and second.missing  # named, reported missing
     assert first.fields == {"id": 30933, "video": "-4wsuPCjDBc_5_15"} and first.key == "30933"
+    entry = BenchmarkSection("msvd_qa", annotations=str(questions), videos=str(clips))
+    assert annotation_files(entry) == [questions, tmp_path / "MSVD" / "youtube_mapping.txt"]  # fingerprinted too
 
     write(questions, [{"answer": "dog", "id": 1, "question": "what?", "video_id": 9}])
     with pytest.raises(RecordError, match="video_id 9: no vid9 in youtube_mapping.txt"):
