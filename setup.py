@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["ppllava", "ppllava.*", "backends", "backends.*", "pipeline", "pipeline.*", "stages", "stages.*"]),
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # transformers 5 disables itself on an older torch
         "transformers>=5.0,<6",
         "safetensors>=0.4",
         "pyyaml>=6.0",

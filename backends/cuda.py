@@ -35,6 +35,7 @@ CUDA = Backend(
     visible_devices_env="CUDA_VISIBLE_DEVICES",
     deepspeed_accelerator="cuda",
     attn_implementation=_attention(),
+    kernels={"attention": _attention(), "rms_norm": "reference"},
     env_defaults={
         # A rank whose peer died raises instead of hanging until the job's wall time.
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",

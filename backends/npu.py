@@ -60,18 +60,26 @@ NPU = Backend(
     dist_backend="hccl",
     visible_devices_env="ASCEND_RT_VISIBLE_DEVICES",
     deepspeed_accelerator="npu",
-    # torch_npu registers F.scaled_dot_product_attention for the npu device (not run here: if a
-    # CANN/torch_npu pair lacks it, override the attention implementation with "eager").
+    # What every tower loads with: torch_npu's SDPA reaches the fused kernel for the vision tower's
+    # unmasked 4-D attention. The LLM's masked attention gets npu_fusion_attention from `kernels`.
     attn_implementation="sdpa",
+    kernels={"attention": "npu_fusion_attention", "rms_norm": "npu_rms_norm"},
     env_defaults={
         # Rendezvous of 32 ranks across nodes can exceed HCCL's 120 s default.
         "HCCL_CONNECT_TIMEOUT": "1200",
-        # A collective waiting this long means a dead peer: fail the job rather than hang it.
-        "HCCL_EXEC_TIMEOUT": "1800",
+        # A collective waiting this long means a dead peer: fail the job rather than hang it. Longer
+        # than the process group's timeout (cluster.dist_timeout_minutes, 30 by default), so that
+        # torch's watchdog, which names the collective and the rank, reports first.
+        "HCCL_EXEC_TIMEOUT": "2100",
+        # Bind each rank's host threads to the cores of its NPU's NUMA node (torch_npu's coarse
+        # mode). Under an srun CPU binding torch_npu keeps srun's and says so (docs/ascend.md §2).
+        "CPU_AFFINITY_CONF": "1",
         # Asynchronous two-level task queue: the host keeps ahead of the device.
         "TASK_QUEUE_ENABLE": "2",
+        # Not set where PYTORCH_ALLOC_CONF is (torch_npu exits when both are: exclusive_env).
         "PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True",
     },
+    exclusive_env=(("PYTORCH_NPU_ALLOC_CONF", "PYTORCH_ALLOC_CONF"),),
     probe=_probe,
     device_module=_device_module,
     bf16_check=_bf16_check,

@@ -38,6 +38,9 @@ class Backend:
     bf16_check: ``local_rank -> (supported, device name)``.
     process_setup: one-time settings applied after selection (NPU: jit compile off).
     inference_precision: the precision eval and chat load a model in.
+    kernels: the implementation of each LLM op on this row (backends/kernels.py), ``model.kernels: auto``.
+    exclusive_env: groups of variables of which at most one may be set (the runtime refuses two);
+        a default of ours is not applied where another of its group is set.
     """
 
     name: str
@@ -52,6 +55,8 @@ class Backend:
     bf16_check: Callable[[int], tuple[bool, str]]
     process_setup: Callable[[], None] = field(default=_no_setup)
     inference_precision: str = "bf16"  # eval and chat (training takes the recipe's precision)
+    kernels: Mapping[str, str] = field(default_factory=lambda: {"attention": "sdpa", "rms_norm": "reference"})
+    exclusive_env: tuple[tuple[str, ...], ...] = ()
 
     def device(self, local_rank: int = 0) -> torch.device:
         return torch.device(self.device_type) if self.device_type == "cpu" else torch.device(self.device_type, local_rank)
@@ -81,10 +86,21 @@ class Backend:
             "peak_allocated_gib": module.max_memory_allocated() / gib,
         }
 
+    def env_conflicts(self, environ: Mapping[str, str] | None = None) -> list[str]:
+        """One line per group of ``exclusive_env`` of which more than one variable is set."""
+        environ = os.environ if environ is None else environ
+        return [f"{' and '.join(f'{name}={environ[name]}' for name in group if name in environ)} are both set; "
+                f"the {self.name} runtime refuses to start with more than one of {', '.join(group)}: keep one"
+                for group in self.exclusive_env if sum(name in environ for name in group) > 1]
+
     def apply_env_defaults(self, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
         """Set our defaults where the user has not; returns what was set. DS_ACCELERATOR is
-        always made explicit, and a user value naming another accelerator is an error."""
+        always made explicit, and a user value naming another accelerator is an error, as are two
+        variables of one ``exclusive_env`` group."""
         environ = os.environ if environ is None else environ
+        conflicts = self.env_conflicts(environ)
+        if conflicts:
+            raise BackendUnavailable("; ".join(conflicts))
         chosen = environ.get("DS_ACCELERATOR")
         if chosen is not None and chosen != self.deepspeed_accelerator:
             raise BackendUnavailable(
@@ -92,8 +108,10 @@ class Backend:
                 f"accelerator is {self.deepspeed_accelerator!r}; unset it or select the matching backend"
             )
         applied = {}
+        taken = {name for group in self.exclusive_env for name in group
+                 if any(other in environ for other in group if other != name)}
         for key, value in {**self.env_defaults, "DS_ACCELERATOR": self.deepspeed_accelerator}.items():
-            if key not in environ:
+            if key not in environ and key not in taken:
                 environ[key] = value
                 applied[key] = value
         return applied

@@ -65,6 +65,8 @@ def _validate(args: argparse.Namespace) -> int:
     undrawn = _never_drawn(recipe)
     if undrawn:
         print(f"warning: {recipe.manifest_path}: {undrawn}")
+    for conflict in _environment_conflicts(recipe):
+        print(f"warning: {conflict}")
     budgets = recipe_budgets(recipe)
     for budget in budgets:  # printed before the verdict, so a failing budget shows its numbers
         print("\n".join(budget.lines()))
@@ -82,6 +84,27 @@ def _validate(args: argparse.Namespace) -> int:
         if getattr(recipe, stage) is not None:
             print(recipe.batch_layout_line(stage))
     return ExitCode.OK
+
+
+def _environment_conflicts(recipe) -> list[str]:
+    """Variables the recipe's device runtime refuses together (torch_npu exits on both allocator
+    settings), in this shell's environment with the job's ``cluster.setup`` exports over it."""
+    import os
+    import shlex
+
+    from backends import BACKENDS
+
+    environ = dict(os.environ)
+    for line in recipe.cluster.setup:
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:  # unbalanced quotes: the shell will say so; not ours to judge
+            continue
+        if words[:1] == ["export"]:
+            environ.update(word.split("=", 1) for word in words[1:] if "=" in word)
+    rows = BACKENDS.values() if recipe.backend == "auto" else [BACKENDS[recipe.backend]]
+    where = f"in this environment or {recipe.source}'s cluster.setup"
+    return [f"{conflict} ({where})" for row in rows for conflict in row.env_conflicts(environ)]
 
 
 def _never_drawn(recipe) -> str | None:

@@ -88,9 +88,17 @@ def env_defaults(backend: str) -> dict[str, str]:
 
 
 def env_lines(backend: str) -> list[str]:
+    from backends import BACKENDS
+
     lines = [f"# The {backend} backend's environment (backends/{backend}.py); a value already set is kept."]
+    groups = BACKENDS[backend].exclusive_env
     for key, value in env_defaults(backend).items():
-        lines.append(f'export {key}="${{{key}:-{_double_quoted(value)[1:-1]}}}"')
+        line = f'export {key}="${{{key}:-{_double_quoted(value)[1:-1]}}}"'
+        others = [other for group in groups if key in group for other in group if other != key]
+        if others:  # the runtime refuses two of a group: ours only where the user set none of the others
+            unset = " && ".join(f'[ -z "${{{other}+x}}" ]' for other in others)
+            line = f"if {unset}; then {line}; fi"
+        lines.append(line)
     return lines
 
 

@@ -45,7 +45,7 @@ from pipeline.model.check import directory_fingerprint
 from pipeline.model.consolidate import consolidated_model, copy_model_files
 from pipeline.model.setup import (count_parameters, load_directory_tokenizers, load_processor_settings,
                                   model_source_directory, set_trained_parts, stage_trained_parts,
-                                  write_start_model)
+                                  use_recipe_kernels, write_start_model)
 from pipeline.preference import dpo_loss, sequence_logps
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.runner import DRY_RUN_DONE, StageContext, StageFailed, fingerprint_of
@@ -177,6 +177,7 @@ def run(context: StageContext) -> dict:
     attn = recipe.model.attn_implementation or backend.attn_implementation
     with model_init_context(settings, backend.resolve_dtype(dpo.precision, ranks.local_rank)):
         model = _load(init, attn)
+    use_recipe_kernels(model, backend, recipe.model.kernels, recipe.model.attn_implementation)
     # the LLM trains: all its weights, or LoRA adapters on them (dpo.lora)
     lora = set_trained_parts(model, stage_trained_parts(recipe, "dpo"), dpo.lora)
     if recipe.model.gradient_checkpointing:
@@ -217,7 +218,9 @@ def run(context: StageContext) -> dict:
     reference, reference_logps, reference_digest = None, {}, ""
     if dpo.reference == "live" and lora is None:  # a second, frozen copy of the start model
         with model_init_context(settings, backend.resolve_dtype(dpo.precision, ranks.local_rank)):
-            reference = build_frozen_model(_load(init, attn), backend, settings, ranks.local_rank)
+            frozen = _load(init, attn)
+            use_recipe_kernels(frozen, backend, recipe.model.kernels, recipe.model.attn_implementation)
+            reference = build_frozen_model(frozen, backend, settings, ranks.local_rank)
         reference_digest = _digest(reference)
     elif dpo.reference == "precomputed":
         reference_logps = _stored_reference(context, engine, processor, micro)

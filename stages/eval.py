@@ -48,7 +48,7 @@ from pipeline.data.records import RecordError
 from pipeline.model.check import ModelFilesError, directory_fingerprint
 from pipeline.model.inference import InferenceError, InferenceModel, load_for_inference, round_rotary_frequencies
 from pipeline.model.relevance_map import draw, relevance_map
-from pipeline.model.setup import build_model
+from pipeline.model.setup import build_model, use_recipe_kernels
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.runner import StageContext, StoppedForRequeue
 
@@ -113,7 +113,8 @@ def run(context: StageContext) -> dict:
         return None
     try:
         model = load_for_inference(model_directory(recipe), context.backend, context.ranks.local_rank,
-                                   section.num_frames, section.video_kernel, recipe.data.decoder)
+                                   section.num_frames, section.video_kernel, recipe.data.decoder,
+                                   recipe.model.kernels, recipe.model.attn_implementation)
     except ModelFilesError as error:
         raise RecipeError(f"{recipe.source}: eval: {error}") from None
     if section.authors_rope_rounding and not round_rotary_frequencies(model.model.language_model):
@@ -293,6 +294,7 @@ def _untrained(context: StageContext, trained: InferenceModel) -> InferenceModel
     recipe = context.recipe
     torch.manual_seed(recipe.seed)
     start = build_model(recipe, trained.tokenizer, context.backend.attn_implementation)
+    use_recipe_kernels(start, context.backend, recipe.model.kernels, recipe.model.attn_implementation)
     start.config.num_frames = trained.config.num_frames
     start.config.video_kernel, start.config.video_stride = trained.config.video_kernel, trained.config.video_stride
     start = start.to(device=trained.device, dtype=next(trained.model.parameters()).dtype).eval()

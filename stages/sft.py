@@ -28,7 +28,7 @@ from pipeline.data.shard_files import manifest_samples, mixture_weights, never_d
 from pipeline.layout import MODEL_DIR
 from pipeline.model.setup import (build_model, build_processor, count_parameters, load_tokenizers,
                                   loads_partitioned, save_processor_config, save_tokenizers, set_trained_parts,
-                                  stage_trained_parts)
+                                  stage_trained_parts, use_recipe_kernels)
 from pipeline.recipe import Recipe
 from pipeline.runner import DRY_RUN_DONE, StageContext
 from pipeline.training import (TrainingRun, answer_tokens, engine_settings, loader_settings, schedule_length,
@@ -65,6 +65,7 @@ def run(context: StageContext) -> dict:
     with model_init_context(settings, backend.resolve_dtype(sft.precision, ranks.local_rank),
                             partitioned=loads_partitioned(recipe)):
         model = build_model(recipe, tokenizer, backend.attn_implementation)
+    use_recipe_kernels(model, backend, recipe.model.kernels, recipe.model.attn_implementation)
     lora = set_trained_parts(model, stage_trained_parts(recipe, "sft"), sft.lora)
     config = model.config
     engine, _, scheduler = build_engine(model, backend, settings, ranks.local_rank)

@@ -29,7 +29,7 @@ from pipeline.data.records import IMAGE_PLACEHOLDER, Sample, Turn
 from pipeline.data.templates import IGNORE_INDEX, encode, encode_prefixed_answer
 from pipeline.layout import CHECKSUMS, CLIP_TOKENIZER_DIR
 from pipeline.model.check import verify_checksums
-from pipeline.model.setup import load_directory_tokenizers, load_processor_settings
+from pipeline.model.setup import load_directory_tokenizers, load_processor_settings, use_recipe_kernels
 from ppllava import PPLLaVAConfig, PPLLaVAForConditionalGeneration
 from ppllava.authors import is_authors_checkpoint
 from ppllava.processing import placeholder_token_counts
@@ -278,16 +278,21 @@ def round_rotary_frequencies(module: torch.nn.Module, dtype: torch.dtype = torch
 
 
 def load_for_inference(directory: str | Path, backend, local_rank: int = 0, num_frames: int | None = None,
-                       video_kernel: Sequence[int] | None = None, video_decoder: str = "pyav") -> InferenceModel:
+                       video_kernel: Sequence[int] | None = None, video_decoder: str = "pyav",
+                       kernels="auto", attn_implementation: str | None = None) -> InferenceModel:
     """``load_model_dir`` as eval and chat both need it: on ``backend``'s device for ``local_rank``,
-    in its inference precision, with its attention kernel; an export's checksums are verified
-    first (a corrupted shard would load silently), ModelFilesError where they differ."""
+    in its inference precision, with its attention and the LLM's fused ``kernels`` (a recipe's
+    ``model.kernels`` / ``model.attn_implementation``); an export's checksums are verified first
+    (a corrupted shard would load silently), ModelFilesError where they differ."""
     directory = Path(directory)
     if (directory / CHECKSUMS).is_file():
         verify_checksums(directory)
-    return load_model_dir(directory, num_frames, video_kernel, device=backend.device(local_rank),
-                          dtype=backend.resolve_dtype(backend.inference_precision, local_rank),
-                          attn_implementation=backend.attn_implementation, video_decoder=video_decoder)
+    loaded = load_model_dir(directory, num_frames, video_kernel, device=backend.device(local_rank),
+                            dtype=backend.resolve_dtype(backend.inference_precision, local_rank),
+                            attn_implementation=attn_implementation or backend.attn_implementation,
+                            video_decoder=video_decoder)
+    use_recipe_kernels(loaded.model, backend, kernels, attn_implementation)
+    return loaded
 
 
 def load_model_dir(directory: str | Path, num_frames: int | None = None, video_kernel: Sequence[int] | None = None,

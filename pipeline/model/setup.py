@@ -25,7 +25,7 @@ from pipeline.data.collate import ProcessorSettings, SampleProcessor
 from pipeline.data.media import decoder
 from pipeline.layout import CLIP_TOKENIZER_DIR, PROCESSOR_CONFIG
 from pipeline.model.tiny import tiny_config_for, tiny_tokenizer
-from pipeline.recipe import Recipe
+from pipeline.recipe import Recipe, RecipeError
 from pipeline.recipe.training_sections import LoraSection
 from ppllava import PPLLaVAForConditionalGeneration
 from ppllava.lora import add_lora, lora_config, train_lora
@@ -117,6 +117,24 @@ def build_model(recipe: Recipe, tokenizer, attn_implementation: str) -> PPLLaVAF
     if model_section.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def use_recipe_kernels(model: PPLLaVAForConditionalGeneration, backend, choice="auto",
+                       attn_implementation: str | None = None) -> dict[str, str]:
+    """Put the LLM of ``model`` on its fused kernels (backends/kernels.py): ``model.kernels``
+    (``choice``) over the backend row's. With ``model.attn_implementation`` set, the attention the
+    model was loaded with stays. Before the engine wraps the model; returns what each op runs."""
+    from backends.kernels import resolve, use_kernels
+
+    try:
+        kernels = resolve(backend.kernels, choice)
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
+    if attn_implementation is not None:
+        kernels.pop("attention")
+    use_kernels(model.language_model, kernels)
+    logger.info("LLM kernels: %s", ", ".join(f"{op} {name}" for op, name in kernels.items()))
+    return kernels
 
 
 def write_start_model(recipe: Recipe, directory: Path) -> None:

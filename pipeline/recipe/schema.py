@@ -150,6 +150,7 @@ def validate(recipe: Recipe, missing_paths: list[str] | None = None) -> None:
         raise RecipeError(f"{src}: run_dir: {recipe.run_dir} uses a variable that is not set in the environment")
     world, synth_dir, shard_stage = recipe.cluster.world_size, recipe.synth_dir, recipe.shard is not None
     recipe.cluster.validate(src, recipe.backend)
+    recipe.model.validate_kernels(src)
     if recipe.synth is not None:
         positive(src, "synth.clip_pretrain_steps", recipe.synth.clip_pretrain_steps, allow_zero=True)
     recipe.data.validate(src, world, shard_stage, synth_dir, missing_paths)

@@ -34,7 +34,9 @@ class ModelSection:
     tokenizer_path: str | None = None      # default: llava_next_path, pretrained_path or authors_path
     clip_tokenizer_path: str | None = None  # default: clip_path or pretrained_path/clip_tokenizer
     config_overrides: dict[str, Any] = field(default_factory=dict)  # PPLLaVAConfig keys
-    attn_implementation: str | None = None  # default: the backend's
+    attn_implementation: str | None = None  # default: the backend's; set, the LLM's attention too (not kernels)
+    # The LLM's fused kernels (backends/kernels.py): auto (the device row's), reference, or {op: implementation}
+    kernels: Literal["auto", "reference"] | dict[str, str] = "auto"
     gradient_checkpointing: bool = False
 
     def validate(self, src: str, synth_dir: str | None, synth_model_steps: int, missing: list[str] | None) -> None:
@@ -54,6 +56,19 @@ class ModelSection:
             elif synth_model_steps <= 0:  # the demo's starting model: the synth stage writes it
                 raise RecipeError(f"{src}: model.pretrained_path: {self.pretrained_path} is under the synth stage's "
                                   "directory, but synth.clip_pretrain_steps is 0, so nothing writes a model there")
+
+    def validate_kernels(self, src: str) -> None:
+        """``kernels`` and ``attn_implementation``: every stage that runs the model reads them."""
+        if not isinstance(self.kernels, dict):  # auto and reference need no look-up (nor torch, which it imports)
+            return
+        from backends.kernels import choice_problem
+
+        problem = choice_problem(self.kernels)
+        if problem is not None:
+            raise RecipeError(f"{src}: model.kernels: {problem}")
+        if self.attn_implementation is not None and "attention" in self.kernels:
+            raise RecipeError(f"{src}: model.kernels.attention and model.attn_implementation both choose the LLM's "
+                              f"attention; keep one")
 
 
 @dataclass

@@ -67,6 +67,7 @@ class TrainingSection:
     verify_checkpoints: Literal["hash", "size"] = "hash"  # files.json: sha256 + size, or sizes only
     max_nonfinite_in_a_row: int = 5
     record_samples: bool = False  # <stage>/samples/rank_N.jsonl: the sample keys of every step
+    gc_every: int = 50  # Python's garbage collection every N steps on all ranks together (0: Python's own timing)
     lora: LoraSection | None = None  # the LLM trains through LoRA adapters, its own weights frozen
 
     def validate_training(self, src: str, stage: str, world_size: int) -> None:
@@ -79,6 +80,7 @@ class TrainingSection:
                 positive(src, f"{stage}.{key}", getattr(self, key))
         positive(src, f"{stage}.gradient_clipping", self.gradient_clipping, allow_zero=True)
         positive(src, f"{stage}.weight_decay", self.weight_decay, allow_zero=True)
+        positive(src, f"{stage}.gc_every", self.gc_every, allow_zero=True)
         fraction(src, f"{stage}.warmup_ratio", self.warmup_ratio, below_one=True)
         fraction(src, f"{stage}.min_lr_ratio", self.min_lr_ratio)
         if self.offload_optimizer and self.zero_stage < 2:

@@ -6,6 +6,7 @@ stage's summary."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from backends.distributed import decided_on_rank0, gather_objects, sum_across_ranks
+from backends.kernels import fallback_counts
 from pipeline.checkpoint import (latest_checkpoint, load_checkpoint, read_trainer_state, remove_partial,
                                  restore_rng_state, rng_state, save_checkpoint, set_aside_later_checkpoints)
 from pipeline.data.loader import merge_loader_states
@@ -113,6 +115,11 @@ class TrainingRun:
         self.progress = tqdm(total=self.total_steps, initial=start, desc=context.stage, unit="step",
                              disable=not ranks.is_main, dynamic_ncols=True)
         self.interval = LogInterval()
+        if self.section.gc_every:
+            # Python's automatic collection pauses each rank at its own moments, and every collective
+            # waits for the slowest: collect on a schedule instead, all ranks at the same step.
+            gc.collect()
+            gc.disable()
         return start
 
     def layout(self) -> dict:
@@ -200,6 +207,8 @@ class TrainingRun:
             raise StoppedForRequeue(f"stopped by a signal after step {done}; checkpointed, exit for requeue")
         if done % section.save_every == 0 or done == self.total_steps:
             self.saved_at = self._checkpoint(done)
+        if section.gc_every and done % section.gc_every == 0:
+            gc.collect(1)  # the young generations: milliseconds; what survives longer is collected at the end
 
     def _record_samples(self, done: int) -> None:
         """One line per optimizer step and rank: which samples it trained on (by key). A resumed
@@ -234,6 +243,8 @@ class TrainingRun:
         for modality, counts in interval.visual.items():  # rank 0's samples: the mix is the same on every rank
             values[f"visual_tokens/{modality}"] = sum(counts) / len(counts)
         values.update({f"memory/{k}": round(v, 3) for k, v in self.context.backend.memory_stats().items()})
+        # calls this rank ran on the reference because a fused kernel's limits excluded them (backends/kernels.py)
+        values.update({f"kernel_fallbacks/{op}": count for op, count in fallback_counts().items()})
         return values
 
     def _checkpoint(self, step: int) -> Path:
@@ -255,6 +266,8 @@ class TrainingRun:
     def _close(self) -> None:
         self.progress.close()
         self.metrics.close()
+        if self.section.gc_every:
+            gc.enable()
 
     def finish(self) -> dict:
         """The stage's summary, once the loop has run to ``total_steps``."""

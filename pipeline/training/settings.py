@@ -18,10 +18,12 @@ from pipeline.preference import answer_mask
 from pipeline.recipe import Recipe, RecipeError, TrainingSection
 
 # Keys that do not change what is trained: never part of the fingerprint, free to change on resume
-# (recomputing activations gives the same gradients, so it may be switched on after an OOM).
+# (recomputing activations gives the same gradients, so it may be switched on after an OOM; the
+# kernels compute the references' maths within their tolerance, and a run moving between an NPU
+# and a GPU cluster changes them anyway; popped, a key added later leaves earlier fingerprints as they were).
 RUNTIME_KEYS = ("log_every", "save_every", "keep_last", "verify_checkpoints", "max_nonfinite_in_a_row",
-                "record_samples")
-RUNTIME_MODEL_KEYS = ("gradient_checkpointing",)
+                "record_samples", "gc_every")
+RUNTIME_MODEL_KEYS = ("gradient_checkpointing", "kernels")
 # Keys a resumed run may change: the schedule continues from the checkpoint's step with the new values.
 SCHEDULE_KEYS = ("lr", "max_steps", "epochs")
 # How the global batch is split and the state sharded: not what is trained (the data order is the

@@ -85,6 +85,8 @@ def test_the_loss_falls_and_every_metric_is_logged(demo):
     for key in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "loader_skipped", "truncated",
                 "nonfinite_skipped", "visual_tokens/video", "visual_tokens/image", "visual_tokens/multi_image"):
         assert key in history[-1], key
+    # every call ran the CPU row's kernels (the references) within their limits
+    assert (history[-1]["kernel_fallbacks/attention"], history[-1]["kernel_fallbacks/rms_norm"]) == (0, 0)
     assert history[-1]["visual_tokens/video"] == 16  # 8 frames of 6x6 patches, kernel (2,3,3) -> 4x2x2
     assert history[-1]["lr"] < history[len(history) // 2]["lr"] < history[0]["lr"]  # cosine decay after the warmup
     assert f"run demo_cpu finished: {run_dir}" in result.stdout

@@ -71,7 +71,7 @@ def test_env_defaults_never_override_the_user():
     environ = {"HCCL_CONNECT_TIMEOUT": "7200"}
     applied = backends.NPU.apply_env_defaults(environ)
     assert environ["HCCL_CONNECT_TIMEOUT"] == "7200" and "HCCL_CONNECT_TIMEOUT" not in applied
-    assert environ["HCCL_EXEC_TIMEOUT"] == "1800" and environ["TASK_QUEUE_ENABLE"] == "2"
+    assert environ["HCCL_EXEC_TIMEOUT"] == "2100" and environ["TASK_QUEUE_ENABLE"] == "2"
     assert environ["DS_ACCELERATOR"] == "npu"
     environ = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
     backends.CUDA.apply_env_defaults(environ)

@@ -64,9 +64,12 @@ def test_npu_script_asks_for_4_nodes_of_8_tasks_and_exports_hccl_settings(capsys
     assert "#SBATCH --nodes=4" in header and "#SBATCH --ntasks-per-node=8" in header
     assert not any("gpu" in line or "gres" in line for line in header)
     assert "#SBATCH --signal=USR1@900" in header and "#SBATCH --requeue" in header
-    for key, value in (("DS_ACCELERATOR", "npu"), ("HCCL_CONNECT_TIMEOUT", "1200"), ("HCCL_EXEC_TIMEOUT", "1800"),
-                       ("TASK_QUEUE_ENABLE", "2"), ("PYTORCH_NPU_ALLOC_CONF", "expandable_segments:True")):
+    for key, value in (("DS_ACCELERATOR", "npu"), ("HCCL_CONNECT_TIMEOUT", "1200"), ("HCCL_EXEC_TIMEOUT", "2100"),
+                       ("TASK_QUEUE_ENABLE", "2"), ("CPU_AFFINITY_CONF", "1")):
         assert f'export {key}="${{{key}:-{value}}}"' in lines, key
+    # torch_npu exits when both allocator settings are set: ours only where the user set neither
+    assert ('if [ -z "${PYTORCH_ALLOC_CONF+x}" ]; then export PYTORCH_NPU_ALLOC_CONF='
+            '"${PYTORCH_NPU_ALLOC_CONF:-expandable_segments:True}"; fi') in lines
     assert ("{ trap ':' TERM USR1; rc=0; srun --nodes=4 --ntasks-per-node=8 --kill-on-bad-exit=1 \"$PYTHON\" -m pipeline run recipes/sft_npu.yaml --resume auto "
             '|| rc="$?"; echo "$rc" > "$status"; } &') in lines
     assert 'if [ "$code" -eq 3 ] && [ "$stop" != TERM ]; then' in lines
@@ -80,9 +83,14 @@ def test_scripts_are_valid_bash_and_keep_a_users_environment(capsys, tmp_path):
         assert result.returncode == 0, result.stderr
     exports = [line for line in (tmp_path / "sft_npu.sh").read_text().splitlines() if line.startswith("export ")
                and "MASTER" not in line]
-    shown = subprocess.run(["bash", "-c", "\n".join([*exports, 'echo "$HCCL_CONNECT_TIMEOUT $HCCL_EXEC_TIMEOUT"'])],
+    exports += [line for line in (tmp_path / "sft_npu.sh").read_text().splitlines() if line.startswith("if [ -z")]
+    show = 'echo "$HCCL_CONNECT_TIMEOUT $HCCL_EXEC_TIMEOUT ${PYTORCH_NPU_ALLOC_CONF:-unset}"'
+    shown = subprocess.run(["bash", "-c", "\n".join([*exports, show])],
                            env={"PATH": os.environ["PATH"], "HCCL_CONNECT_TIMEOUT": "7"}, capture_output=True, text=True)
-    assert shown.stdout.split() == ["7", "1800"]
+    assert shown.stdout.split() == ["7", "2100", "expandable_segments:True"]
+    shown = subprocess.run(["bash", "-c", "\n".join([*exports, show])], capture_output=True, text=True,
+                           env={"PATH": os.environ["PATH"], "PYTORCH_ALLOC_CONF": "expandable_segments:False"})
+    assert shown.stdout.split() == ["1200", "2100", "unset"]  # the user's allocator setting alone
 
 
 def test_scripts_are_shellcheck_clean(capsys, tmp_path):

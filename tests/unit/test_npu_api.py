@@ -5,7 +5,9 @@ docstrings and comments do not count), plus every function `backends/spec.py` ca
 backend's device module, must exist in the source of the current torch_npu release, which
 pip downloads into a cache. Resolution walks the package: a segment that is a submodule is
 descended into; the first one that is not must be a name bound in that module (definition,
-assignment, import, star-import followed); attribute segments after it (attributes of an object,
+assignment, import, star-import followed, or an assignment onto the module from another file, as
+`torch_npu/utils/custom_ops.py` binds the fused ops: `torch_npu.npu_rms_norm = torch.ops.npu...`);
+attribute segments after it (attributes of an object,
 such as `torch_npu.npu.config.allow_internal_format`) must at least occur as an identifier in
 the package. The test is skipped, with the reason printed, only if the package index cannot
 be reached.
@@ -66,9 +68,15 @@ class Package:
     """The Python sources of a wheel, with enough import resolution to find bound names."""
 
     def __init__(self, wheel: Path) -> None:
+        self.wheel = wheel
         with zipfile.ZipFile(wheel) as archive:
             self.files = {n: archive.read(n).decode("utf-8", "replace") for n in archive.namelist() if n.endswith(".py")}
         self.identifiers = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", "\n".join(self.files.values())))
+        # `torch_npu.name = ...` at the top level of any file of the package binds `name` on the package.
+        self.assigned_onto: dict[str, set[str]] = {}
+        for source in self.files.values():
+            for module, name in re.findall(r"^(torch_npu)\.([A-Za-z_][A-Za-z0-9_]*)\s*=(?!=)", source, re.M):
+                self.assigned_onto.setdefault(module, set()).add(name)
 
     def module_file(self, dotted: str) -> str | None:
         base = dotted.replace(".", "/")
@@ -84,7 +92,7 @@ class Package:
             return frozenset()
         tree = ast.parse(self.files[path])
         package = dotted if path.endswith("__init__.py") else dotted.rsplit(".", 1)[0]
-        names: set[str] = set()
+        names: set[str] = set(self.assigned_onto.get(dotted, ())) if "." not in dotted else set()
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 names.add(node.name)
@@ -154,6 +162,62 @@ def test_our_code_uses_npu_names_at_all():
 def test_every_npu_name_we_use_exists_in_torch_npu(torch_npu_package):
     problems = {name: torch_npu_package.missing(name) for name in sorted(names_our_code_uses())}
     assert {name: why for name, why in problems.items() if why} == {}
+
+
+def op_calls(source: str) -> list[tuple[str, int, set[str]]]:
+    """(op, positional count, keywords) of every `torch_npu.<op>(...)` call in ``source``."""
+    calls = []
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch_npu"):
+            calls.append((node.func.attr, len(node.args), {k.arg for k in node.keywords if k.arg}))
+    return calls
+
+
+def meta_signature(package: Package, op: str) -> list[str] | None:
+    """The parameters of the wheel's meta registration of ``op`` (`@impl(m, "op")`), which is the
+    op's schema as torch_npu declares it to torch.compile and fake tensors."""
+    for path, source in package.files.items():
+        if not path.endswith("_meta_registrations.py"):
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef) and any(
+                    isinstance(d, ast.Call) and len(d.args) == 2 and isinstance(d.args[1], ast.Constant)
+                    and d.args[1].value == op for d in node.decorator_list):
+                return [a.arg for a in node.args.args]
+    return None
+
+
+def test_every_fused_op_call_matches_the_wheels_signature(torch_npu_package):
+    calls = [call for directory in CODE_DIRS for path in sorted((REPO / directory).rglob("*.py"))
+             for call in op_calls(path.read_text())]
+    assert {op for op, _, _ in calls} >= {"npu_fusion_attention", "npu_rms_norm"}
+    for op, positional, keywords in calls:
+        parameters = meta_signature(torch_npu_package, op)
+        assert parameters is not None, f"torch_npu has no meta registration for {op}"
+        assert positional <= len(parameters) and keywords <= set(parameters[positional:]), (op, parameters)
+    # the check itself: a keyword the op does not have is caught
+    (_, positional, keywords), = op_calls("torch_npu.npu_rms_norm(x, w, eps=1e-6)")
+    assert not keywords <= set(meta_signature(torch_npu_package, "npu_rms_norm")[positional:])
+
+
+def test_the_limits_and_switches_we_rely_on_are_the_wheels(torch_npu_package):
+    """backends/kernels.py's limits are those of the op docs shipped in the wheel; the allocator
+    conflict, the CPU-fallback switch and the affinity force mode of docs/ascend.md are in its library."""
+    docs = torch_npu_package.files["torch_npu/_op_plugin_docs.py"]
+    attention = docs[docs.index("npu_fusion_attention(Tensor query"):][:20000]
+    for fact in ("bool、uint8", "BNSS格式、B1SS格式、11SS格式、SS格式", "取值为1(或True)代表该位不参与计算",
+                 "压缩下三角矩阵(2048*2048)", "取值范围1~768", "Nq取值范围1~256", "Nq/Nkv必须是非0整数",
+                 "float16、bfloat16、float32"):
+        assert fact in attention, fact
+    rms_norm = docs[docs.index("torch_npu.npu_rms_norm(Tensor self"):][:1500]
+    assert "2-8维" in rms_norm and "数据类型需要和self保持一致" in rms_norm
+    with zipfile.ZipFile(torch_npu_package.wheel) as archive:
+        library = archive.read("torch_npu/lib/libtorch_npu.so")
+    for switch in (b"Both PYTORCH_NPU_ALLOC_CONF and PYTORCH_ALLOC_CONF have been set",
+                   b"TORCH_NPU_FALLBACK_CPU_DISABLE", b"CPU_AFFINITY_CONF",
+                   b"Thread affinity is already set. Use force:1", b"TASK_QUEUE_ENABLE should be 0, 1 or 2"):
+        assert switch in library, switch
 
 
 def test_the_check_catches_a_name_torch_npu_lacks(torch_npu_package):

@@ -200,3 +200,43 @@ def test_fingerprinted_paths_are_relative_to_the_run_directory_and_path_variable
         "template": "plain_v1",  # a variable holding a setting stays its value: changing it must show
         "name": "/mnt/cluster_a/datax"}  # a prefix only at a path boundary
     assert recipe.to_dict().get("environment") is None
+
+
+def test_model_kernels_are_checked_by_name_wherever_the_model_runs(tmp_path):
+    def with_model(**model):
+        return {**minimal(tmp_path), "model": model}
+
+    assert "model.kernels: unknown op 'softmax'; expected one of attention, rms_norm" in error_of(
+        with_model(kernels={"softmax": "fused"}))
+    assert "model.kernels: attention: unknown implementation 'flash'" in error_of(with_model(kernels={"attention": "flash"}))
+    assert "both choose the LLM's attention; keep one" in error_of(
+        with_model(kernels={"attention": "eager"}, attn_implementation="sdpa"))
+    assert "model.kernels: expected one of" in error_of(with_model(kernels="fastest"))
+    for choice in ("auto", "reference", {"rms_norm": "reference"}):
+        validate(parse_recipe(with_model(kernels=choice), source="r.yaml"))
+    eval_only = {"name": "t", "run_dir": str(tmp_path / "run"), "backend": "cpu", "model": {"kernels": {"x": "y"}},
+                 "eval": {"model_path": str(tmp_path)}}
+    assert "model.kernels: unknown op 'x'" in error_of(eval_only)  # eval reads the key too
+
+
+def test_validate_warns_of_allocator_settings_an_npu_job_would_exit_on(tmp_path, monkeypatch):
+    from pipeline.__main__ import _environment_conflicts
+
+    data = minimal(tmp_path)
+    data["data"]["max_length"] = 512  # the tiny model's context
+    data = {**data, "backend": "npu",
+            "cluster": {"setup": ["source /usr/local/Ascend/ascend-toolkit/set_env.sh",
+                                  "export PYTORCH_NPU_ALLOC_CONF=expandable_segments:True  # ours"]}}
+    monkeypatch.delenv("PYTORCH_NPU_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    assert _environment_conflicts(parse_recipe(data, source="npu.yaml")) == []
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "garbage_collection_threshold:0.8")
+    (conflict,) = _environment_conflicts(parse_recipe(data, source="npu.yaml"))
+    assert conflict.startswith("PYTORCH_NPU_ALLOC_CONF=expandable_segments:True and PYTORCH_ALLOC_CONF=")
+    assert "npu.yaml's cluster.setup" in conflict
+    (tmp_path / "manifest.json").write_text('{"shards": []}')
+    path = write_recipe(tmp_path / "npu.yaml", data)
+    result = run_pipeline("validate", str(path), timeout=120,
+                          env=pipeline_env(PYTORCH_ALLOC_CONF="garbage_collection_threshold:0.8"))
+    assert result.returncode == 0, result.stderr
+    assert "warning: PYTORCH_NPU_ALLOC_CONF=expandable_segments:True and PYTORCH_ALLOC_CONF=" in result.stdout
