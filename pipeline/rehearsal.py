@@ -5,7 +5,7 @@ What a user runs on a login node before queueing 32 NPUs. Real: the recipe's dat
 media (the first N records of each card), frames, image size, kernels, chat template, context,
 tokenizers, special ids and vocabulary sizes, ZeRO stage, loader workers. Shrunk: the model's
 hidden sizes and layer counts (``pipeline.model.tiny.SHRUNK_WIDTH``), randomly initialised, and
-the schedule (a few optimizer steps per training stage, one process). Any sample the real run
+the schedule (a few optimizer steps per training stage, one process, eval answers of NEW_TOKENS). Any sample the real run
 would refuse, any length, shape or format error shows up in minutes, and the summary says what
 each stage accepted, refused (with reasons) and measured.
 
@@ -27,6 +27,9 @@ from pipeline.recipe import Recipe, RecipeError
 
 REHEARSAL_DIR = "rehearsal"
 SEED = 0
+# Tokens a rehearsal's eval generates per answer: a random model's answer has no end, and what a
+# rehearsal checks (media, prompts, context, answer readers) is met by the first tokens.
+NEW_TOKENS = 16
 
 
 def rehearsal_dir(recipe: Recipe) -> Path:
@@ -110,8 +113,10 @@ def rehearsal_recipe(recipe: Recipe, samples_per_card: int = 8, steps: int = 3) 
         rehearsal.dpo.init = _shrunk_directory_model(recipe.dpo.init, "dpo.init", models / "dpo_init")
     if recipe.eval is not None:
         rehearsal.eval.limit = min(recipe.eval.limit or samples_per_card, samples_per_card)
+        rehearsal.eval.max_new_tokens = min(recipe.eval.max_new_tokens, NEW_TOKENS)
         for benchmark in rehearsal.eval.benchmarks:  # per task / duration / file, as eval.limit per file
             benchmark.limit = min(benchmark.limit or samples_per_card, samples_per_card)
+            benchmark.max_new_tokens = min(benchmark.max_new_tokens, NEW_TOKENS)
         if recipe.eval.model_path is not None:
             rehearsal.eval.model_path = _shrunk_directory_model(recipe.eval.model_path, "eval.model_path",
                                                                 models / "eval")

@@ -30,6 +30,7 @@ from pipeline.data.synthetic import encode_jpeg, encode_mp4
 
 LLAVA_NEXT = "llava-v1.6-vicuna-7b-hf"
 CLIP = "clip-vit-large-patch14-336"
+AUTHORS_RELEASE = "ppllava_weight/ppllava_vicuna7b_image_video"
 VICUNA_VOCAB, IMAGE_TOKEN, PAD_TOKEN = 32064, 32000, 32001
 CLIP_VISION_L14_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
                        "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768}
@@ -88,7 +89,25 @@ def write_model_root(root: Path) -> Path:
         vision_config=CLIP_VISION_L14_336, projection_dim=768)
     clip.save_pretrained(root / CLIP)
     write_clip_tokenizer(root / CLIP)
+    write_authors_release_config(root / AUTHORS_RELEASE, llava, clip)
     return root
+
+
+def write_authors_release_config(directory: Path, llava, clip) -> None:
+    """The config.json of the authors' released ppllava_vicuna7b_image_video (their
+    LlavaInterleave layout at the real sizes); a rehearsal reads the config and no weights. Their
+    release names its CLIP and tokenizer on the hub: recipes point at local copies."""
+    vision = {**clip.vision_config.to_dict(), "depth": 4, "max_T": 64}
+    config = {
+        "architectures": ["LlavaInterleaveForConditionalGeneration"], "model_type": "llava_next",
+        "vision_config": vision, "text_config": llava.text_config.to_dict(),
+        "image_token_index": IMAGE_TOKEN, "image_grid_pinpoints": PINPOINTS, "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu", "pooling": "ppllava",
+        "pooling_kernel": [2, 3, 3], "pooling_stride": [2, 3, 3], "image_pooling_kernel": [1, 3, 3],
+        "image_pooling_stride": [1, 3, 3], "frame_shape": [24, 24], "btadapter": True, "btadapter_depth": 4,
+        "max_T": 64, "extend_clip": True, "pooling_temp": 0.01, "clip_weight": "openai/clip-vit-large-patch14-336",
+        "clip_post_pretrain": None, "qwen": False, "pad_token_id": 0, "torch_dtype": "bfloat16"}
+    _write(directory / "config.json", json.dumps(config, indent=1, default=str))
 
 
 def _clip(seconds: float, fps: int, size: int, seed: int) -> bytes:
@@ -253,4 +272,57 @@ def write_data_root(root: Path) -> Path:
                       "candidates": ["Looked outside.", "Sat down.", "Closed the window."], "answer": "Looked outside."}
                      for name in ("long_0.mp4", "long_1.mp4")]
         _write(mvbench / "json" / f"{task}.json", json.dumps(questions))
+    write_published_benchmarks(root, clips)
     return root
+
+
+def write_published_benchmarks(root: Path, clips: dict[str, bytes]) -> None:
+    """recipes/eval_benchmarks_gpu.yaml's benchmarks as their releases lay them out, a record or two
+    each: MVBench (a bounded task in star/, an unbounded one in ssv2_video/), VideoMME (parquet,
+    a short and a medium video, one with subtitles), MSVD-QA (integer video_id through
+    youtube_mapping.txt to YouTubeClips-style .avi names), MSR-VTT-QA (video<N>.mp4),
+    ActivityNet-QA (questions and answers apart, v_ names) and Video-ChatGPT's three QA files."""
+    mvbench = root / "MVBench"
+    for filename, folder, extra in (("action_sequence.json", "star/Charades_v1_480", {"start": 1.0, "end": 8.0}),
+                                    ("action_antonym.json", "ssv2_video", {})):
+        _write(mvbench / "video" / folder / "1234.mp4", clips["long_0.mp4"])
+        _write(mvbench / "json" / filename, json.dumps([{
+            "video": "1234.mp4", "question": "What is the person doing?", "candidates": ["Walking.", "Sitting."],
+            "answer": "Walking.", **extra}]))
+    import pyarrow
+    import pyarrow.parquet
+
+    videomme = root / "Video-MME"
+    rows = [{"video_id": f"00{i}", "duration": duration, "domain": "Knowledge", "sub_category": "Humanity",
+             "url": "", "videoID": video, "question_id": f"00{i}-1", "task_type": "Action Recognition",
+             "question": "What does the man do?", "options": ["A. Walks.", "B. Sits.", "C. Runs.", "D. Sleeps."],
+             "answer": "A"} for i, (duration, video) in enumerate([("short", "fFjv93ACGo8"), ("medium", "hxyKfQx1PkU")])]
+    (videomme / "videomme").mkdir(parents=True, exist_ok=True)
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), videomme / "videomme" / "test-00000-of-00001.parquet")
+    for row, clip in zip(rows, ("long_0.mp4", "long_1.mp4")):
+        _write(videomme / "data" / f"{row['videoID']}.mp4", clips[clip])
+    _write(videomme / "subtitle" / "hxyKfQx1PkU.srt", "1\n00:00:00,000 --> 00:00:05,000\nHe walks to the door.\n\n"
+                                                    "2\n00:00:05,000 --> 00:00:10,000\nHe opens it.\n")
+    msvd = root / "MSVD-QA"
+    _write(msvd / "test_qa.json", json.dumps([{"answer": "door", "id": 0, "question": "what does the man open?",
+                                               "video_id": 1}]))
+    _write(msvd / "youtube_mapping.txt", "-4wsuPCjDBc_5_15 vid1\n")
+    _write(msvd / "videos" / "-4wsuPCjDBc_5_15.avi", clips["long_0.mp4"])
+    msrvtt = root / "MSRVTT-QA"
+    _write(msrvtt / "test_qa.json", json.dumps([{"answer": "man", "id": 0, "question": "who opens the door?",
+                                                 "video_id": 7010}]))
+    _write(msrvtt / "videos" / "video7010.mp4", clips["long_1.mp4"])
+    anet = root / "ActivityNet-QA"
+    _write(anet / "test_q.json", json.dumps([{"question": "what does the man open", "question_id": "v_sJFgo9H6zNo_1",
+                                              "video_name": "sJFgo9H6zNo"}]))
+    _write(anet / "test_a.json", json.dumps([{"answer": "door", "question_id": "v_sJFgo9H6zNo_1", "type": 0}]))
+    _write(anet / "videos" / "v_sJFgo9H6zNo.mp4", clips["long_0.mp4"])
+    vcg = root / "video_chatgpt"
+    _write(vcg / "Test_Videos" / "v_Lf_7RurLgp0.mp4", clips["long_1.mp4"])
+    qa = vcg / "Benchmarking_QA"
+    _write(qa / "generic_qa.json", json.dumps([{"Q": "What happens in the video?", "A": "A man opens a door.",
+                                               "video_name": "v_Lf_7RurLgp0"}]))
+    _write(qa / "temporal_qa.json", json.dumps([{"Q": "What does he do first?", "A": "He walks to the door.",
+                                                "video_name": "v_Lf_7RurLgp0"}]))
+    _write(qa / "consistency_qa.json", json.dumps([{"Q1": "What does the man open?", "Q2": "Which thing does he open?",
+                                                   "A": "A door.", "video_name": "v_Lf_7RurLgp0"}]))

@@ -51,7 +51,9 @@ def _config(root: Path, host: str) -> str:
     memory_mib = int(Path("/proc/meminfo").read_text().split()[1]) // 1024 - 1024
     return "\n".join([
         "ClusterName=pipelinetest", f"SlurmctldHost={host}", "SlurmUser=root", "SlurmdUser=root",
-        "AuthType=auth/munge", f"AuthInfo=socket={root}/munge/socket", "CredType=cred/munge",
+        # cred_expire: the job credential's lifetime, which is also how long a requeued job waits before
+        # it may start again (120 s by default); 30 s is ample for a step launch on one node.
+        "AuthType=auth/munge", f"AuthInfo=socket={root}/munge/socket,cred_expire=30", "CredType=cred/munge",
         f"SlurmctldPort={controller_port}", f"SlurmdPort={node_port}",
         f"StateSaveLocation={root}/state", f"SlurmdSpoolDir={root}/spool",
         f"SlurmctldPidFile={root}/slurmctld.pid", f"SlurmdPidFile={root}/slurmd.pid",

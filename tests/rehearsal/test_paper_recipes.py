@@ -1,11 +1,12 @@
-"""The rehearsal tier: the shipped cluster recipes (recipes/sft_gpu.yaml, dpo_gpu.yaml, eval_gpu.yaml)
-rehearsed on this CPU with `run --rehearse`, over data and model files laid out like the real ones
+"""The rehearsal tier: every shipped cluster recipe rehearsed on this CPU with `run --rehearse`, as a
+user would before queueing it, over data and model files laid out like the real ones
 (tests/paper_layout.py): 32 frames of 10 s 30 fps clips at 336 px and more, real image sizes,
 multi-turn LLaVA and VideoChat2 conversations, multi-image sets, DPO pairs; the configs of CLIP
 ViT-L/14-336 (legacy text ids, 77 -> 248 positions) and llava-v1.6-vicuna-7b (vocabulary 32064,
 <image> 32000), with CLIP's real tokenizer. Only the model's width and depth are shrunk."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,62 @@ def test_the_authors_sft_recipe_rehearses_over_their_layout(roots):
     assert all(m["loader_skipped"] == 0 and m["truncated"] == 0 for m in history)
     # their BT-Adapter, at rehearsal depth: one layer reaching the features, one past them
     assert json.loads((rehearsal / "models/sft/config.json").read_text())["bt_adapter_depth"] == 2
+
+
+REPO = Path(__file__).resolve().parents[2]
+# What each cluster run would refuse of tests/paper_layout.py's data: the JPEG saved as .mp4 that
+# decord (GPU nodes, data.decoder auto) cannot open, in every recipe that shards videochat2_it; and
+# what it would shard but never draw (LLaVA-665k's text-only record, where data.weights has no text).
+JPEG_AS_MP4 = "videochat2_it/5"
+EVERY_OTHER_RECIPE = {
+    # recipe: (overrides, refused at shard time, sharded but never drawn)
+    "sft_npu": ((), {JPEG_AS_MP4}, {"text": 1}),
+    "sft_lora_gpu": ((), {JPEG_AS_MP4}, {"text": 1}),
+    "sft_lora_npu": ((), {JPEG_AS_MP4}, {"text": 1}),
+    "full_npu": ((), {JPEG_AS_MP4}, {"text": 1}),
+    "sft_authors_gpu": ((), set(), {}),
+    "dpo_npu": (("dpo.init={sft_export}",), set(), {}),
+    "dpo_lora_gpu": (("dpo.init={sft_export}",), set(), {}),
+    "dpo_authors_release_gpu": ((), set(), {}),
+    "eval_benchmarks_gpu": (("eval.model_path={sft_export}",), set(), {}),
+}
+REHEARSED_ABOVE = {"sft_gpu", "dpo_gpu", "eval_gpu", "sft_authors_multi_image_gpu"}
+CPU_RECIPES = {"demo_cpu", "ablation_cpu"}  # synthetic data, run whole (tests/integration/test_demo.py)
+
+
+def test_every_shipped_cluster_recipe_is_rehearsed_here():
+    shipped = {path.stem for path in (REPO / "recipes").glob("*.yaml")}
+    assert shipped - CPU_RECIPES == REHEARSED_ABOVE | set(EVERY_OTHER_RECIPE)
+
+
+@pytest.mark.parametrize("name", sorted(EVERY_OTHER_RECIPE))
+def test_every_other_recipe_reports_exactly_what_its_cluster_run_would_refuse(name, sft, roots):
+    overrides, refused, undrawn = EVERY_OTHER_RECIPE[name]
+    sft_export = sft[0] / "export"
+    rehearsal, report = rehearse(roots, f"{name}.yaml", *(o.format(sft_export=sft_export) for o in overrides))
+    manifest_path = rehearsal / "shard/manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        assert {item["key"] for item in manifest["rejected"]} == refused
+        assert f"refused {len(refused)}" in report
+        for key in refused:
+            assert f"refused {key}: " in report and "decord: cannot open video" in report
+    for stream, count in undrawn.items():
+        assert f"sharded, never drawn: {count} {stream} sample(s)" in report
+    if not undrawn:
+        assert "never drawn" not in report
+    trained = [stage for stage in ("sft", "dpo") if (rehearsal / stage / "metrics.jsonl").is_file()]
+    for stage in trained:  # nothing more refused or cut once training reads the shards
+        history = read_metrics(rehearsal / stage / "metrics.jsonl")
+        assert [m["step"] for m in history] == list(range(1, len(history) + 1)) and 0 < len(history) <= 3, stage
+        assert all(m["loader_skipped"] == 0 and m["truncated"] == 0 for m in history), stage
+        assert all(m["kernel_fallbacks/attention"] == 0 for m in history)
+    results_path = rehearsal / "eval/results.json"
+    if results_path.is_file():
+        results = json.loads(results_path.read_text())
+        for benchmark, scores in results["benchmarks"].items():
+            overall = scores["overall"]
+            assert overall["failed"] == 0 and overall["asked"] == overall["questions"] > 0, benchmark
+        assert set(results["benchmarks"]) == {"mvbench", "videomme", "videomme_subtitles", "msvd_qa", "msrvtt_qa",
+                                              "activitynet_qa", "vcg"}
+    assert trained or results_path.is_file()
