@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,6 +36,7 @@ from transformers import LlamaConfig, LlamaModel  # noqa: E402
 
 import backends  # noqa: E402
 from backends import kernels  # noqa: E402
+from pooling import median_ms as timed, synchronize  # noqa: E402  (benchmarks/: one timer for both)
 
 TOLERANCE = 1e-2
 # What a profile of the fused run must contain, by attention implementation (op names, lower case).
@@ -77,23 +76,6 @@ def step(model, embeds, mask):
     probe = torch.randn(valid.shape, generator=torch.Generator().manual_seed(2)).to(valid.device)
     (valid.float() * probe).sum().backward()
     return valid.detach().float()
-
-
-def synchronize(device):
-    if device.type != "cpu":
-        torch.accelerator.synchronize()
-
-
-def timed(fn, device, repeats: int) -> float:
-    fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def peak_mib(fn, module) -> float | None:

@@ -73,6 +73,7 @@ class TrainingRun:
         self.step_keys: list[str] = []
         self.left_out: list[str] = []    # keys of this step's micro-batches left out (non-finite loss)
         self.micro_seen = self.micro_good = 0
+        self.fallbacks_before = fallback_counts()  # this stage's count, not the process's
 
     @property
     def lr(self) -> float:
@@ -244,7 +245,8 @@ class TrainingRun:
             values[f"visual_tokens/{modality}"] = sum(counts) / len(counts)
         values.update({f"memory/{k}": round(v, 3) for k, v in self.context.backend.memory_stats().items()})
         # calls this rank ran on the reference because a fused kernel's limits excluded them (backends/kernels.py)
-        values.update({f"kernel_fallbacks/{op}": count for op, count in fallback_counts().items()})
+        values.update({f"kernel_fallbacks/{op}": count - self.fallbacks_before[op]
+                       for op, count in fallback_counts().items()})
         return values
 
     def _checkpoint(self, step: int) -> Path:
