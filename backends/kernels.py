@@ -152,7 +152,11 @@ def _has_empty_rows(attention_mask: torch.Tensor) -> bool:
     remembered, empty = _current_mask
     if remembered() is attention_mask:
         return empty
-    return bool((~attention_mask.bool()).all(dim=-1).any())
+    return _any_empty_row(attention_mask)
+
+
+def _any_empty_row(attention_mask: torch.Tensor) -> bool:
+    return bool((~attention_mask.bool()).all(dim=-1).any())  # one host sync
 
 
 def npu_mask(*args, **kwargs) -> torch.Tensor | None:
@@ -164,7 +168,7 @@ def npu_mask(*args, **kwargs) -> torch.Tensor | None:
 
     mask = sdpa_mask(*args, **kwargs)
     if mask is not None:
-        _current_mask = (weakref.ref(mask), bool((~mask).all(dim=-1).any()))
+        _current_mask = (weakref.ref(mask), _any_empty_row(mask))
     return mask
 
 
