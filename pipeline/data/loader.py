@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.data.collate import Batch, SampleProcessor, SampleTooLong
 from pipeline.data.media import MediaError
 from pipeline.data.records import Sample
-from pipeline.data.shard_files import STREAMS, LoaderError, read_tar, repeated_shards, stream_sizes
+from pipeline.data.record_stream import RecordStream
+from pipeline.data.shard_files import STREAMS, LoaderError, ReadSettings, ShardSource, repeated_shards, stream_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -51,47 +52,7 @@ class LoaderSettings:
     max_bad_fraction: float = 0.01   # undecodable samples tolerated before the run stops...
     bad_fraction_grace: int = 100    # ...checked once this many samples were seen (one early bad
                                      # sample is not yet a fraction worth stopping for)
-
-
-class _ModalityStream:
-    """Endless, seeded record stream of one modality for one slot."""
-
-    def __init__(self, root: Path, shards: list[dict], modality: str, slot: int, slots: int, settings: LoaderSettings):
-        self.root, self.shards, self.modality = root, sorted(shards, key=lambda s: s["path"]), modality
-        self.slot, self.slots, self.settings = slot, slots, settings
-        self.records = self._records()
-
-    def _epoch(self, epoch: int) -> Iterator[dict[str, bytes]]:
-        order = list(self.shards)
-        random.Random(f"{self.settings.seed}/{self.modality}/{epoch}").shuffle(order)
-        if len(order) >= self.slots:
-            for shard in order[self.slot :: self.slots]:
-                yield from read_tar(self.root / shard["path"])
-        else:  # fewer shards than streams: every slots-th sample, the others' bytes left unread
-            start = 0
-            for shard in order:
-                first = start
-                yield from read_tar(self.root / shard["path"], lambda i: (first + i) % self.slots == self.slot)
-                start += shard["samples"]
-
-    def _records(self) -> Iterator[tuple[int, dict[str, bytes]]]:
-        rng = random.Random(f"{self.settings.seed}/{self.modality}/{self.slot}/buffer")
-        buffer: list[tuple[int, dict]] = []
-        epoch = 0
-        while True:  # endless: the buffer carries over from one epoch into the next
-            produced = False
-            for record in self._epoch(epoch):
-                produced = True
-                buffer.append((epoch, record))
-                if len(buffer) >= self.settings.shuffle_buffer:
-                    yield buffer.pop(rng.randrange(len(buffer)))
-            if not produced:
-                raise LoaderError(f"slot {self.slot} received no {self.modality} samples: fewer samples than "
-                                  f"ranks x workers ({self.slots})")
-            epoch += 1
-
-    def next(self) -> tuple[int, dict[str, bytes]]:
-        return next(self.records)
+    read: ReadSettings = field(default_factory=ReadSettings)  # where the shards are read from, how
 
 
 def media_members(record: dict[str, bytes], sample: Sample) -> list[bytes]:
@@ -110,8 +71,15 @@ class StepPart:
 
     step: int
     samples: list = field(default_factory=list)
-    skipped: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)      # keys
+    skipped_at: list = field(default_factory=list)   # their places: (shard path, ordinal)
     reasons: dict = field(default_factory=dict)
+
+    def skip(self, key: str, where: tuple[str, int], reason: str | None = None) -> None:
+        self.skipped.append(key)
+        self.skipped_at.append(where)
+        if reason is not None:
+            self.reasons[key] = reason
 
 
 def virtual_stream_count(manifest_path: str | Path, weights: dict[str, float], requested: int | None) -> int:
@@ -140,11 +108,13 @@ class InterleavedStream(IterableDataset):
     workers by virtual stream (each worker yields one part per step, possibly empty)."""
 
     def __init__(self, manifest_path: str | Path, processor: SampleProcessor, settings: LoaderSettings,
-                 rank: int = 0, world_size: int = 1, start_step: int = 0, known_bad: frozenset[str] = frozenset()):
-        self.root = Path(manifest_path).parent
+                 rank: int = 0, world_size: int = 1, start_step: int = 0, known_bad: frozenset[str] = frozenset(),
+                 skip_places: frozenset | None = frozenset()):
+        self.source = ShardSource.of(manifest_path, settings.read)
         manifest = json.loads(Path(manifest_path).read_text())
         self.processor, self.settings = processor, settings
         self.rank, self.world_size, self.start_step, self.known_bad = rank, world_size, start_step, known_bad
+        self.skip_places = skip_places  # None: not known (an older state), the replay reads records
         self.shards = {m: repeated_shards(manifest, m) for m in STREAMS}
         self.weights = {m: float(w) for m, w in settings.weights.items() if w > 0 and self.shards.get(m)}
         unknown = set(settings.weights) - set(STREAMS)
@@ -163,7 +133,8 @@ class InterleavedStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         mine = {v for v in range(self.rank, self.streams, self.world_size)
                 if (v // self.world_size) % workers == worker}
-        streams = {(v, m): _ModalityStream(self.root, self.shards[m], m, v, self.streams, self.settings)
+        streams = {(v, m): RecordStream(self.source, self.shards[m], m, v, self.streams, self.settings.seed,
+                                        self.settings.shuffle_buffer, self.skip_places)
                    for v in sorted(mine) for m in self.weights}
         step = 0
         while True:
@@ -191,13 +162,19 @@ class InterleavedStream(IterableDataset):
             return random.Random(f"{self.settings.seed}/sample/{position}").choices(modalities, weights)[0]
         return random.Random(f"{self.settings.seed}/step/{step}").choices(modalities, weights)[0]
 
-    def _next(self, stream: _ModalityStream, part: StepPart, replay: bool):
-        """The stream's next sample that decodes (None in a replay: records only, no media decoded)."""
+    def _next(self, stream: RecordStream, part: StepPart, replay: bool):
+        """The stream's next sample that decodes (None in a replay: no media decoded, and where the
+        skipped samples' places are known, no record read)."""
+        skipped_at = self.skip_places or frozenset()
         while True:
-            epoch, record = stream.next()
+            epoch, record, where = stream.next(replay)
+            if record is None:  # a replay on places
+                if where not in skipped_at:
+                    return None
+                continue
             sample = self.processor.parse(json.loads(record["json"]))
-            if sample.key in self.known_bad:
-                part.skipped.append(sample.key)
+            if sample.key in self.known_bad or where in skipped_at:
+                part.skip(sample.key, where)
                 continue
             if replay:
                 return None
@@ -205,8 +182,7 @@ class InterleavedStream(IterableDataset):
                 return self.processor(sample, media_members(record, sample), epoch)
             except (MediaError, SampleTooLong) as error:
                 logger.warning("skipping %s: %s", sample.key, error)
-                part.skipped.append(sample.key)
-                part.reasons[sample.key] = str(error)
+                part.skip(sample.key, where, str(error))
 
 
 def _identity(batch):
@@ -232,6 +208,8 @@ def merge_loader_states(states: list[dict]) -> dict:
         raise LoaderError(f"loader states of different steps {sorted(steps)}: the ranks are out of step")
     merged = {key: value for key, value in states[0].items() if key != "carried_used"}
     merged["bad"] = list(dict.fromkeys(key for state in states for key in state["bad"]))
+    if all("skipped_at" in state for state in states):
+        merged["skipped_at"] = sorted({tuple(place) for state in states for place in state["skipped_at"]})
     merged["used"] = states[0]["carried_used"] + sum(state["used"] for state in states)
     return merged
 
@@ -250,6 +228,9 @@ class StreamingLoader:
         # What a resumed run carries over from the checkpoint (every rank's, merged): the refused
         # keys (the first ``carried_bad`` of ``bad``) and the samples used before.
         self.carried_bad = self.carried_used = 0
+        # Where every skip happened, (shard path, ordinal): a resumed run replays on these without
+        # reading records. None after resuming a state that did not keep them (it replays by reading).
+        self.skipped_at: set | None = set()
         self.reasons: dict[str, str] = {}  # why each refused sample was refused (this process's; for summaries)
 
     def _order(self) -> dict:
@@ -269,7 +250,8 @@ class StreamingLoader:
             raise LoaderError(f"loader state asked for mid-step ({self.batches} micro-batches with accumulation "
                               f"{self.settings.accumulation}): checkpoints are taken between optimizer steps")
         return {"step": self.batches // self.settings.accumulation, "used": self.used,
-                "carried_used": self.carried_used, "bad": list(self.bad), **self._order()}
+                "carried_used": self.carried_used, "bad": list(self.bad), **self._order(),
+                **({"skipped_at": sorted(self.skipped_at)} if self.skipped_at is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self._order()
@@ -280,11 +262,16 @@ class StreamingLoader:
         self.batches = state["step"] * self.settings.accumulation
         self.bad, self.used = list(state["bad"]), 0
         self.carried_bad, self.carried_used = len(self.bad), state["used"]
+        if "skipped_at" in state:
+            self.skipped_at = {tuple(place) for place in state["skipped_at"]}
+        else:  # saved before places were kept: with refusals, where they were is not known
+            self.skipped_at = None if self.bad else set()
 
     def __iter__(self) -> Iterator[Batch]:
         accumulation, micro = self.settings.accumulation, self.settings.micro_batch_size
         dataset = InterleavedStream(self.manifest_path, self.processor, self.settings, self.rank, self.world_size,
-                                    start_step=self.batches // accumulation, known_bad=frozenset(self.bad))
+                                    start_step=self.batches // accumulation, known_bad=frozenset(self.bad),
+                                    skip_places=None if self.skipped_at is None else frozenset(self.skipped_at))
         # Our own generator: starting the iterator draws a worker seed, which must not come from the
         # global RNG (a resumed run starts its iterator at another point of the global sequence).
         loader = DataLoader(dataset, batch_size=None, num_workers=self.settings.num_workers, collate_fn=_identity,
@@ -296,6 +283,8 @@ class StreamingLoader:
             samples = [sample for _, sample in sorted((s for part in step for s in part.samples), key=lambda s: s[0])]
             skipped = [key for part in step for key in part.skipped]
             reasons = {key: why for part in step for key, why in part.reasons.items()}
+            if self.skipped_at is not None:
+                self.skipped_at.update(tuple(where) for part in step for where in part.skipped_at)
             for index in range(accumulation):
                 batch = self.processor.collate(samples[index * micro:(index + 1) * micro])
                 batch.skipped, batch.skip_reasons = (skipped, reasons) if index == 0 else ([], {})

@@ -8,41 +8,59 @@ builds its data order on these.
 from __future__ import annotations
 
 import json
-import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from pipeline.atomic import file_problems
+from pipeline.data.shard_io import (LoaderError, ReadSettings, is_url, read_local_tar, read_remote_tar,
+                                    remote_problems, shard_location)
 from pipeline.data.records import MODALITIES, VISUAL_MODALITIES
 
 # Shard streams a loader can draw from: the SFT modalities, and DPO's preference pairs.
 STREAMS = VISUAL_MODALITIES + ("text", "dpo")
 
 
-class LoaderError(RuntimeError):
-    """The data cannot be loaded as configured (bad fraction exceeded, empty streams...)."""
-
-
 def read_tar(path: Path, wanted=None) -> Iterator[dict[str, bytes]]:
-    """Samples of one tar: members grouped by key (the name up to the first dot), as bytes.
+    """Samples of one local tar: members grouped by key (the name up to the first dot), as bytes.
     ``wanted(i)``: whether to read the i-th sample of the tar; the others' bytes are never read
     (the archive seeks past them) and they are not yielded."""
-    current: dict[str, bytes] = {}
-    key, index = None, -1
-    with tarfile.open(path) as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            name_key, _, suffix = member.name.partition(".")
-            if name_key != key:
-                if current:
-                    yield current
-                current, key, index = {}, name_key, index + 1
-            if wanted is None or wanted(index):
-                current[suffix] = archive.extractfile(member).read()  # bytes only, never written to disk
-    if current:
-        yield current
+    return (sample for _, sample in read_local_tar(path, wanted))
+
+
+@dataclass
+class ShardSource:
+    """Where a manifest's shards are read from (a folder, a URL prefix; ``shard_io``) and how."""
+
+    root: str
+    settings: ReadSettings = field(default_factory=ReadSettings)
+
+    @classmethod
+    def of(cls, manifest_path: str | Path, settings: ReadSettings | None = None) -> "ShardSource":
+        settings = settings or ReadSettings()
+        return cls(settings.root or str(Path(manifest_path).parent), settings)
+
+    def location(self, shard: dict) -> str:
+        return shard_location(self.root, shard["path"])
+
+    def samples(self, shard: dict, wanted=None) -> Iterator[tuple[int, dict[str, bytes]]]:
+        """(i, sample) of one shard the manifest lists, local or remote; LoaderError when it holds
+        fewer samples than the manifest records (they would silently go missing from the order)."""
+        location = self.location(shard)
+        if is_url(location):
+            found = read_remote_tar(location, shard.get("bytes"), shard.get("sha256"), self.settings, wanted)
+        else:
+            found = read_local_tar(Path(location), wanted)
+        last = -1
+        for index, sample in found:
+            last = index
+            yield index, sample
+        if last + 1 < shard["samples"] and (wanted is None or any(wanted(i) for i in range(last + 1, shard["samples"]))):
+            raise LoaderError(f"{location} holds {last + 1} samples, the manifest says {shard['samples']}: copy the "
+                              f"shards again, or run the shard stage")
+
+    def records(self, shard: dict, wanted=None) -> Iterator[dict[str, bytes]]:
+        return (sample for _, sample in self.samples(shard, wanted))
 
 
 @dataclass
@@ -51,14 +69,15 @@ class OnePass:
     r-th, (r + world)-th, ... in path order; no shuffle, no repetition (a pass over the data, e.g.
     DPO's reference log-probs). A rank may have no shard when there are fewer shards than ranks."""
 
-    root: Path
+    source: ShardSource
     shards: list[dict]   # this rank's
 
     @classmethod
-    def of(cls, manifest_path: str | Path, stream: str, rank: int = 0, world_size: int = 1) -> "OnePass":
+    def of(cls, manifest_path: str | Path, stream: str, rank: int = 0, world_size: int = 1,
+           read: ReadSettings | None = None) -> "OnePass":
         manifest = json.loads(Path(manifest_path).read_text())
         shards = sorted((s for s in manifest["shards"] if s["modality"] == stream), key=lambda s: s["path"])
-        return cls(Path(manifest_path).parent, shards[rank::world_size])
+        return cls(ShardSource.of(manifest_path, read), shards[rank::world_size])
 
     @property
     def samples(self) -> int:
@@ -66,7 +85,7 @@ class OnePass:
 
     def __iter__(self) -> Iterator[dict[str, bytes]]:
         for shard in self.shards:
-            yield from read_tar(self.root / shard["path"])
+            yield from self.source.records(shard)
 
 
 def repeated_shards(manifest: dict, stream: str) -> list[dict]:
@@ -82,14 +101,20 @@ def stream_sizes(manifest_path: str | Path) -> dict[str, int]:
     return {stream: sum(s["samples"] for s in repeated_shards(manifest, stream)) for stream in STREAMS}
 
 
-def check_shards(manifest_path: str | Path, hashes: bool = False) -> None:
+def check_shards(manifest_path: str | Path, hashes: bool = False, read: ReadSettings | None = None) -> None:
     """Every tar a shard manifest lists is there at the size it records (and, with ``hashes``, its
     sha256): shards made elsewhere are checked before training reads them. LoaderError names
-    each missing, truncated or corrupted tar."""
+    each missing, truncated or corrupted tar. A remote shard's size is asked of its server (its
+    hash is checked on the bytes training reads: hashing it here would download the whole set);
+    a ``pipe:`` shard is checked only as it is read."""
     manifest_path = Path(manifest_path)
+    source = ShardSource.of(manifest_path, read)
     shards = json.loads(manifest_path.read_text())["shards"]
-    recorded = [(shard["path"], shard.get("bytes"), shard.get("sha256")) for shard in shards]
-    problems = file_problems(manifest_path.parent, recorded, hashes, "the manifest")
+    local = [(source.location(s), s.get("bytes"), s.get("sha256")) for s in shards if not is_url(source.location(s))]
+    remote = [(s["path"], source.location(s), s.get("bytes")) for s in shards
+              if is_url(source.location(s)) and not source.location(s).startswith("pipe:")]
+    problems = file_problems(Path("."), local, hashes, "the manifest") if local else []
+    problems += remote_problems(remote, source.settings) if remote else []
     if problems:
         raise LoaderError(f"{manifest_path}: {'; '.join(problems[:10])}" + (f" (and {len(problems) - 10} more)"
                           if len(problems) > 10 else "") + ": copy the shards again, or run the shard stage")

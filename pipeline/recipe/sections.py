@@ -77,6 +77,11 @@ class DataSection:
     variables: dict[str, str] = field(default_factory=dict)   # ${NAME} values for the cards
     manifest: str | None = None            # shards made elsewhere (no shard stage in this recipe)
     verify_shards: Literal["size", "hash"] = "size"  # how shards made elsewhere are checked when training starts
+    # Where and how shards are read (pipeline/data/shard_io.py); how, not what: not fingerprinted.
+    shard_root: str | None = None          # a folder, URL prefix (s3://, http(s)://) or pipe: command with {path}
+    read_retries: int = 5                  # re-opens in a row after a dropped connection before the run stops
+    read_backoff_s: float = 1.0            # wait before the first re-open, doubling (at most 30 s)
+    read_timeout_s: float = 60.0           # a connection silent this long counts as dropped
     weights: dict[str, float] = field(default_factory=lambda: {"video": 1.0, "image": 1.0, "multi_image": 1.0})
     mixture: Literal["weights", "natural"] = "weights"  # natural: every sample equally likely (the authors')
     interleave: bool = True
@@ -102,6 +107,11 @@ class DataSection:
         for key in ("shuffle_buffer", "max_length"):
             positive(src, f"data.{key}", getattr(self, key))
         positive(src, "data.num_workers", self.num_workers, allow_zero=True)
+        positive(src, "data.read_retries", self.read_retries, allow_zero=True)
+        positive(src, "data.read_backoff_s", self.read_backoff_s, allow_zero=True)
+        positive(src, "data.read_timeout_s", self.read_timeout_s)
+        if self.shard_root is not None:
+            self.validate_shard_root(src, missing)
         fraction(src, "data.max_bad_fraction", self.max_bad_fraction)
         if self.virtual_streams is not None:
             positive(src, "data.virtual_streams", self.virtual_streams)
@@ -114,6 +124,17 @@ class DataSection:
             for index, card in enumerate(self.cards):
                 if not written_by_synth(card, synth_dir):
                     existing(src, f"data.cards[{index}]", card, "dataset card file", missing)
+
+    def validate_shard_root(self, src: str, missing: list[str] | None) -> None:
+        from pipeline.data.shard_io import is_url
+
+        root = self.shard_root
+        if root.startswith("pipe:"):
+            if "{path}" not in root:
+                raise RecipeError(f"{src}: data.shard_root: a pipe: command needs {{path}} where each shard's path "
+                                  f"goes, e.g. 'pipe:aws s3 cp s3://bucket/shards/{{path}} -'")
+        elif not is_url(root):
+            existing(src, "data.shard_root", root, "folder holding the manifest's shards", missing)
 
     def require_manifest(self, src: str, shard_stage: bool, what: str, missing: list[str] | None) -> None:
         """A training stage in a recipe without a shard stage reads data.manifest."""

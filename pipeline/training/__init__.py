@@ -20,7 +20,7 @@ A loop reads, top to bottom:
 
 from pipeline.training.run import TrainingRun
 from pipeline.training.settings import (answer_tokens, engine_settings, loader_settings, micro_batch_normaliser,
-                                        schedule_length, stage_inputs)
+                                        read_settings, schedule_length, stage_inputs)
 
 __all__ = ["TrainingRun", "answer_tokens", "engine_settings", "loader_settings", "micro_batch_normaliser",
-           "schedule_length", "stage_inputs"]
+           "read_settings", "schedule_length", "stage_inputs"]

@@ -27,7 +27,7 @@ from pipeline.metrics import MetricsLog
 from pipeline.recipe import TrainingSection
 from pipeline.runner import StageContext, StageFailed, StoppedForRequeue
 from pipeline.training.resume import check_same_training, report_layout_change, resume_point, set_peak_lr
-from pipeline.training.settings import micro_batch_normaliser
+from pipeline.training.settings import micro_batch_normaliser, read_settings
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ class TrainingRun:
         context, ranks = self.context, self.context.ranks
         if context.recipe.shard is None:  # shards made elsewhere: all there, at their recorded sizes?
             hashes = context.recipe.data.verify_shards == "hash"
-            decided_on_rank0(lambda: check_shards(context.recipe.manifest_path, hashes), (LoaderError,))
+            decided_on_rank0(lambda: check_shards(context.recipe.manifest_path, hashes, read_settings(context.recipe)),
+                             (LoaderError,))
         if ranks.is_main:
             remove_partial(self.checkpoints)
         context.barrier()

@@ -14,6 +14,7 @@ import torch
 from backends.deepspeed_engine import EngineSettings
 from pipeline.atomic import sha256_of
 from pipeline.data.loader import LoaderSettings
+from pipeline.data.shard_io import ReadSettings
 from pipeline.preference import answer_mask
 from pipeline.recipe import Recipe, RecipeError, TrainingSection
 
@@ -54,7 +55,8 @@ def stage_inputs(recipe: Recipe, stage: str, world_size: int) -> dict:
     data = asdict(recipe.data)
     for key in ("cards", "variables"):  # reach training through the shard stage's fingerprint
         data.pop(key)
-    data.pop("verify_shards")  # how they are checked, not what is trained
+    for key in ("verify_shards", "shard_root", "read_retries", "read_backoff_s", "read_timeout_s"):
+        data.pop(key)  # how and where from the shards are read, not what is trained: a run moves to object storage
     data.pop("num_workers")  # who decodes, not what: the data order is the step's (pipeline/data/loader.py)
     found = {"seed": recipe.seed, "model": model, "data": data, stage: section}
     if recipe.shard is None:  # shards made elsewhere: their manifest is this stage's data input
@@ -89,4 +91,12 @@ def loader_settings(recipe: Recipe, micro: int, accumulation: int, weights: dict
     return LoaderSettings(micro_batch_size=micro, accumulation=accumulation, virtual_streams=data.virtual_streams,
                           weights=weights, interleave=interleave,
                           shuffle_buffer=data.shuffle_buffer, seed=recipe.seed, num_workers=data.num_workers,
-                          max_bad_fraction=data.max_bad_fraction, every_modality_first=data.every_modality_first)
+                          max_bad_fraction=data.max_bad_fraction, every_modality_first=data.every_modality_first,
+                          read=read_settings(recipe))
+
+
+def read_settings(recipe: Recipe) -> ReadSettings:
+    """Where the shards are read from and how patiently (the data section's read keys)."""
+    data = recipe.data
+    return ReadSettings(root=data.shard_root, retries=data.read_retries, backoff_s=data.read_backoff_s,
+                        timeout_s=data.read_timeout_s, hashes=data.verify_shards == "hash")

@@ -236,7 +236,11 @@ def test_samples_refused_on_one_layout_are_skipped_the_same_way_on_another(manif
     assert [sorted(a + b) for a, b in zip(*(step_keys(loader, 3) for loader in first))] == straight[:3]
     merged = merge_loader_states([loader.state_dict() for loader in first])
     assert merged["bad"] and all(key.startswith("corrupt/") for key in merged["bad"])
+    assert {shard for shard, _ in merged["skipped_at"]} == {"video/corrupt-000000.tar"}  # and by place
     assert global_steps(corrupt, 4, settings(4, 1), 3, merged) == straight[3:]
+    # a state saved before places were kept (keys only) replays by reading the records: the same steps
+    keys_only = {key: value for key, value in merged.items() if key != "skipped_at"}
+    assert global_steps(corrupt, 2, settings(2, 4), 3, keys_only) == straight[3:]
     assert not any(key.startswith("corrupt/") for keys in straight for key in keys)
 
 

@@ -265,3 +265,28 @@ def test_shards_made_elsewhere_are_checked_before_training(tmp_path, manifest, h
     expected = f"{named} is {tar.stat().st_size} bytes, the manifest says" if how == "truncated" else f"{named} is corrupted"
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "sft" / "metrics.jsonl").exists() or not losses(tmp_path / "run")
+
+
+def test_a_run_reading_its_shards_from_s3_stops_and_resumes_with_every_loss_of_the_run_from_disk(
+        tmp_path, manifest, straight):
+    """The same recipe with data.shard_root on an S3 bucket (moto's server on loopback; the shards'
+    sizes asked of it at the start, their sha256 checked on the bytes read): SIGTERM, --resume auto,
+    and every step's loss is the one the run reading the shards from disk had."""
+    from shard_servers import s3_server
+
+    run_dir = tmp_path / "run"
+    alone = tmp_path / "manifest" / "manifest.json"  # no tar beside it: every byte comes from the bucket
+    alone.parent.mkdir()
+    shutil.copy(manifest, alone)
+    recipe = training_recipe(run_dir, alone, max_steps=STEPS, save_every=2)
+    recipe["data"].update(shard_root="s3://runs/resume/shards", verify_shards="hash", read_backoff_s=0.1)
+    recipe = write_recipe(tmp_path / "recipe.yaml", recipe)
+    with s3_server(manifest.parent, "runs", "resume/shards"):
+        stopped = run_until_signalled(recipe, run_dir, after_step=3)
+        assert stopped.returncode == 3, stopped.stderr[-4000:]
+        resumed = run_pipeline("run", str(recipe), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    after = losses(run_dir)
+    assert sorted(after) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert after[step] == pytest.approx(straight[step], abs=1e-6, rel=0), f"step {step}"
