@@ -142,6 +142,9 @@ def test_every_recipe_starts_with_the_command_that_runs_it():
      "export.adapter: sft also trains projector, clip_text, clip_projections fully"),
     ({"sft": {"micro_batch_size": 3}}, "not divisible"),
     ({"data": {"manifest": "/nonexistent/manifest.json"}}, "data.manifest: /nonexistent/manifest.json does not exist"),
+    ({"data": {"shard_root": "pipe:aws s3 cp s3://bucket/shards -"}}, "data.shard_root: a pipe: command needs {path}"),
+    ({"data": {"shard_root": "/nonexistent/shards"}}, "data.shard_root: /nonexistent/shards does not exist"),
+    ({"data": {"read_retries": -1}}, "data.read_retries: must be >= 0, got -1"),
 ])
 def test_bad_recipes_fail_fast_on_the_command_line(tmp_path, change, expected):
     data = minimal(tmp_path)
