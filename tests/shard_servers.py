@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,9 +20,11 @@ from pathlib import Path
 class Faults:
     """What the HTTP server does wrong: ``cuts[path] = (at, times)``: the next ``times`` responses
     for ``path`` (-1: every one) stop at byte ``at`` of the file and the connection closes;
-    ``replace[path] = bytes`` serves other content under that path."""
+    ``stalls[path] = (at, seconds)``: the next response for ``path`` goes silent at byte ``at`` for
+    that long; ``replace[path] = bytes`` serves other content under that path."""
 
     cuts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    stalls: dict[str, tuple[int, float]] = field(default_factory=dict)  # path: (at byte, seconds), once
     replace: dict[str, bytes] = field(default_factory=dict)
     requests: list[tuple[str, int, int]] = field(default_factory=list)  # (path, first byte, bytes sent)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -81,7 +84,16 @@ def _handler(root: Path, faults: Faults):
                     faults.cuts[name] = (after, times - 1 if times > 0 else times)
                     body = content[start:max(start, after)]
                 faults.requests.append((name, start, len(body)))
-            self.wfile.write(body)
+                stall = faults.stalls.pop(name, None)
+            if stall is not None and start < stall[0]:
+                self.wfile.write(content[start:stall[0]])
+                self.wfile.flush()
+                time.sleep(stall[1])  # the client's read times out meanwhile and it re-opens
+                body = content[stall[0]:]
+            try:
+                self.wfile.write(body)
+            except OSError:  # the client gave up on this connection
+                return
             if times:
                 self.wfile.flush()
                 self.close_connection = True
@@ -94,7 +106,10 @@ def _handler(root: Path, faults: Faults):
 def http_server(root: Path):
     """Serve ``root`` on loopback; yields (base URL, Faults)."""
     faults = Faults()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(Path(root), faults))
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 64  # the check asks 16 sizes at once; a backlog of 5 drops SYNs (1 s retransmits)
+
+    server = Server(("127.0.0.1", 0), _handler(Path(root), faults))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -233,7 +233,8 @@ class RemoteShard:
             try:
                 if self.stream is None:
                     self._open()
-                block = self.stream.read(size if size is not None and size >= 0 else 1 << 20)
+                # read1 where the stream has it: what has arrived, so a stall keeps what came before it
+                block = getattr(self.stream, "read1", self.stream.read)(size if size is not None and size >= 0 else 1 << 20)
             except ShardReadError:
                 raise
             except PERMANENT as error:

@@ -51,7 +51,7 @@ def http(manifest):
 @pytest.fixture
 def faults(http):
     _, found = http
-    found.cuts.clear(), found.replace.clear(), found.requests.clear()
+    found.cuts.clear(), found.stalls.clear(), found.replace.clear(), found.requests.clear()
     return found
 
 
@@ -85,6 +85,16 @@ def test_a_connection_cut_mid_shard_is_re_opened_at_its_byte(manifest, http, fau
     assert resumed and all(start == 1536 for _, start in resumed)  # Range requests from the byte it stopped at
     assert re.search(r"127\.0\.0\.1:\d+/\S+\.tar: \w+: .*; re-opening at byte 1536 in 0\.0 s \(retry 1 of 3\)",
                      caplog.text)
+
+
+def test_a_connection_gone_silent_counts_as_dropped_after_the_read_timeout(manifest, http, faults, caplog):
+    url, _ = http
+    local = take(StreamingLoader(manifest, processor(), settings()), 4)
+    for path in shard_paths(manifest):
+        faults.stalls[path] = (2048, 3.0)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.shard_io"):
+        assert take(StreamingLoader(manifest, processor(), settings(url, timeout_s=0.3)), 4) == local
+    assert "TimeoutError: timed out; re-opening at byte 2048" in caplog.text
 
 
 def test_a_shard_still_failing_after_the_last_retry_stops_the_run_naming_its_url(manifest, http, faults):
