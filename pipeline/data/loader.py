@@ -11,9 +11,10 @@ takes positions s*G ... s*G + G - 1 (G = the global batch). Rank r of W reads th
 j = r, r+W, ... of each step, whose streams are v = r, r+W, ... (W divides V), and splits them into
 its micro-batches; DataLoader workers share a rank's streams and hand back one part of each step.
 So the samples of a step are the same on 1, 2, 16 or 32 ranks, with any micro-batch size and any
-number of workers. Resuming replays the record streams without decoding media up to that point;
-samples that failed to decode before are remembered by key in the state, so the replay skips
-exactly what the original run skipped. Workers decode on CPU only. The manifest and the tars
+number of workers. Resuming replays the record streams up to that point on the records' places
+alone, reading no shard and decoding nothing (``record_stream.py``); samples that failed to decode
+before are remembered by key and by place in the state, so the replay skips exactly what the
+original run skipped. Workers decode on CPU only. The manifest and the tars, local or remote,
 are read through ``shard_files``.
 """
 
@@ -208,7 +209,8 @@ def merge_loader_states(states: list[dict]) -> dict:
         raise LoaderError(f"loader states of different steps {sorted(steps)}: the ranks are out of step")
     merged = {key: value for key, value in states[0].items() if key != "carried_used"}
     merged["bad"] = list(dict.fromkeys(key for state in states for key in state["bad"]))
-    if all("skipped_at" in state for state in states):
+    merged.pop("skipped_at", None)
+    if all("skipped_at" in state for state in states):  # else where some skips were is not known
         merged["skipped_at"] = sorted({tuple(place) for state in states for place in state["skipped_at"]})
     merged["used"] = states[0]["carried_used"] + sum(state["used"] for state in states)
     return merged
