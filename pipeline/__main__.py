@@ -111,10 +111,13 @@ def _never_drawn(recipe) -> str | None:
     """What SFT would never draw of shards already made (the shard stage's, or data.manifest)."""
     if recipe.sft is None or not recipe.manifest_path.is_file():
         return None
-    from pipeline.data.shard_files import mixture_weights, never_drawn, never_drawn_warning
+    from pipeline.data.shard_files import LoaderError, mixture_weights, never_drawn, never_drawn_warning
 
-    undrawn = never_drawn(recipe.manifest_path, mixture_weights(recipe.manifest_path, recipe.data.mixture,
-                                                                 recipe.data.weights))
+    try:
+        undrawn = never_drawn(recipe.manifest_path, mixture_weights(recipe.manifest_path, recipe.data.mixture,
+                                                                     recipe.data.weights))
+    except LoaderError as error:  # not a manifest: said here, not at the first training step
+        raise RecipeError(f"{recipe.source}: data.manifest: {error}") from None
     return never_drawn_warning(undrawn) if undrawn else None
 
 

@@ -35,7 +35,8 @@ from pipeline.data.collate import Batch, SampleProcessor, SampleTooLong
 from pipeline.data.media import MediaError
 from pipeline.data.records import Sample
 from pipeline.data.record_stream import RecordStream
-from pipeline.data.shard_files import STREAMS, LoaderError, ReadSettings, ShardSource, repeated_shards, stream_sizes
+from pipeline.data.shard_files import (STREAMS, LoaderError, ReadSettings, ShardSource, load_manifest,
+                                       repeated_shards, stream_sizes)
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def virtual_stream_count(manifest_path: str | Path, weights: dict[str, float], r
     positive weight has whole shards for (so that no stream reads another's samples)."""
     sizes = stream_sizes(manifest_path)
     smallest = min((sizes.get(m, 0) for m, w in weights.items() if w > 0), default=0)
-    manifest = json.loads(Path(manifest_path).read_text())
+    manifest = load_manifest(manifest_path)
     fewest_shards = min((len(repeated_shards(manifest, m)) for m, w in weights.items() if w > 0), default=0)
     if requested is not None:
         if requested < 1:
@@ -112,7 +113,7 @@ class InterleavedStream(IterableDataset):
                  rank: int = 0, world_size: int = 1, start_step: int = 0, known_bad: frozenset[str] = frozenset(),
                  skip_places: frozenset | None = frozenset()):
         self.source = ShardSource.of(manifest_path, settings.read)
-        manifest = json.loads(Path(manifest_path).read_text())
+        manifest = load_manifest(manifest_path)
         self.processor, self.settings = processor, settings
         self.rank, self.world_size, self.start_step, self.known_bad = rank, world_size, start_step, known_bad
         self.skip_places = skip_places  # None: not known (an older state), the replay reads records

@@ -21,6 +21,31 @@ from pipeline.data.records import MODALITIES, VISUAL_MODALITIES
 STREAMS = VISUAL_MODALITIES + ("text", "dpo")
 
 
+SHARD_KEYS = {"path": str, "modality": str, "samples": int}
+
+
+def load_manifest(manifest_path: str | Path) -> dict:
+    """A shard manifest, checked to be one: a JSON object whose "shards" list holds, for each tar,
+    its path, stream and sample count. LoaderError names the file and what is wrong."""
+    manifest_path = Path(manifest_path)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LoaderError(f"{manifest_path}: cannot read it as a shard manifest ({error})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise LoaderError(f"{manifest_path}: no \"shards\" list: expected the manifest.json a shard stage writes")
+    for index, shard in enumerate(manifest["shards"]):
+        wrong = [key for key, kind in SHARD_KEYS.items() if not isinstance(shard, dict) or
+                 not isinstance(shard.get(key), kind)]
+        if wrong:
+            raise LoaderError(f"{manifest_path}: shards[{index}]: expected {', '.join(wrong)} "
+                              f"({', '.join(SHARD_KEYS[k].__name__ for k in wrong)})")
+        if shard["modality"] not in STREAMS:
+            raise LoaderError(f"{manifest_path}: shards[{index}].modality {shard['modality']!r}: expected one of "
+                              f"{', '.join(STREAMS)}")
+    return manifest
+
+
 def read_tar(path: Path, wanted=None) -> Iterator[dict[str, bytes]]:
     """Samples of one local tar: members grouped by key (the name up to the first dot), as bytes.
     ``wanted(i)``: whether to read the i-th sample of the tar; the others' bytes are never read
@@ -75,7 +100,7 @@ class OnePass:
     @classmethod
     def of(cls, manifest_path: str | Path, stream: str, rank: int = 0, world_size: int = 1,
            read: ReadSettings | None = None) -> "OnePass":
-        manifest = json.loads(Path(manifest_path).read_text())
+        manifest = load_manifest(manifest_path)
         shards = sorted((s for s in manifest["shards"] if s["modality"] == stream), key=lambda s: s["path"])
         return cls(ShardSource.of(manifest_path, read), shards[rank::world_size])
 
@@ -97,7 +122,7 @@ def repeated_shards(manifest: dict, stream: str) -> list[dict]:
 
 def stream_sizes(manifest_path: str | Path) -> dict[str, int]:
     """Samples per stream in one epoch, repeats counted."""
-    manifest = json.loads(Path(manifest_path).read_text())
+    manifest = load_manifest(manifest_path)
     return {stream: sum(s["samples"] for s in repeated_shards(manifest, stream)) for stream in STREAMS}
 
 
@@ -109,7 +134,7 @@ def check_shards(manifest_path: str | Path, hashes: bool = False, read: ReadSett
     a ``pipe:`` shard is checked only as it is read."""
     manifest_path = Path(manifest_path)
     source = ShardSource.of(manifest_path, read)
-    shards = json.loads(manifest_path.read_text())["shards"]
+    shards = load_manifest(manifest_path)["shards"]
     local = [(source.location(s), s.get("bytes"), s.get("sha256")) for s in shards if not is_url(source.location(s))]
     remote = [(s["path"], source.location(s), s.get("bytes")) for s in shards
               if is_url(source.location(s)) and not source.location(s).startswith("pipe:")]

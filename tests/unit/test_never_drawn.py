@@ -41,3 +41,18 @@ def test_validate_warns_when_the_shards_hold_samples_no_weight_draws(tmp_path, c
     recipe["data"]["mixture"] = "natural"  # every sample alike: nothing left out
     assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == ExitCode.OK
     assert "never drawn" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, expected", [
+    ({"counts": {"video": 3}}, 'no "shards" list: expected the manifest.json a shard stage writes'),
+    ({"shards": [{"path": "video/0.tar", "modality": "video"}]}, "shards[0]: expected samples (int)"),
+    ({"shards": [{"path": "v/0.tar", "modality": "audio", "samples": 2}]}, "shards[0].modality 'audio': expected one of"),
+    ("{not json", "cannot read it as a shard manifest"),
+])
+def test_validate_names_a_manifest_that_is_not_one(tmp_path, capsys, content, expected):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(content if isinstance(content, str) else json.dumps(content))
+    recipe = {"name": "r", "run_dir": str(tmp_path / "run"), "backend": "cpu",
+              "data": {"manifest": str(manifest), "max_length": 512}, "sft": {"global_batch_size": 1}}
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == ExitCode.BAD_INPUT
+    assert f"{manifest}: {expected}" in capsys.readouterr().err
