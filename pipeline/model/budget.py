@@ -108,17 +108,22 @@ def training_model_config(recipe: Recipe) -> tuple[PPLLaVAConfig, str, bool]:
     return _directory_config(model.pretrained_path, "model.pretrained_path", overrides)
 
 
+def config_source(recipe: Recipe, stage: str) -> tuple[str, str | None]:
+    """Where a stage's model config comes from: ("model", None), the recipe's model section (SFT,
+    DPO from SFT or model, eval of this recipe's own export), or (key, path) of a model directory."""
+    if stage == "dpo" and recipe.dpo.init not in ("sft", "model"):
+        return "dpo.init", recipe.dpo.init
+    if stage == "eval":
+        if recipe.eval.model_path is not None:
+            return "eval.model_path", recipe.eval.model_path
+        return config_source(recipe, recipe.export_source)
+    return "model", None
+
+
 def stage_model_config(recipe: Recipe, stage: str) -> tuple[PPLLaVAConfig, str, bool]:
     """The model config a stage reads its samples for."""
-    if stage == "sft":
-        return training_model_config(recipe)
-    if stage == "dpo":
-        if recipe.dpo.init in ("sft", "model"):
-            return training_model_config(recipe)
-        return _directory_config(recipe.dpo.init, "dpo.init")
-    if recipe.eval.model_path is not None:  # eval
-        return _directory_config(recipe.eval.model_path, "eval.model_path")
-    return stage_model_config(recipe, recipe.export_source)
+    key, path = config_source(recipe, stage)
+    return training_model_config(recipe) if path is None else _directory_config(path, key)
 
 
 def missing_pretrained_model(recipe: Recipe, stage: str) -> str | None:
@@ -127,10 +132,8 @@ def missing_pretrained_model(recipe: Recipe, stage: str) -> str | None:
     (The other stand-ins are deliberate: a DPO init that is an SFT run's future export, LLaVA-NeXT
     checkpoints on storage this host does not mount, are PPLLaVA-7B shaped like the defaults; a
     pretrained PPLLaVA directory may be any size, the demo's tiny model included.)"""
-    if stage == "dpo" and recipe.dpo.init not in ("sft", "model"):
+    if config_source(recipe, stage)[1] is not None:
         return None
-    if stage == "eval":
-        return None if recipe.eval.model_path is not None else missing_pretrained_model(recipe, recipe.export_source)
     path = recipe.model.pretrained_path
     if recipe.model.source != "pretrained" or not path or written_by_synth(path, recipe.synth_dir) or Path(path).exists():
         return None
