@@ -17,6 +17,8 @@ from typing import Protocol, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.video_seek import avcc_length_size, h264_picture, packets_to_decode
+
 
 class MediaError(ValueError):
     """A media file that cannot be decoded (truncated, corrupt, empty, unsupported)."""
@@ -92,9 +94,25 @@ class VideoDecoder(Protocol):
 
 
 class PyAVDecoder:
-    """Default decoder: PyAV (FFmpeg), everywhere torch runs."""
+    """Default decoder: PyAV (FFmpeg), everywhere torch runs.
+
+    ``strategy="selective"`` (default) feeds FFmpeg only the packets the wanted frames need
+    (pipeline/data/video_seek.py: no unwanted non-reference picture, no IDR segment without a
+    wanted frame, nothing after the last) and gives the same pixels as ``"sequential"``, which
+    decodes every frame up to the last wanted one; streams it cannot plan exactly (not H.264 in
+    MP4/MOV, a frame count or timestamps that do not add up, edit-list discards, ...) are read
+    sequentially. ``threads``: FFmpeg decoding threads; 1 (default) because a data loader runs
+    one worker per core, where frame threads cost up to ~20% more CPU for the same frames
+    (BENCHMARKS.md); 0 lets FFmpeg choose (frame + slice threads: faster wall time for a lone
+    reader with idle cores, as in the sequential reader before).
+    """
 
     name = "pyav"
+
+    def __init__(self, strategy: str = "selective", threads: int = 1) -> None:
+        if strategy not in ("selective", "sequential"):
+            raise ValueError(f"PyAV read strategy must be selective or sequential, got {strategy!r}")
+        self.strategy, self.threads = strategy, threads
 
     def _open(self, data: bytes, key: str):
         import av
@@ -107,6 +125,14 @@ class PyAVDecoder:
             container.close()
             raise MediaError(key, "no video stream")
         return container
+
+    def _configure(self, stream) -> None:
+        if self.threads == 1:
+            stream.thread_type = "NONE"
+        else:
+            stream.thread_type = "AUTO"  # frame + slice threads inside FFmpeg
+            if self.threads > 1:
+                stream.thread_count = self.threads
 
     def frame_count(self, data: bytes, key: str) -> int:
         container = self._open(data, key)
@@ -134,26 +160,92 @@ class PyAVDecoder:
             raise MediaError(key, f"decoding failed: {error}") from None
 
     def read(self, data: bytes, indices: list[int], key: str) -> np.ndarray:
+        import av
+
+        if self.strategy == "sequential":  # the reader as it always was
+            return _assemble(self._read_sequential(data, indices, key), indices, key)
+        frames = self._read_selected(data, indices)
+        if frames is None:  # GIFs, other codecs, streams not planned: decoded in order
+            frames = self._read_sequential(data, indices, key, av.video.reformatter.VideoReformatter())
+        return _assemble(frames, indices, key)
+
+    def _read_sequential(self, data: bytes, indices: list[int], key: str, reformatter=None) -> dict[int, np.ndarray]:
+        """Every frame decoded in order up to the last wanted one; a frame's index is its place
+        in the decoder's output. ``reformatter``: see :func:`displayed`."""
         wanted = set(indices)
         last_wanted = max(indices)
         frames: dict[int, np.ndarray] = {}
         container = self._open(data, key)
         with container:
-            container.streams.video[0].thread_type = "AUTO"  # frame + slice threads inside FFmpeg
+            self._configure(container.streams.video[0])
             for position, frame in enumerate(self._frames(container, key)):
                 if position in wanted:
-                    frames[position] = displayed(frame)
+                    frames[position] = displayed(frame, reformatter)
                 if position >= last_wanted:
                     break
-        return _assemble(frames, indices, key)
+        return frames
+
+    def _read_selected(self, data: bytes, indices: list[int]) -> dict[int, np.ndarray] | None:
+        """The wanted frames from only the packets they need, or None where the stream cannot be
+        planned with certainty or decodes other than planned (then the sequential read decides,
+        errors included). A frame's index is the rank of its pts, which is its place in the
+        sequential read's output when every packet yields one frame in pts order: checked on
+        the header's frame count and on every frame decoded here."""
+        import av
+
+        try:
+            container = av.open(io.BytesIO(data))
+        except (av.error.FFmpegError, ValueError):
+            return None
+        with container:
+            if not container.streams.video:
+                return None
+            stream = container.streams.video[0]
+            context = stream.codec_context
+            length_size = avcc_length_size(context.extradata) if context.name == "h264" else None
+            if length_size is None or stream.frames <= 0:
+                return None
+            try:
+                packets = [packet for packet in container.demux(stream) if packet.size]
+            except av.error.FFmpegError:
+                return None
+            if len(packets) != stream.frames or any(p.pts is None or p.is_discard or p.is_corrupt for p in packets):
+                return None
+            pictures = [h264_picture(packet, length_size, packet.pts) for packet in packets]
+            feed = None if None in pictures else packets_to_decode(pictures, indices)
+            if feed is None:
+                return None
+            rank_of = {pts: rank for rank, pts in enumerate(sorted(packet.pts for packet in packets))}
+            wanted = set(indices)
+            frames: dict[int, np.ndarray] = {}
+            output = []
+            reformatter = av.video.reformatter.VideoReformatter()
+            self._configure(stream)
+            try:
+                for packet in [packets[position] for position in feed] + [None]:  # None: drain the decoder
+                    for frame in context.decode(packet):
+                        output.append(frame.pts)
+                        if rank_of.get(frame.pts) in wanted:
+                            frames[rank_of[frame.pts]] = displayed(frame, reformatter)
+            except av.error.FFmpegError:
+                return None
+        if output != sorted(packets[position].pts for position in feed):
+            return None  # a frame dropped, added or out of pts order: the ranks may not be positions
+        return frames
 
 
-def displayed(frame) -> np.ndarray:
+def displayed(frame, reformatter=None) -> np.ndarray:
     """A PyAV frame as RGB, turned as the stream's display matrix says (a phone clip stored
     320x136 with a 90-degree rotation is shown, and read by decord, as 136x320): FFmpeg's own
     autorotate rule (its angle is counter-clockwise, the turn undoes it). PyAV builds without
-    ``VideoFrame.rotation`` (before 13) read the frame as stored."""
-    pixels = frame.to_ndarray(format="rgb24")
+    ``VideoFrame.rotation`` (before 13) read the frame as stored. ``reformatter``: one
+    ``av.video.reformatter.VideoReformatter`` shared by a read's frames, the same conversion;
+    ``frame.to_ndarray(format=...)`` builds a new swscale context per frame, which cost 0.4 -
+    4 ms a frame here against ~0.1 ms for the conversion itself."""
+    if reformatter is None:
+        pixels = frame.to_ndarray(format="rgb24")
+    else:
+        pixels = reformatter.reformat(frame, format="rgb24").to_ndarray()
     turn = (-int(getattr(frame, "rotation", 0) or 0)) % 360
     if turn not in (0, 90, 180, 270):
         return pixels  # a display matrix that is not a quarter turn (a skew): left as stored
@@ -270,8 +362,15 @@ def frame_positions(data: bytes, count: int, training: bool, key: str, epoch: in
 
 def read_image(data: bytes, key: str) -> np.ndarray:
     """One RGB image [H, W, 3] uint8; truncated or unreadable files raise :class:`MediaError`."""
+    return np.asarray(read_picture(data, key))
+
+
+def read_picture(data: bytes, key: str) -> Image.Image:
+    """One image decoded to an RGB PIL image (the pixels :func:`read_image` returns), for callers
+    that resize it next: no round trip through an array."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise MediaError(key, f"cannot decode image: {error}") from None

@@ -154,8 +154,12 @@ def _decoded_by_all(data: bytes, record, settings: ShardSettings, decoders: tupl
     reads one frame, decord refuses it) is refused here with that decoder's reason, not mid-training."""
     frames = None
     for name in decoders:
+        # PyAV in order: every frame up to the last sampled one is decoded, so a corrupt frame that
+        # training's random samples may need is refused here, not only one the eval samples need
+        # (training's selective reader gives the same pixels and would skip it)
+        video_decoder = PyAVDecoder(strategy="sequential") if name == "pyav" else decoder(name)
         try:
-            read = read_video(data, settings.num_frames, training=False, key=record.key, video_decoder=decoder(name),
+            read = read_video(data, settings.num_frames, training=False, key=record.key, video_decoder=video_decoder,
                               bounds=getattr(record, "bounds", None))
         except MediaError as error:
             raise MediaError(record.key, f"{name}: {error.reason}" if len(decoders) > 1 else error.reason) from None

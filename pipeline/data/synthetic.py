@@ -124,8 +124,9 @@ def _still_shapes(rng: random.Random, count: int, size: int) -> list[Shape]:
             for kind, colour, (row, col) in zip(kinds, colours, cells)]
 
 
-def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
-    """RGB frames [T, H, W, 3] -> H.264 MP4 bytes."""
+def encode_mp4(frames: np.ndarray, fps: int, x264_params: str = "") -> bytes:
+    """RGB frames [T, H, W, 3] -> H.264 MP4 bytes; ``x264_params`` adds x264 options
+    ("keyint=8:min-keyint=8" for short GOPs, "open-gop=1")."""
     import av
 
     buffer = io.BytesIO()
@@ -137,7 +138,8 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
         # depends on thread timing) and no macroblock-tree rate control (x264's mbtree reads
         # uninitialised memory on frames this small, so the same frames encoded twice in one process
         # gave different bytes for about one clip in seven).
-        stream.options = {"crf": "20", "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
+        params = "mbtree=0" + (f":{x264_params}" if x264_params else "")
+        stream.options = {"crf": "20", "preset": "veryfast", "threads": "1", "x264-params": params}
         for array in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
                 container.mux(packet)

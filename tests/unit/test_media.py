@@ -143,3 +143,11 @@ def test_both_decoders_turn_a_rotated_clip_by_its_display_matrix(degrees):
     assert np.abs(pyav.astype(int) - decord.astype(int)).mean() < 2
     if degrees == 0:
         assert pyav[0, :, :24].mean() > 200  # as stored: the white quarter on the left
+
+
+@pytest.mark.parametrize("degrees", [90, 270])
+def test_the_selective_reader_turns_rotated_clips_like_the_sequential_one(degrees):
+    data = rotated_clip(degrees)
+    assert PyAVDecoder()._read_selected(data, [0, 3]) is not None  # planned, not fallen back
+    assert np.array_equal(PyAVDecoder().read(data, [3, 0], "r"),
+                          PyAVDecoder(strategy="sequential", threads=0).read(data, [3, 0], "r"))
