@@ -150,13 +150,15 @@ def saved_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
     return found
 
 
-def small_shards(root: Path, dpo_pairs: int = 0) -> Path:
-    """Synthetic data of every modality (and DPO pairs if asked), sharded; returns the manifest path."""
+def small_shards(root: Path, dpo_pairs: int = 0, seed: int = 2, **counts: int) -> Path:
+    """Synthetic data of every modality (and DPO pairs if asked), 48 px, 8 frames, sharded 4 samples
+    a tar; ``counts``: other numbers of videos, images, multi_images. Returns the manifest path."""
     from pipeline.data.synthetic import SynthSettings, generate
     from pipeline.data.sharding import ShardSettings, run_shard
 
-    generate(root / "synth", SynthSettings(seed=2, videos=12, images=8, multi_images=6, eval_questions=0,
-                                           dpo_pairs=dpo_pairs, size=48, frames=8))
+    counts = {"videos": 12, "images": 8, "multi_images": 6, **counts}
+    generate(root / "synth", SynthSettings(seed=seed, **counts, eval_questions=0, dpo_pairs=dpo_pairs, size=48,
+                                           frames=8))
     cards = [str(p) for p in sorted((root / "synth" / "cards").glob("*.yaml")) if dpo_pairs or "dpo" not in p.name]
     run_shard(cards, root / "shards", ShardSettings(max_samples_per_shard=4, num_frames=8))
     return root / "shards" / "manifest.json"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_pipeline, training_recipe, write_recipe
+from conftest import run_pipeline, small_shards, training_recipe, write_recipe
 from pipeline.metrics import read_metrics
 from slurm_cluster import slurm  # noqa: F401  (the fixture)
 
@@ -31,15 +31,7 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     """Enough samples of every modality for 2 ranks x 4 loader workers (each slot needs some)."""
-    from pipeline.data.sharding import ShardSettings, run_shard
-    from pipeline.data.synthetic import SynthSettings, generate
-
-    root = tmp_path_factory.mktemp("cluster_data")
-    generate(root / "synth", SynthSettings(seed=3, videos=24, images=16, multi_images=16, eval_questions=0,
-                                           dpo_pairs=0, size=48, frames=8))
-    cards = [str(p) for p in sorted((root / "synth" / "cards").glob("*.yaml")) if "dpo" not in p.name]
-    run_shard(cards, root / "shards", ShardSettings(max_samples_per_shard=4, num_frames=8))
-    return root / "shards" / "manifest.json"
+    return small_shards(tmp_path_factory.mktemp("cluster_data"), seed=3, videos=24, images=16, multi_images=16)
 
 
 def batch_script(root: Path, manifest: Path, **sft) -> Path:

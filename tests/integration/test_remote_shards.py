@@ -11,14 +11,12 @@ from dataclasses import replace
 
 import pytest
 
-from conftest import tiny_config_for, tiny_tokenizer
-from pipeline.data.collate import ProcessorSettings, SampleProcessor
+from conftest import small_shards
 from pipeline.data.loader import LoaderSettings, StreamingLoader, merge_loader_states
 from pipeline.data.shard_files import LoaderError, ReadSettings, check_shards
-from pipeline.data.sharding import ShardSettings, run_shard
-from pipeline.data.synthetic import SynthSettings, generate
 from shard_servers import http_server, s3_server
 from test_loader import step_keys, take
+from test_loader import tiny_processor as processor
 
 pytestmark = pytest.mark.integration
 
@@ -26,20 +24,10 @@ STREAMS = 4          # virtual streams: each owns 4 of the 16 image shards in an
 PATIENT = dict(retries=3, backoff_s=0.01, timeout_s=20)
 
 
-def processor():
-    tokenizer = tiny_tokenizer()
-    return SampleProcessor(tiny_config_for(tokenizer), tokenizer, tokenizer, ProcessorSettings(max_length=256))
-
-
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    """64 images in 16 shards of 4, and 8 videos in 4."""
-    root = tmp_path_factory.mktemp("remote_data")
-    generate(root / "synth", SynthSettings(seed=5, videos=8, images=64, multi_images=0, eval_questions=0,
-                                           dpo_pairs=0, size=48, frames=8))
-    cards = [str(p) for p in sorted((root / "synth" / "cards").glob("*.yaml")) if "dpo" not in p.name]
-    run_shard(cards, root / "shards", ShardSettings(max_samples_per_shard=4, num_frames=8))
-    return root / "shards" / "manifest.json"
+    """64 images in 16 shards of 4, and 8 videos in 2."""
+    return small_shards(tmp_path_factory.mktemp("remote_data"), seed=5, videos=8, images=64, multi_images=0)
 
 
 @pytest.fixture(scope="module")
