@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import time
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -303,7 +304,9 @@ def run_shard(cards: list[str], output: str | Path, settings: ShardSettings | No
     progress = tqdm(total=sum(records_per_unit[u] for u in mine), desc=f"shard (rank {rank})", unit="sample",
                     disable=rank != 0)
     if settings.processes > 1 and len(mine) > 1:
-        with ProcessPoolExecutor(settings.processes) as pool:
+        # spawn, not fork: a process with threads (a rank's DeepSpeed and gloo threads, fsspec's IO
+        # loop) forked mid-lock leaves the worker deadlocked on that lock forever
+        with ProcessPoolExecutor(settings.processes, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(_shard_unit, job, path, unit, fingerprint) for path, unit in mine]
             for future in futures:
                 results.append(future.result())
