@@ -135,9 +135,10 @@ def check_shards(manifest_path: str | Path, hashes: bool = False, read: ReadSett
     manifest_path = Path(manifest_path)
     source = ShardSource.of(manifest_path, read)
     shards = load_manifest(manifest_path)["shards"]
-    local = [(source.location(s), s.get("bytes"), s.get("sha256")) for s in shards if not is_url(source.location(s))]
-    remote = [(s["path"], source.location(s), s.get("bytes")) for s in shards
-              if is_url(source.location(s)) and not source.location(s).startswith("pipe:")]
+    located = [(shard, source.location(shard)) for shard in shards]
+    local = [(where, s.get("bytes"), s.get("sha256")) for s, where in located if not is_url(where)]
+    remote = [(s["path"], where, s.get("bytes")) for s, where in located
+              if is_url(where) and not where.startswith("pipe:")]
     problems = file_problems(Path("."), local, hashes, "the manifest") if local else []
     problems += remote_problems(remote, source.settings) if remote else []
     if problems:

@@ -61,6 +61,11 @@ class ReadSettings:
     hashes: bool = False      # check each remote shard's sha256 on the bytes read (verify_shards: hash)
 
 
+def backoff(settings: ReadSettings, failures: int) -> float:
+    """Seconds to wait after the ``failures``-th failure in a row: backoff_s, doubling, at most 30 s."""
+    return min(MAX_BACKOFF_S, settings.backoff_s * 2 ** (failures - 1))
+
+
 def is_url(location: str) -> bool:
     """Whether a shard location is one of the URL forms (not a local path)."""
     if location.startswith("pipe:"):
@@ -218,7 +223,6 @@ class RemoteShard:
         self.opener = _opener(location, settings.timeout_s)
         self.offset, self.stream, self.total = 0, None, size
         self.digest = hashlib.sha256() if settings.hashes and sha256 else None
-        self.retried = 0   # re-opens over the whole read
         self.finished = False
 
     # -- the file protocol tarfile's stream mode uses ------------------------------------------
@@ -254,8 +258,7 @@ class RemoteShard:
             if failures > self.settings.retries:
                 raise ShardReadError(f"{self.location}: reading failed at byte {self.offset} after {self.settings.retries} "
                                      f"retries: {type(last_error).__name__}: {last_error}")
-            self.retried += 1
-            wait = min(MAX_BACKOFF_S, self.settings.backoff_s * 2 ** (failures - 1))
+            wait = backoff(self.settings, failures)
             logger.warning("%s: %s: %s; re-opening at byte %d in %.1f s (retry %d of %d)", self.location,
                            type(last_error).__name__, last_error, self.offset, wait, failures, self.settings.retries)
             self.sleep(wait)
@@ -370,7 +373,7 @@ def remote_problems(locations: list[tuple[str, str, int | None]], settings: Read
             except Exception as error:
                 if attempt == settings.retries:
                     return f"{location} could not be reached after {settings.retries} retries: {error}"
-                time.sleep(min(MAX_BACKOFF_S, settings.backoff_s * 2 ** attempt))
+                time.sleep(backoff(settings, attempt + 1))
         if size is not None and recorded is not None and size != recorded:
             return f"{location} is {size} bytes, the manifest says {recorded}"
         return None
